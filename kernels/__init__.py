@@ -1,0 +1,19 @@
+"""Sparse ops for TopK-family sparse autoencoders.
+
+Installed under the import name ``sae_kernels`` (the PyPI name ``kernels`` belongs to Hugging
+Face). Files use relative imports so the folder also works when imported from the repo root.
+
+Public ops (autograd-aware, backend chosen by :mod:`dispatch`):
+
+- :func:`sparse_decode` ``x_hat_BD = sum_k vals_BK * W_dec_LD[idx_BK]``
+- :func:`gather_encode` gradient-carrying gather of pre-activations at the top-k indices, whose
+  backward is the sparse-transpose product ``grad_W_enc_LD = S_LB^T x_BD``.
+
+Shape legend: B tokens, D d_in, L latents, K k.
+"""
+
+from .dispatch import Backend, resolve_backend
+from .sparse_decode import sparse_decode
+from .sparse_encode import gather_encode
+
+__all__ = ["Backend", "resolve_backend", "sparse_decode", "gather_encode"]

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, spliced-model fidelity, reports and plots."""

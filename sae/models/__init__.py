@@ -1,0 +1,12 @@
+"""SAE architectures: one file per family, chosen by name through :mod:`.registry`."""
+
+from .base import Codes, ForwardOutput, SparseCodes, SparseCoder, fired_counts, fvu, l0_per_token
+from .config import SAEConfig
+from .registry import architectures, build_sae, sae_class
+
+architectures()  # import every family so the registry is complete
+
+__all__ = [
+    "Codes", "ForwardOutput", "SparseCodes", "SparseCoder", "SAEConfig", "architectures", "build_sae",
+    "fired_counts", "fvu", "l0_per_token", "sae_class",
+]

@@ -1,0 +1,188 @@
+"""The contract every sparse coder (SAE or transcoder) keeps, and the parts they share.
+
+A sparse coder maps an input ``x_BD`` (hook point activations) to codes over L latents and
+decodes them to ``x_hat_BE`` approximating a target ``y_BE`` (``y = x`` for an SAE; another
+hook point for a transcoder). ``forward`` returns a :class:`ForwardOutput`.
+
+Models are rank-agnostic and do no I/O: the trainer owns data, devices and parallelism.
+Shape legend: B tokens, D d_in, E d_out (= D for SAEs), L latents, K k.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .config import SAEConfig
+
+
+class SparseCodes(NamedTuple):
+    """Codes of the TopK family, kept sparse."""
+
+    vals: Tensor
+    """[B, K] activation of each selected latent (zero where a slot is unused)."""
+    idx: Tensor
+    """[B, K] index of each selected latent in [0, L)."""
+
+
+Codes = SparseCodes | Tensor  # dense codes are [B, L]
+
+
+class ForwardOutput(NamedTuple):
+    """What ``forward`` returns."""
+
+    x_hat: Tensor
+    """[B, E] reconstruction of the target."""
+    codes: Codes
+    """Sparse codes (TopK family) or dense [B, L] codes (ReLU, JumpReLU)."""
+    losses: dict[str, Tensor]
+    """Named scalar loss terms; ``losses["loss"]`` is the total to minimise."""
+
+
+def fvu(y_hat_BE: Tensor, y_BE: Tensor) -> Tensor:
+    """Fraction of variance unexplained: sum of squared error over total variance about the batch mean."""
+    err = (y_hat_BE.float() - y_BE.float()).pow(2).sum()
+    total = (y_BE.float() - y_BE.float().mean(0)).pow(2).sum()
+    return err / total.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def fired_counts(codes: Codes, num_latents: int) -> Tensor:
+    """[L] number of tokens on which each latent was non-zero."""
+    if isinstance(codes, SparseCodes):
+        active = (codes.vals > 0).reshape(-1).float()
+        out = torch.zeros(num_latents, device=active.device)
+        return out.index_add_(0, codes.idx.reshape(-1).long(), active)
+    return (codes > 0).sum(0).float()
+
+
+def l0_per_token(codes: Codes) -> Tensor:
+    """[B] number of non-zero latents per token."""
+    vals = codes.vals if isinstance(codes, SparseCodes) else codes
+    return (vals > 0).sum(-1).float()
+
+
+def geometric_median(points_ND: Tensor, max_iter: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm for the point minimising the sum of Euclidean distances."""
+    points = points_ND.float()
+    guess = points.mean(0)
+    for _ in range(max_iter):
+        prev = guess
+        weights = 1.0 / (points - guess).norm(dim=1).clamp_min(1e-8)
+        guess = (weights[:, None] * points).sum(0) / weights.sum()
+        if (guess - prev).norm() <= tol * prev.norm().clamp_min(1e-8):
+            break
+    return guess
+
+
+class SparseCoder(nn.Module):
+    """Parameters and shared behaviour of every family.
+
+    Parameters: ``W_enc`` [L, D] (rows are encoder directions), ``b_enc`` [L], ``W_dec`` [L, E],
+    ``b_dec`` [E], and ``W_skip`` [E, D] for skip transcoders.
+    """
+
+    #: Whether decoder rows are kept at unit norm by default for this family.
+    unit_norm_decoder: bool = True
+    #: Whether the family's codes are SparseCodes.
+    sparse_codes: bool = True
+
+    def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
+        super().__init__()
+        d_out = d_in if d_out is None else d_out
+        num_latents = cfg.num_latents if cfg.num_latents > 0 else cfg.expansion_factor * d_in
+        if d_in <= 0 or d_out <= 0 or num_latents <= 0:
+            raise ValueError(f"d_in={d_in}, d_out={d_out} and num_latents={num_latents} must be positive")
+        if d_out != d_in and not cfg.transcode:
+            raise ValueError(f"d_out={d_out} differs from d_in={d_in}; set sae.transcode=true for a transcoder")
+        if cfg.skip_connection and not cfg.transcode:
+            raise ValueError("sae.skip_connection=true needs sae.transcode=true (a skip transcoder)")
+        self.cfg = cfg
+        self.d_in, self.d_out, self.num_latents = d_in, d_out, num_latents
+        self.normalize_decoder = cfg.normalize_decoder and self.unit_norm_decoder
+        # The pre-encoder bias (x - b_dec) only makes sense when input and target are the same space.
+        self.apply_b_dec_to_input = not cfg.transcode
+
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        W_dec = torch.randn(num_latents, d_out, generator=gen)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        if not self.unit_norm_decoder:
+            W_dec *= 0.1  # Anthropic April 2024 update: decoder rows start at norm 0.1.
+        # Encoder initialised as the decoder transpose (Gao et al. 2024, sec. A.1).
+        W_enc = W_dec.clone() if d_in == d_out else torch.randn(num_latents, d_in, generator=gen) / d_in**0.5
+        self.W_enc = nn.Parameter(W_enc)
+        self.b_enc = nn.Parameter(torch.zeros(num_latents))
+        self.W_dec = nn.Parameter(W_dec)
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        self.W_skip = nn.Parameter(torch.zeros(d_out, d_in)) if cfg.skip_connection else None
+
+    # --- contract -------------------------------------------------------------------------
+    def encode(self, x_BD: Tensor) -> Codes:
+        """Codes for ``x`` in inference mode (no auxiliary losses)."""
+        raise NotImplementedError
+
+    def decode(self, codes: Codes) -> Tensor:
+        """Reconstruction of the target from codes, without the skip path."""
+        raise NotImplementedError
+
+    def forward(self, x_BD: Tensor, y_BE: Tensor | None = None, *, dead_mask: Tensor | None = None,
+                sparsity_scale: float = 1.0) -> ForwardOutput:
+        raise NotImplementedError
+
+    # --- shared helpers -------------------------------------------------------------------
+    def check_x(self, x_BD: Tensor) -> None:
+        if x_BD.dim() != 2 or x_BD.shape[1] != self.d_in:
+            raise ValueError(
+                f"input activations have shape {tuple(x_BD.shape)} but the SAE expects [batch, {self.d_in}]"
+            )
+
+    def check_input(self, x_BD: Tensor, y_BE: Tensor | None) -> Tensor:
+        """Validate shapes; return the target (``x`` itself for an SAE)."""
+        self.check_x(x_BD)
+        if y_BE is None:
+            if self.cfg.transcode:
+                raise ValueError("a transcoder needs a target: call forward(x, y)")
+            return x_BD
+        if y_BE.shape != (x_BD.shape[0], self.d_out):
+            raise ValueError(f"target has shape {tuple(y_BE.shape)} but expected [{x_BD.shape[0]}, {self.d_out}]")
+        return y_BE
+
+    def encoder_input(self, x_BD: Tensor) -> Tensor:
+        return x_BD - self.b_dec if self.apply_b_dec_to_input else x_BD
+
+    def skip(self, x_BD: Tensor) -> Tensor | None:
+        return None if self.W_skip is None else x_BD @ self.W_skip.T
+
+    @torch.no_grad()
+    def init_b_dec_from_data(self, y_sample_NE: Tensor) -> None:
+        """Set ``b_dec`` from a data sample of the target (explicit step before training)."""
+        method = self.cfg.b_dec_init
+        if method == "zeros":
+            self.b_dec.zero_()
+        elif method == "mean":
+            self.b_dec.copy_(y_sample_NE.float().mean(0))
+        elif method == "geometric_median":
+            self.b_dec.copy_(geometric_median(y_sample_NE))
+        else:
+            raise ValueError(f"sae.b_dec_init={method!r}; use geometric_median, mean or zeros")
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale decoder rows to unit norm (after each optimiser step)."""
+        if self.normalize_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Project out the gradient component parallel to each unit-norm decoder row."""
+        if not self.normalize_decoder or self.W_dec.grad is None:
+            return
+        g, W = self.W_dec.grad, self.W_dec
+        g -= (g * W).sum(dim=1, keepdim=True) * W
+
+    def reconstruct(self, x_BD: Tensor, codes: Codes) -> Tensor:
+        """Decoder output plus the skip path (skip transcoders)."""
+        x_hat = self.decode(codes)
+        skip = self.skip(x_BD)
+        return x_hat if skip is None else x_hat + skip

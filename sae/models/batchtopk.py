@@ -1,0 +1,58 @@
+"""BatchTopK SAE (Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders").
+
+Training keeps the k * B largest activations over the whole batch, so k is an average L0 per
+token. Inference must not depend on the batch: a token keeps every latent above a global
+threshold estimated during training as a running average of the smallest activation kept per
+batch (the paper's estimator), like a JumpReLU with one shared threshold.
+
+Sparsity is preserved: each token first proposes its ``batch_topk_cap * k`` largest
+pre-activations, and the batch-level selection runs over those [B, cap*k] candidates; the result
+is exact unless a single token would take more than cap*k latents in a batch (the fraction of
+tokens at the cap is reported as ``cap_hit`` in the losses dict, as a diagnostic).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .config import SAEConfig
+from .registry import register
+from .topk import TopKSAE
+
+
+@register("batchtopk")
+class BatchTopKSAE(TopKSAE):
+    def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
+        super().__init__(cfg, d_in, d_out, seed=seed)
+        if cfg.batch_topk_cap < 1:
+            raise ValueError(f"sae.batch_topk_cap={cfg.batch_topk_cap} must be >= 1")
+        if not 0.0 <= cfg.threshold_momentum < 1.0:
+            raise ValueError(f"sae.threshold_momentum={cfg.threshold_momentum} must be in [0, 1)")
+        self.num_candidates = min(self.num_latents, cfg.batch_topk_cap * cfg.k)
+        self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
+        self.last_cap_hit = 0.0
+
+    def select(self, pre_BL: Tensor) -> tuple[Tensor, Tensor]:
+        cand_vals, cand_idx = pre_BL.topk(self.num_candidates, dim=1, sorted=True)
+        cand_vals = cand_vals.relu()
+        if self.training:
+            n_keep = min(self.k * pre_BL.shape[0], cand_vals.numel())
+            kth = cand_vals.flatten().topk(n_keep, sorted=False).values.min()
+            keep = cand_vals >= kth
+            kept_pos = cand_vals[keep & (cand_vals > 0)]
+            if kept_pos.numel() > 0:
+                self._update_threshold(kept_pos.min())
+            self.last_cap_hit = keep[:, -1].float().mean().item() if self.num_candidates < pre_BL.shape[1] else 0.0
+        else:
+            thr = self.threshold.clamp_min(0.0)
+            keep = cand_vals > thr
+        return cand_vals * keep, cand_idx
+
+    @torch.no_grad()
+    def _update_threshold(self, batch_min: Tensor) -> None:
+        if self.threshold < 0:
+            self.threshold.copy_(batch_min)
+        else:
+            m = self.cfg.threshold_momentum
+            self.threshold.mul_(m).add_((1 - m) * batch_min)

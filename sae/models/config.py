@@ -1,0 +1,37 @@
+"""SAE architecture config: which family, how wide, how sparse, and its loss coefficients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SAEConfig:
+    """One sparse coder. Fields that a family ignores keep their defaults.
+
+    ``num_latents`` wins over ``expansion_factor`` when set (> 0).
+    """
+
+    architecture: str = "topk"  # topk | batchtopk | relu | jumprelu
+    expansion_factor: int = 16
+    num_latents: int = 0
+    k: int = 32
+    # AuxK (Gao et al. 2024, sec. A.2): k_aux dead latents reconstruct the residual.
+    k_aux: int = 0  # 0 -> d_in // 2
+    auxk_alpha: float = 1.0 / 32.0
+    # BatchTopK: candidates per token considered by the batch-level selection (cap * k).
+    batch_topk_cap: int = 4
+    threshold_momentum: float = 0.99
+    # ReLU/L1 (Anthropic, April 2024 update): lambda * sum_i f_i * ||W_dec_i||.
+    l1_coefficient: float = 5.0
+    sparsity_warmup_steps: int = 1000
+    # JumpReLU (Rajamanoharan et al. 2024): lambda * L0 with straight-through estimators.
+    l0_coefficient: float = 1.0
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.001
+    # Transcoders: encode the input hook point, reconstruct the target hook point.
+    transcode: bool = False
+    skip_connection: bool = False
+    normalize_decoder: bool = True
+    # Pre-encoder bias initialisation from data: geometric_median | mean | zeros.
+    b_dec_init: str = "geometric_median"

@@ -1,0 +1,38 @@
+"""Shared parts of the families with dense codes (ReLU/L1 and JumpReLU).
+
+Their codes are [B, L] by nature (no fixed k), so they use plain matmuls. Losses are made
+independent of the activation scale: reconstruction is FVU, and magnitude penalties are divided
+by the RMS norm of the centred target, so one coefficient works for any model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Codes, SparseCodes, SparseCoder
+
+
+class DenseCodeSAE(SparseCoder):
+    sparse_codes = False
+
+    def pre_activations(self, x_in_BD: Tensor) -> Tensor:
+        return torch.addmm(self.b_enc, x_in_BD, self.W_enc.T)
+
+    def activation(self, pre_BL: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        self.check_x(x_BD)
+        return self.activation(self.pre_activations(self.encoder_input(x_BD)))
+
+    def decode(self, codes: Codes) -> Tensor:
+        if isinstance(codes, SparseCodes):
+            raise TypeError(f"{type(self).__name__}.decode expects dense [B, L] codes")
+        return torch.addmm(self.b_dec, codes, self.W_dec)
+
+
+def target_rms(y_BE: Tensor) -> Tensor:
+    """sqrt(mean_b ||y_b - mean(y)||^2), the scale that magnitude penalties are divided by."""
+    centred = y_BE.float() - y_BE.float().mean(0)
+    return centred.pow(2).sum(-1).mean().sqrt().clamp_min(1e-8).detach()

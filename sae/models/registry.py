@@ -1,0 +1,42 @@
+"""Architectures by name: ``register("topk")`` on the class, ``build_sae(cfg, d_in)`` to make one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .config import SAEConfig
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        if name in _REGISTRY:
+            raise ValueError(f"architecture {name!r} registered twice")
+        _REGISTRY[name] = cls
+        cls.architecture = name
+        return cls
+
+    return deco
+
+
+def architectures() -> list[str]:
+    from . import batchtopk, jumprelu, relu, topk  # noqa: F401  (registration side effect)
+
+    return sorted(_REGISTRY)
+
+
+def sae_class(name: str) -> type:
+    names = architectures()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(names)}")
+    return _REGISTRY[name]
+
+
+def build_sae(cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
+    """Instantiate the architecture named by ``cfg.architecture``.
+
+    Raises:
+        ValueError: unknown architecture or inconsistent sizes.
+    """
+    return sae_class(cfg.architecture)(cfg, d_in, d_out, seed=seed)

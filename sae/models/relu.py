@@ -1,0 +1,41 @@
+"""Standard ReLU SAE with an L1 penalty (Anthropic, "Circuits Updates - April 2024").
+
+    f = ReLU(W_enc x + b_enc),  x_hat = W_dec^T f + b_dec
+    loss = FVU + lambda_t * mean_b sum_i f_i ||W_dec_i|| / rms(y)
+
+The penalty weights each latent by its decoder norm, so the decoder is left unconstrained
+(rows start at norm 0.1). ``lambda_t`` warms up linearly from 0 over ``sparsity_warmup_steps``;
+the trainer passes the current factor as ``sparsity_scale``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .base import ForwardOutput, fvu
+from .config import SAEConfig
+from .dense import DenseCodeSAE, target_rms
+from .registry import register
+
+
+@register("relu")
+class ReLUSAE(DenseCodeSAE):
+    unit_norm_decoder = False
+
+    def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
+        super().__init__(cfg, d_in, d_out, seed=seed)
+        if cfg.l1_coefficient < 0:
+            raise ValueError(f"sae.l1_coefficient={cfg.l1_coefficient} must be >= 0")
+
+    def activation(self, pre_BL: Tensor) -> Tensor:
+        return pre_BL.relu()
+
+    def forward(self, x_BD: Tensor, y_BE: Tensor | None = None, *, dead_mask: Tensor | None = None,
+                sparsity_scale: float = 1.0) -> ForwardOutput:
+        y_BE = self.check_input(x_BD, y_BE)
+        f = self.activation(self.pre_activations(self.encoder_input(x_BD)))
+        x_hat = self.reconstruct(x_BD, f)
+        rec = fvu(x_hat, y_BE)
+        l1 = (f @ self.W_dec.norm(dim=1)).mean() / target_rms(y_BE)
+        loss = rec + self.cfg.l1_coefficient * sparsity_scale * l1
+        return ForwardOutput(x_hat, f, {"fvu": rec, "l1": l1, "loss": loss})

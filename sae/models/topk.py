@@ -1,0 +1,86 @@
+"""TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+    z = TopK(ReLU(W_enc (x - b_dec) + b_enc)),   x_hat = W_dec^T z + b_dec
+
+Loss: FVU + auxk_alpha * AuxK, where AuxK (sec. A.2) reconstructs the residual ``y - x_hat``
+with the k_aux largest pre-activations among dead latents, normalised like FVU and scaled by
+min(1, n_dead / k_aux). Dense pre-activations are computed without autograd; gradients reach
+W_enc/b_enc through :func:`sae_kernels.gather_encode` and W_dec through
+:func:`sae_kernels.sparse_decode`, so no [B, L] tensor lies on the gradient path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sae_kernels import gather_encode, sparse_decode
+
+from .base import Codes, ForwardOutput, SparseCodes, SparseCoder, fvu
+from .config import SAEConfig
+from .registry import register
+
+
+@register("topk")
+class TopKSAE(SparseCoder):
+    def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
+        super().__init__(cfg, d_in, d_out, seed=seed)
+        if not 0 < cfg.k < self.num_latents:
+            raise ValueError(f"sae.k={cfg.k} must be in [1, num_latents={self.num_latents})")
+        self.k = cfg.k
+        self.k_aux = cfg.k_aux if cfg.k_aux > 0 else max(1, d_in // 2)
+
+    # Selection of latents from dense pre-activations; BatchTopK overrides it.
+    def select(self, pre_BL: Tensor) -> tuple[Tensor, Tensor]:
+        """Return (pre-activation values, indices) of the selected latents, each [B, K]."""
+        return pre_BL.topk(self.k, dim=1, sorted=False)
+
+    @torch.no_grad()
+    def pre_activations(self, x_in_BD: Tensor) -> Tensor:
+        return torch.addmm(self.b_enc, x_in_BD, self.W_enc.T)
+
+    def encode(self, x_BD: Tensor) -> SparseCodes:
+        self.check_x(x_BD)
+        with torch.no_grad():
+            vals, idx = self.select(self.pre_activations(self.encoder_input(x_BD)))
+        return SparseCodes(vals.relu(), idx)
+
+    def decode(self, codes: Codes) -> Tensor:
+        if not isinstance(codes, SparseCodes):
+            raise TypeError(f"{type(self).__name__}.decode expects SparseCodes, got dense codes")
+        return sparse_decode(codes.idx, codes.vals, self.W_dec, self.b_dec)
+
+    def forward(self, x_BD: Tensor, y_BE: Tensor | None = None, *, dead_mask: Tensor | None = None,
+                sparsity_scale: float = 1.0) -> ForwardOutput:
+        y_BE = self.check_input(x_BD, y_BE)
+        x_in = self.encoder_input(x_BD)
+        pre = self.pre_activations(x_in)
+        pre_vals, idx = self.select(pre)
+        vals = gather_encode(x_in, self.W_enc, self.b_enc, idx, pre_vals).relu()
+        codes = SparseCodes(vals, idx)
+        x_hat = self.reconstruct(x_BD, codes)
+        losses = {"fvu": fvu(x_hat, y_BE)}
+        loss = losses["fvu"]
+        if dead_mask is not None and self.cfg.auxk_alpha > 0:
+            auxk = self.auxk_loss(x_in, pre, dead_mask, (y_BE - x_hat).detach())
+            if auxk is not None:
+                losses["auxk"] = auxk
+                loss = loss + self.cfg.auxk_alpha * auxk
+        losses["loss"] = loss
+        return ForwardOutput(x_hat, codes, losses)
+
+    def auxk_loss(self, x_in_BD: Tensor, pre_BL: Tensor, dead_mask_L: Tensor, residual_BE: Tensor) -> Tensor | None:
+        """AuxK loss, or None when no latent is dead."""
+        dead_idx = dead_mask_L.nonzero().squeeze(1)
+        num_dead = dead_idx.numel()
+        if num_dead == 0:
+            return None
+        k_aux = min(self.k_aux, num_dead)
+        with torch.no_grad():
+            # Only the dead columns: [B, n_dead], small when few latents are dead.
+            aux_pre, aux_pos = pre_BL.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False)
+            aux_idx = dead_idx[aux_pos]
+        aux_vals = gather_encode(x_in_BD, self.W_enc, self.b_enc, aux_idx, aux_pre).relu()
+        e_hat = sparse_decode(aux_idx, aux_vals, self.W_dec)
+        scale = min(num_dead / self.k_aux, 1.0)
+        return scale * fvu(e_hat, residual_BE)

@@ -1,0 +1,1 @@
+"""Training: the trainer loop, optimiser and schedule, dead-latent tracking, checkpoints, strategies."""

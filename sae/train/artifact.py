@@ -1,0 +1,88 @@
+"""The portable SAE artefact: ``<dir>/sae.safetensors`` + ``<dir>/cfg.json`` per hook point.
+
+This is what evaluation and export read; it holds no training state. Weights load through
+safetensors only (no pickle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae.models import SAEConfig, SparseCoder, build_sae
+
+WEIGHTS = "sae.safetensors"
+CFG = "cfg.json"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary name, fsync, and rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def sae_metadata(sae: SparseCoder, **extra: Any) -> dict[str, Any]:
+    return {
+        "architecture": sae.architecture,
+        "d_in": sae.d_in,
+        "d_out": sae.d_out,
+        "num_latents": sae.num_latents,
+        "sae": dataclasses.asdict(sae.cfg),
+        **extra,
+    }
+
+
+def save_sae(sae: SparseCoder, directory: str | Path, **extra: Any) -> Path:
+    """Write weights and cfg.json into ``directory`` (created). Extra keys go into cfg.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
+    tmp = directory / f".{WEIGHTS}.tmp-{os.getpid()}"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, directory / WEIGHTS)
+    write_json_atomic(directory / CFG, sae_metadata(sae, **extra))
+    return directory
+
+
+def read_sae_cfg(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CFG
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CFG} in {directory}: not an SAE folder written by save_sae")
+    return json.loads(path.read_text())
+
+
+def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> SparseCoder:
+    """Load an SAE written by :func:`save_sae`.
+
+    Raises:
+        FileNotFoundError: missing files. ValueError: unknown config keys or shape mismatch.
+    """
+    directory = Path(directory)
+    meta = read_sae_cfg(directory)
+    fields = {f.name for f in dataclasses.fields(SAEConfig)}
+    unknown = set(meta["sae"]) - fields
+    if unknown:
+        raise ValueError(f"{directory / CFG}: unknown SAE config keys {sorted(unknown)}")
+    sae = build_sae(SAEConfig(**meta["sae"]), meta["d_in"], meta["d_out"])
+    state = load_file(str(directory / WEIGHTS), device=str(device))
+    sae.load_state_dict(state, strict=True)
+    return sae.to(device)

@@ -1,0 +1,36 @@
+"""Trainer config: batch, budget, optimiser, schedule, precision, checkpoints, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4096
+    # Budget: ``steps`` wins when > 0, otherwise ``max_tokens // batch_size``.
+    max_tokens: int = 2_000_000
+    steps: int = 0
+    # Adam. lr <= 0 picks Gao et al.'s scaling rule: 2e-4 / sqrt(num_latents / 2**14).
+    lr: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    lr_warmup_steps: int = 100
+    lr_decay: str = "linear"  # constant | linear | cosine
+    lr_decay_start: float = 0.8  # fraction of training after which the LR decays to lr_end
+    lr_end_factor: float = 0.0
+    grad_clip: float = 1.0  # <= 0 disables
+    mixed_precision: str = "no"  # no | bf16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    # Dead latents: not fired in this many tokens (Gao et al.: 10M).
+    dead_tokens_threshold: int = 10_000_000
+    b_dec_init_samples: int = 4096
+    # Checkpoints: every N steps (0: only at the end), keeping the newest ``keep_checkpoints``.
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = True
+    log_every: int = 10
+    progress: bool = True
+    out_dir: str = "runs/default"

@@ -1,0 +1,38 @@
+"""Dead-latent tracking: tokens since each latent last fired (Gao et al. 2024, sec. A.2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class DeadLatentTracker:
+    """Counts tokens since each latent fired; a latent is dead after ``threshold_tokens``."""
+
+    def __init__(self, num_latents: int, threshold_tokens: int, device: torch.device | str = "cpu"):
+        if threshold_tokens <= 0:
+            raise ValueError(f"dead_tokens_threshold={threshold_tokens} must be positive")
+        self.threshold_tokens = threshold_tokens
+        self.tokens_since_fired = torch.zeros(num_latents, dtype=torch.int64, device=device)
+
+    def update(self, fired_counts_L: Tensor, num_tokens: int) -> None:
+        """Advance by one batch of ``num_tokens`` tokens given per-latent firing counts."""
+        self.tokens_since_fired += num_tokens
+        self.tokens_since_fired[fired_counts_L > 0] = 0
+
+    @property
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.threshold_tokens
+
+    @property
+    def dead_fraction(self) -> float:
+        return self.dead_mask.float().mean().item()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"tokens_since_fired": self.tokens_since_fired.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        t = state["tokens_since_fired"]
+        if t.shape != self.tokens_since_fired.shape:
+            raise ValueError(f"dead-latent state has {t.shape[0]} latents, SAE has {self.tokens_since_fired.shape[0]}")
+        self.tokens_since_fired.copy_(t)
