@@ -1,0 +1,1 @@
+"""Hydra YAML config groups (installed as ``sae_conf``): sae/, train/, data/, model/."""

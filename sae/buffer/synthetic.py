@@ -29,21 +29,22 @@ class SyntheticConfig:
     zipf_exponent: float = 0.5
     magnitude_std: float = 0.1
     noise_std: float = 0.0
-    batch_size: int = 1024
     seed: int = 0
 
 
 class SyntheticSource:
     """Endless ActivationSource over the toy model; ``features`` holds the ground truth [N, d]."""
 
-    def __init__(self, cfg: SyntheticConfig, *, rank: int = 0, world_size: int = 1):
-        if cfg.d <= 0 or cfg.num_features <= 0 or cfg.batch_size <= 0:
-            raise ValueError(f"synthetic d={cfg.d}, num_features={cfg.num_features}, batch_size={cfg.batch_size} must be > 0")
+    def __init__(self, cfg: SyntheticConfig, batch_size: int, *, rank: int = 0, world_size: int = 1):
+        if cfg.d <= 0 or cfg.num_features <= 0 or batch_size <= 0:
+            raise ValueError(
+                f"synthetic d={cfg.d}, num_features={cfg.num_features}, batch_size={batch_size} must be > 0"
+            )
         if not 0 < cfg.active_prob <= 1:
             raise ValueError(f"synthetic active_prob={cfg.active_prob} must be in (0, 1]")
         if cfg.frequency not in ("uniform", "zipf"):
             raise ValueError(f"synthetic frequency={cfg.frequency!r}; use uniform or zipf")
-        self.cfg = cfg
+        self.cfg, self.batch_size = cfg, batch_size
         self.d_in = self.d_out = cfg.d
         self.rank, self.world_size = rank, world_size
         # Offset so that features never coincide with a model initialised from the same seed.
@@ -60,8 +61,8 @@ class SyntheticSource:
     def batch(self, global_index: int) -> Batch:
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * global_index + 1)
-        active = torch.rand(cfg.batch_size, cfg.num_features, generator=gen) < self.probs
-        mags = (1.0 + cfg.magnitude_std * torch.randn(cfg.batch_size, cfg.num_features, generator=gen)).abs()
+        active = torch.rand(self.batch_size, cfg.num_features, generator=gen) < self.probs
+        mags = (1.0 + cfg.magnitude_std * torch.randn(self.batch_size, cfg.num_features, generator=gen)).abs()
         coeffs = active * mags
         x = coeffs @ self.features
         if cfg.noise_std > 0:
