@@ -1,6 +1,6 @@
 """SAE architectures: one file per family, chosen by name through :mod:`.registry`."""
 
-from .base import Codes, ForwardOutput, SparseCodes, SparseCoder, fired_counts, fvu, l0_per_token
+from .base import Codes, ForwardOutput, SparseCoder, SparseCodes, fired_counts, fvu, l0_per_token
 from .config import SAEConfig
 from .registry import architectures, build_sae, sae_class
 

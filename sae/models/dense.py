@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Codes, SparseCodes, SparseCoder
+from .base import Codes, SparseCoder, SparseCodes
 
 
 class DenseCodeSAE(SparseCoder):

@@ -12,11 +12,10 @@ W_enc/b_enc through :func:`sae_kernels.gather_encode` and W_dec through
 from __future__ import annotations
 
 import torch
+from sae_kernels import gather_encode, sparse_decode
 from torch import Tensor
 
-from sae_kernels import gather_encode, sparse_decode
-
-from .base import Codes, ForwardOutput, SparseCodes, SparseCoder, fvu
+from .base import Codes, ForwardOutput, SparseCoder, SparseCodes, fvu
 from .config import SAEConfig
 from .registry import register
 
