@@ -155,8 +155,14 @@ class SparseCoder(nn.Module):
         return None if self.W_skip is None else x_BD @ self.W_skip.T
 
     @torch.no_grad()
+    def init_from_data(self, x_sample_ND: Tensor, y_sample_NE: Tensor | None = None) -> None:
+        """Data-dependent initialisation, an explicit step the trainer calls before training
+        (and before any data-parallel wrapping). The base sets ``b_dec`` from the target sample."""
+        self.init_b_dec_from_data(x_sample_ND if y_sample_NE is None else y_sample_NE)
+
+    @torch.no_grad()
     def init_b_dec_from_data(self, y_sample_NE: Tensor) -> None:
-        """Set ``b_dec`` from a data sample of the target (explicit step before training)."""
+        """Set ``b_dec`` from a data sample of the target (geometric median, mean or zeros)."""
         method = self.cfg.b_dec_init
         if method == "zeros":
             self.b_dec.zero_()

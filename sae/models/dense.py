@@ -2,7 +2,8 @@
 
 Their codes are [B, L] by nature (no fixed k), so they use plain matmuls. Losses are made
 independent of the activation scale: reconstruction is FVU, and magnitude penalties are divided
-by the RMS norm of the centred target, so one coefficient works for any model.
+by the activation scale (:func:`activation_scale`), so one coefficient works for any model and
+means what it means in the papers for activations normalised to E||y||^2 = d.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ class DenseCodeSAE(SparseCoder):
         return torch.addmm(self.b_dec, codes, self.W_dec)
 
 
-def target_rms(y_BE: Tensor) -> Tensor:
-    """sqrt(mean_b ||y_b - mean(y)||^2), the scale that magnitude penalties are divided by."""
+def activation_scale(y_BE: Tensor) -> Tensor:
+    """RMS per dimension of the centred target: sqrt(mean_b ||y_b - mean(y)||^2 / E).
+
+    Equals 1 for activations normalised as in SAELens/Anthropic (E ||y||^2 = E), so coefficients
+    given in those papers' units keep their meaning for activations of any scale.
+    """
     centred = y_BE.float() - y_BE.float().mean(0)
-    return centred.pow(2).sum(-1).mean().sqrt().clamp_min(1e-8).detach()
+    return (centred.pow(2).sum(-1).mean() / y_BE.shape[-1]).sqrt().clamp_min(1e-8).detach()

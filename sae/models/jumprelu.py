@@ -1,12 +1,17 @@
 """JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"; Gemma Scope).
 
-    f_i = z_i * H(z_i - theta_i),  z = W_enc (x - b_dec) + b_enc,  theta = exp(log_threshold)
+    f_i = z_i * H(z_i - theta_i),  z = ReLU(W_enc (x - b_dec) + b_enc),  theta = exp(log_threshold)
     loss = FVU + lambda_t * mean_b sum_i H(z_i - theta_i)
 
 H has zero derivative almost everywhere, so theta learns through straight-through estimators
 with a rectangle kernel of bandwidth eps (paper, eqs. 11-12):
     d/dtheta JumpReLU(z) ~= -(theta / eps) * rect((z - theta) / eps)
     d/dtheta H(z - theta) ~= -(1 / eps) * rect((z - theta) / eps)
+eps is ``jumprelu_bandwidth`` times the activation scale (1 for activations normalised to
+E||x||^2 = d, the paper's units). Thresholds start from data: each latent's threshold is the
+(1 - k / L) quantile of its pre-activations on the init sample, so training starts near L0 = k
+(``sae.k`` is the initial L0 target; ``l0_coefficient`` then sets the trade-off), and the
+encoder is rescaled so the initial reconstruction is the least-squares fit to the sample.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from torch import Tensor, nn
 
 from .base import ForwardOutput, fvu
 from .config import SAEConfig
-from .dense import DenseCodeSAE
+from .dense import DenseCodeSAE, activation_scale
 from .registry import register
 
 
@@ -64,23 +69,52 @@ class JumpReLUSAE(DenseCodeSAE):
                 f"sae.jumprelu_bandwidth={cfg.jumprelu_bandwidth} and sae.jumprelu_init_threshold="
                 f"{cfg.jumprelu_init_threshold} must be positive"
             )
-        self.log_threshold = nn.Parameter(torch.full((self.num_latents,), math.log(cfg.jumprelu_init_threshold)))
+        if not 0 < cfg.k < self.num_latents:
+            raise ValueError(f"sae.k={cfg.k} (initial L0 target) must be in [1, num_latents={self.num_latents})")
+        init = math.log(cfg.jumprelu_init_threshold)
+        self.log_threshold = nn.Parameter(torch.full((self.num_latents,), init))
+        self.register_buffer("act_scale", torch.tensor(1.0))
 
     @property
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
 
+    @property
+    def bandwidth(self) -> float:
+        return self.cfg.jumprelu_bandwidth * float(self.act_scale)
+
+    @torch.no_grad()
+    def init_from_data(self, x_sample_ND: Tensor, y_sample_NE: Tensor | None = None) -> None:
+        super().init_from_data(x_sample_ND, y_sample_NE)
+        self.act_scale.copy_(activation_scale(x_sample_ND if y_sample_NE is None else y_sample_NE))
+        z = self.pre_activations(self.encoder_input(x_sample_ND.float())).relu()
+        q = torch.quantile(z, 1.0 - self.cfg.k / self.num_latents, dim=0) if z.shape[0] > 1 else z[0]
+        floor = self.cfg.jumprelu_init_threshold * float(self.act_scale)
+        self.log_threshold.copy_(q.clamp_min(floor).log())
+        # Rescale the encoder (and thresholds with it, so the active set is unchanged) by the
+        # least-squares factor that fits the initial reconstruction to the sample: training then
+        # starts at FVU <= 1 instead of spending its first steps shrinking the encoder, which
+        # would push pre-activations under thresholds that move only multiplicatively.
+        y = (x_sample_ND if y_sample_NE is None else y_sample_NE).float() - self.b_dec
+        f = _JumpReLU.apply(z, self.threshold, self.bandwidth)
+        y_hat = f @ self.W_dec
+        scale = (y_hat * y).sum() / y_hat.pow(2).sum().clamp_min(1e-12)
+        if scale > 0:
+            self.W_enc.mul_(scale)
+            self.b_enc.mul_(scale)
+            self.log_threshold.add_(scale.log())
+
     def activation(self, pre_BL: Tensor) -> Tensor:
-        return _JumpReLU.apply(pre_BL.relu(), self.threshold, self.cfg.jumprelu_bandwidth)
+        return _JumpReLU.apply(pre_BL.relu(), self.threshold, self.bandwidth)
 
     def forward(self, x_BD: Tensor, y_BE: Tensor | None = None, *, dead_mask: Tensor | None = None,
                 sparsity_scale: float = 1.0) -> ForwardOutput:
         y_BE = self.check_input(x_BD, y_BE)
         z = self.pre_activations(self.encoder_input(x_BD)).relu()
-        theta = self.threshold
-        f = _JumpReLU.apply(z, theta, self.cfg.jumprelu_bandwidth)
+        theta, eps = self.threshold, self.bandwidth
+        f = _JumpReLU.apply(z, theta, eps)
         x_hat = self.reconstruct(x_BD, f)
         rec = fvu(x_hat, y_BE)
-        l0 = _Step.apply(z, theta, self.cfg.jumprelu_bandwidth).sum(-1).mean()
+        l0 = _Step.apply(z, theta, eps).sum(-1).mean()
         loss = rec + self.cfg.l0_coefficient * sparsity_scale * l0
         return ForwardOutput(x_hat, f, {"fvu": rec, "l0": l0, "loss": loss})

@@ -1,7 +1,11 @@
 """Standard ReLU SAE with an L1 penalty (Anthropic, "Circuits Updates - April 2024").
 
     f = ReLU(W_enc x + b_enc),  x_hat = W_dec^T f + b_dec
-    loss = FVU + lambda_t * mean_b sum_i f_i ||W_dec_i|| / rms(y)
+    loss = FVU + lambda_t * mean_b sum_i f_i ||W_dec_i|| / (d * scale(y))
+
+With activations normalised to E||y||^2 = d (scale 1), this is the paper's
+MSE_sum + lambda * sum_i f_i ||W_dec_i|| divided by d, so lambda keeps its published meaning
+(about 5).
 
 The penalty weights each latent by its decoder norm, so the decoder is left unconstrained
 (rows start at norm 0.1). ``lambda_t`` warms up linearly from 0 over ``sparsity_warmup_steps``;
@@ -14,7 +18,7 @@ from torch import Tensor
 
 from .base import ForwardOutput, fvu
 from .config import SAEConfig
-from .dense import DenseCodeSAE, target_rms
+from .dense import DenseCodeSAE, activation_scale
 from .registry import register
 
 
@@ -36,6 +40,6 @@ class ReLUSAE(DenseCodeSAE):
         f = self.activation(self.pre_activations(self.encoder_input(x_BD)))
         x_hat = self.reconstruct(x_BD, f)
         rec = fvu(x_hat, y_BE)
-        l1 = (f @ self.W_dec.norm(dim=1)).mean() / target_rms(y_BE)
+        l1 = (f @ self.W_dec.norm(dim=1)).mean() / (self.d_out * activation_scale(y_BE))
         loss = rec + self.cfg.l1_coefficient * sparsity_scale * l1
         return ForwardOutput(x_hat, f, {"fvu": rec, "l1": l1, "loss": loss})

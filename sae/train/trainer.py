@@ -116,11 +116,12 @@ class Trainer:
         return self.last_metrics
 
     def init_from_data(self, batch: Batch) -> None:
-        """Data-dependent init (b_dec from a sample of the target), before the first step."""
-        target = batch.y if batch.y is not None else batch.x
-        sample = target[: self.cfg.b_dec_init_samples].to(self.device)
+        """Data-dependent init (b_dec, JumpReLU thresholds) from the first batch, before the first step."""
+        n = self.cfg.b_dec_init_samples
+        x = batch.x[:n].to(self.device).float()
+        y = batch.y[:n].to(self.device).float() if batch.y is not None else None
         for sae in self.saes.values():
-            sae.init_b_dec_from_data(sample)
+            sae.init_from_data(x, y)
 
     def autocast(self):
         if self.cfg.mixed_precision == "bf16":
