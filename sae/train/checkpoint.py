@@ -39,13 +39,17 @@ def save_checkpoint(out_dir: str | Path, step: int, saes: dict[str, Any], state:
     tmp = root / f".step_{step:08d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for name, sae in saes.items():
-        save_sae(sae, tmp / name, **(sae_extra or {}))
-    with (tmp / STATE).open("wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    fsync_dir(tmp)
+    try:
+        for name, sae in saes.items():
+            save_sae(sae, tmp / name, **(sae_extra or {}))
+        with (tmp / STATE).open("wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)

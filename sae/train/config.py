@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
@@ -11,8 +12,8 @@ class TrainConfig:
     # Budget: ``steps`` wins when > 0, otherwise ``max_tokens // batch_size``.
     max_tokens: int = 2_000_000
     steps: int = 0
-    # Adam. lr <= 0 picks Gao et al.'s scaling rule: 2e-4 / sqrt(num_latents / 2**14).
-    lr: float = 0.0
+    # Adam. lr null picks Gao et al.'s scaling rule: 2e-4 / sqrt(num_latents / 2**14).
+    lr: Optional[float] = None  # noqa: UP045  (OmegaConf needs typing.Optional)
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8

@@ -43,7 +43,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
     checks = [
         (cfg.batch_size > 0, "batch_size", "must be positive"),
         (cfg.steps > 0 or cfg.max_tokens >= cfg.batch_size, "max_tokens", "must cover at least one batch"),
-        (cfg.lr >= 0 and math.isfinite(cfg.lr), "lr", "must be >= 0 (0 picks the scaling rule)"),
+        (cfg.lr is None or (cfg.lr > 0 and math.isfinite(cfg.lr)), "lr", "must be positive (or null for the scaling rule)"),
         (cfg.lr_decay in ("constant", "linear", "cosine"), "lr_decay", "must be constant, linear or cosine"),
         (cfg.mixed_precision in ("no", "bf16"), "mixed_precision", "must be no or bf16"),
         (0 <= cfg.lr_decay_start <= 1, "lr_decay_start", "must be in [0, 1]"),
@@ -75,7 +75,7 @@ class Trainer:
         self.total_steps = cfg.steps if cfg.steps > 0 else cfg.max_tokens // cfg.batch_size
         self.optimizers, self.schedulers, self.trackers, self.base_lrs = {}, {}, {}, {}
         for name, sae in self.saes.items():
-            lr = cfg.lr if cfg.lr > 0 else default_lr(sae.num_latents)
+            lr = cfg.lr if cfg.lr is not None else default_lr(sae.num_latents)
             self.base_lrs[name] = lr
             self.optimizers[name] = build_optimizer(sae.parameters(), lr, cfg)
             self.schedulers[name] = build_scheduler(self.optimizers[name], self.total_steps, cfg)
