@@ -5,4 +5,5 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 export SAE_KERNEL_BACKEND="${SAE_KERNEL_BACKEND:-eager}" WANDB_MODE=offline HF_HUB_OFFLINE=1
 ruff check sae kernels tests
-python -m pytest tests "$@"
+if [ "$#" -eq 0 ]; then set -- tests; fi
+python -m pytest "$@"

@@ -43,7 +43,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
     checks = [
         (cfg.batch_size > 0, "batch_size", "must be positive"),
         (cfg.steps > 0 or cfg.max_tokens >= cfg.batch_size, "max_tokens", "must cover at least one batch"),
-        (cfg.lr is None or (cfg.lr > 0 and math.isfinite(cfg.lr)), "lr", "must be positive (or null for the scaling rule)"),
+        (cfg.lr is None or (cfg.lr > 0 and math.isfinite(cfg.lr)), "lr",
+         "must be positive (or null for the scaling rule)"),
         (cfg.lr_decay in ("constant", "linear", "cosine"), "lr_decay", "must be constant, linear or cosine"),
         (cfg.mixed_precision in ("no", "bf16"), "mixed_precision", "must be no or bf16"),
         (0 <= cfg.lr_decay_start <= 1, "lr_decay_start", "must be in [0, 1]"),

@@ -59,7 +59,8 @@ def test_resume_matches_uninterrupted(arch, tmp_path):
         s2 = resumed.optimizers[name].state_dict()["state"]
         for i in s1:
             torch.testing.assert_close(s1[i]["exp_avg"], s2[i]["exp_avg"], rtol=0, atol=0)
-        torch.testing.assert_close(straight.trackers[name].tokens_since_fired, resumed.trackers[name].tokens_since_fired)
+        t1, t2 = straight.trackers[name], resumed.trackers[name]
+        torch.testing.assert_close(t1.tokens_since_fired, t2.tokens_since_fired)
     assert straight.source.state_dict() == resumed.source.state_dict()
 
 
