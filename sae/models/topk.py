@@ -36,7 +36,20 @@ class TopKSAE(SparseCoder):
 
     @torch.no_grad()
     def pre_activations(self, x_in_BD: Tensor) -> Tensor:
-        return torch.addmm(self.b_enc, x_in_BD, self.W_enc.T)
+        """Dense pre-activations [B, L], without autograd.
+
+        On CPU outside autocast they are written into a reused workspace: a fresh [B, L] buffer
+        per step is large enough to be mmap-ed and page-faulted anew each time, which costs about
+        a quarter of the matmul itself. The result is only valid until the next call.
+        """
+        if x_in_BD.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return torch.addmm(self.b_enc, x_in_BD, self.W_enc.T)
+        shape = (x_in_BD.shape[0], self.num_latents)
+        ws = self.__dict__.get("_pre_workspace")
+        if ws is None or ws.shape != shape or ws.dtype != x_in_BD.dtype:
+            ws = torch.empty(shape, dtype=x_in_BD.dtype)
+            self.__dict__["_pre_workspace"] = ws
+        return torch.addmm(self.b_enc, x_in_BD, self.W_enc.T, out=ws)
 
     def encode(self, x_BD: Tensor) -> SparseCodes:
         self.check_x(x_BD)
