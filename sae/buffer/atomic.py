@@ -1,0 +1,42 @@
+"""Crash-safe file writes for the buffer: temporary name, fsync, rename, fsync the folder.
+
+After a crash (kill -9, power loss) a path holds either its old content or its new content,
+never a mix; a leftover temporary file (``.<name>.tmp``) is garbage that the next writer removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+TMP_SUFFIX = ".tmp"
+
+
+def tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TMP_SUFFIX}")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
+    tmp = tmp_name(path)
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Replace ``path`` with ``obj`` as JSON (sorted keys: equal objects give equal bytes)."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())

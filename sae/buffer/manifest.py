@@ -1,0 +1,92 @@
+"""The buffer's layout on disk and its ``manifest.json`` (harvest -> buffer -> reader).
+
+Layout of a buffer folder::
+
+    manifest.json                              what is complete, replaced atomically per shard
+    <hookpoint>/shard_000000.safetensors       activations [N, D] + token_ids, positions, contexts [N]
+    <hookpoint>/shard_000001.safetensors       ...
+
+Shard ``i`` of every hook point holds the same N tokens in the same order, so a transcoder reads
+input and target rows by the same index. A shard exists for readers only once the manifest
+lists it with its size and xxh3-64 checksum; files the manifest does not name are leftovers of
+an interrupted write and are deleted on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+FORMAT = "sae-forge-activations"
+VERSION = 1
+CHECKSUM = "xxh3_64"
+ACTIVATIONS = "activations"
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+# Manifest keys that fix the content of every shard: resuming with any of them changed would
+# mix two different harvests in one buffer. (harvest.max_tokens may change: it only cuts.)
+IDENTITY_KEYS = ("model", "tokenizer", "dataset", "text", "harvest", "hookpoints", "hookpoint_order", "dtype",
+                 "shard_tokens")
+
+
+def shard_relpath(hookpoint: str, index: int) -> str:
+    return f"{hookpoint}/shard_{index:06d}.safetensors"
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """Load and sanity-check ``<folder>/manifest.json``.
+
+    Raises:
+        FileNotFoundError: no manifest (not a buffer, or a harvest that never finished a shard).
+        ValueError: not a manifest of this format/version.
+    """
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {folder}: not an activation buffer (run sae-harvest first, "
+                                "or point data.buffer.path at the harvest's writer.out_dir)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(f"{path} is format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+                         f"this reader reads {FORMAT!r} version {VERSION}")
+    return manifest
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two manifests' identity sections."""
+    def walk(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for k in sorted(set(a) | set(b)) for d in walk(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [] if a == b else [prefix.rstrip(".")]
+
+    return [d for k in IDENTITY_KEYS for d in walk(old.get(k), new.get(k), f"{k}.")]
+
+
+def safetensors_layout(path: Path) -> tuple[int, dict[str, Any]]:
+    """(offset of the data section, header dict) of a safetensors file, reading only the header."""
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"shard {path} is truncated ({len(head)} bytes); re-harvest it")
+        (n,) = struct.unpack("<Q", head)
+        header = fh.read(n)
+    if len(header) < n:
+        raise ValueError(f"shard {path} is truncated inside its header; re-harvest it")
+    try:
+        return 8 + n, json.loads(header)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"shard {path} has a corrupt header ({e}); re-harvest it") from e
+
+
+def activation_slot(path: Path) -> tuple[int, torch.dtype, tuple[int, int]]:
+    """(byte offset, dtype, shape) of the ``activations`` tensor inside a shard file."""
+    base, header = safetensors_layout(path)
+    entry = header.get(ACTIVATIONS)
+    if entry is None or entry.get("dtype") not in _SAFETENSORS_DTYPES or len(entry.get("shape", ())) != 2:
+        raise ValueError(f"shard {path} has no 2-D float '{ACTIVATIONS}' tensor; is it a buffer shard?")
+    start = base + entry["data_offsets"][0]
+    return start, _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])

@@ -1,0 +1,153 @@
+"""The harvester: run the model over context batches and collect hook point activations.
+
+Hooks store each hook point's tensor; the hook that completes the set raises a private
+exception, so the forward stops right after the deepest hook point (later layers never run).
+All under ``torch.inference_mode``. Rows are then filtered (padding always, special tokens and
+position 0 by config) and returned as a :class:`Chunk` with the token id, position and context
+index of every row. Consumers: ``sae.buffer.fill`` (to disk) and ``sae.buffer.live`` (no disk).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .config import HarvestConfig, TextConfig
+from .hookpoints import HookPoint, resolve_hookpoints
+from .model import LoadedModel
+from .text import ContextBatch, iter_batches, iter_contexts, special_ids
+
+
+class Chunk(NamedTuple):
+    """Activation rows of one or more contexts, in (context, position) order."""
+
+    acts: dict[str, Tensor]
+    """hook point -> [N, D] activations (CPU, model dtype)."""
+    token_ids: Tensor
+    """[N] int32 token id of each row."""
+    positions: Tensor
+    """[N] int32 position of each row in its context."""
+    contexts: Tensor
+    """[N] int64 context index of each row."""
+
+    def __len__(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    def select(self, rows: Tensor | slice) -> Chunk:
+        """Rows by boolean mask, index tensor or slice."""
+        return Chunk({k: v[rows] for k, v in self.acts.items()}, self.token_ids[rows], self.positions[rows],
+                     self.contexts[rows])
+
+
+class _StopForward(Exception):
+    """Raised by the last hook to fire: everything needed has been captured."""
+
+
+class Harvester:
+    """Collect activations at ``hookpoints`` (patterns allowed) from a loaded model.
+
+    Attributes:
+        hookpoints: the resolved hook points, in pattern order.
+        dims: hook point name -> width D of its activations.
+    """
+
+    def __init__(self, lm: LoadedModel, hookpoints: list[str], text: TextConfig, cfg: HarvestConfig):
+        self.lm, self.text, self.cfg = lm, text, cfg
+        self.hookpoints: list[HookPoint] = resolve_hookpoints(lm.model, hookpoints)
+        bos, eos, self.pad_id = special_ids(lm.tokenizer)
+        specials = set(getattr(lm.tokenizer, "all_special_ids", [])) | {i for i in (bos, eos) if i is not None}
+        specials.discard(lm.tokenizer.unk_token_id)
+        self.special_ids = torch.tensor(sorted(specials), dtype=torch.long)
+        self._forward_kwargs = {}
+        if "use_cache" in inspect.signature(lm.model.forward).parameters:
+            self._forward_kwargs["use_cache"] = False
+        probe = self._capture(torch.tensor([[bos if bos is not None else self.pad_id] * 2]),
+                              torch.ones(1, 2, dtype=torch.long))
+        self.dims = {name: int(t.shape[-1]) for name, t in probe.items()}
+
+    @property
+    def names(self) -> list[str]:
+        return [hp.name for hp in self.hookpoints]
+
+    def _hook(self, store: dict[str, Tensor], name: str, kind: str) -> Callable[..., None]:
+        n_hooks = len(self.hookpoints)
+
+        def save(value: Any) -> None:
+            t = value[0] if isinstance(value, (tuple, list)) else value
+            if not isinstance(t, Tensor) or t.dim() != 3:
+                raise TypeError(f"hook point {name!r} gave {type(t).__name__} "
+                                f"{tuple(getattr(t, 'shape', ()))}; expected a [batch, seq, d] tensor")
+            store[name] = t
+            if len(store) == n_hooks:
+                raise _StopForward
+
+        if kind == "input":
+            return lambda module, args, kwargs: save(args[0] if args else kwargs["hidden_states"])
+        return lambda module, args, output: save(output)
+
+    def _capture(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        """Forward until every hook point has fired; return name -> [B, T, D] on the model device."""
+        model, dev = self.lm.model, self.lm.device
+        store: dict[str, Tensor] = {}
+        modules = dict(model.named_modules())
+        handles = []
+        try:
+            for hp in self.hookpoints:
+                mod, hook = modules[hp.module], self._hook(store, hp.name, hp.kind)
+                handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True) if hp.kind == "input"
+                               else mod.register_forward_hook(hook))
+            with torch.inference_mode():
+                model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), **self._forward_kwargs)
+        except _StopForward:
+            return store
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [hp.name for hp in self.hookpoints if hp.name not in store]
+        raise RuntimeError(f"the forward finished but hook points {missing} never ran; "
+                           "they may sit in a branch this model does not execute")
+
+    def harvest(self, batch: ContextBatch) -> Chunk:
+        """Activations of the kept rows of one batch.
+
+        Raises:
+            ValueError: NaN/Inf activations, naming the hook point, context and position.
+        """
+        acts = self._capture(batch.input_ids, batch.attention_mask)
+        ids = batch.input_ids
+        keep = batch.attention_mask.bool()
+        if self.cfg.drop_special and self.special_ids.numel():
+            keep &= ~torch.isin(ids, self.special_ids)
+        if self.cfg.drop_first:
+            keep[:, 0] = False
+        B, T = ids.shape
+        positions = torch.arange(T, dtype=torch.int32).expand(B, T)[keep]
+        contexts = batch.index[:, None].expand(B, T)[keep]
+        keep_dev = keep.to(self.lm.device)
+        rows = {name: t[keep_dev].cpu() for name, t in acts.items()}
+        for name, x in rows.items():
+            bad = ~torch.isfinite(x).all(dim=-1)
+            if bool(bad.any()):
+                first = int(bad.nonzero()[0])
+                raise ValueError(
+                    f"model produced NaN/Inf at hook point {name!r} in {int(bad.sum())} row(s) (first: context "
+                    f"{int(contexts[first])}, position {int(positions[first])}); check model.dtype (float16 "
+                    "overflow?) and the weights. Nothing from this batch was written"
+                )
+        return Chunk(rows, ids[keep].to(torch.int32), positions, contexts.to(torch.int64))
+
+    def chunks(self, ds: Any, *, start_context: int = 0,
+               select: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
+        """Harvest the dataset in batches of ``cfg.batch_size`` contexts, from ``start_context``.
+
+        ``select(context_index)`` picks contexts (rank splits); batches group consecutive selected
+        contexts, so the same arguments always give the same batches (bitwise-reproducible rows).
+        """
+        keep = (lambda i: i >= start_context and (select is None or select(i)))
+        contexts = iter_contexts(ds, self.lm.tokenizer, self.text)
+        for batch in iter_batches(contexts, self.cfg.batch_size, self.pad_id, keep):
+            yield self.harvest(batch)

