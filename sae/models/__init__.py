@@ -8,5 +8,5 @@ architectures()  # import every family so the registry is complete
 
 __all__ = [
     "Codes", "ForwardOutput", "SparseCodes", "SparseCoder", "SAEConfig", "architectures", "build_sae",
-    "fired_counts", "fvu", "l0_per_token", "sae_class",
+    "fired_counts", "fvu", "l0_per_token", "sae_class", "token_variance", "VarianceFn",
 ]

@@ -10,6 +10,7 @@ Shape legend: B tokens, D d_in, E d_out (= D for SAEs), L latents, K k.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -41,11 +42,27 @@ class ForwardOutput(NamedTuple):
     """Named scalar loss terms; ``losses["loss"]`` is the total to minimise."""
 
 
-def fvu(y_hat_BE: Tensor, y_BE: Tensor) -> Tensor:
+VarianceFn = Callable[[Tensor], Tensor]
+"""Maps a target batch [B, E] to its total variance per token (a detached scalar)."""
+
+
+@torch.no_grad()
+def token_variance(y_BE: Tensor) -> Tensor:
+    """Total variance per token about the batch mean: sum_b ||y_b - mean(y)||^2 / B.
+
+    Data-parallel training passes a variance function that computes the same statistic over the
+    union of all ranks' batches, which makes the sum of per-rank losses equal the loss of one
+    process on the union (see ``sae.train.strategy``).
+    """
+    y = y_BE.float()
+    return (y - y.mean(0)).pow(2).sum() / y.shape[0]
+
+
+def fvu(y_hat_BE: Tensor, y_BE: Tensor, variance_fn: VarianceFn | None = None) -> Tensor:
     """Fraction of variance unexplained: sum of squared error over total variance about the batch mean."""
     err = (y_hat_BE.float() - y_BE.float()).pow(2).sum()
-    total = (y_BE.float() - y_BE.float().mean(0)).pow(2).sum()
-    return err / total.clamp_min(torch.finfo(torch.float32).tiny)
+    var = (variance_fn or token_variance)(y_BE)
+    return err / (y_BE.shape[0] * var).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def fired_counts(codes: Codes, num_latents: int) -> Tensor:
@@ -127,7 +144,14 @@ class SparseCoder(nn.Module):
         raise NotImplementedError
 
     def forward(self, x_BD: Tensor, y_BE: Tensor | None = None, *, dead_mask: Tensor | None = None,
-                sparsity_scale: float = 1.0) -> ForwardOutput:
+                sparsity_scale: float = 1.0, variance_fn: VarianceFn | None = None) -> ForwardOutput:
+        """Reconstruct ``y`` (``x`` for an SAE) and compute the training losses.
+
+        Args:
+            dead_mask: [L] bool, latents considered dead (AuxK).
+            sparsity_scale: warm-up factor of the sparsity penalty (ReLU, JumpReLU).
+            variance_fn: how the target variance (FVU denominator) is computed; default per batch.
+        """
         raise NotImplementedError
 
     # --- shared helpers -------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Codes, SparseCoder, SparseCodes
+from .base import Codes, SparseCoder, SparseCodes, VarianceFn, token_variance
 
 
 class DenseCodeSAE(SparseCoder):
@@ -33,11 +33,10 @@ class DenseCodeSAE(SparseCoder):
         return torch.addmm(self.b_dec, codes, self.W_dec)
 
 
-def activation_scale(y_BE: Tensor) -> Tensor:
+def activation_scale(y_BE: Tensor, variance_fn: VarianceFn | None = None) -> Tensor:
     """RMS per dimension of the centred target: sqrt(mean_b ||y_b - mean(y)||^2 / E).
 
     Equals 1 for activations normalised as in SAELens/Anthropic (E ||y||^2 = E), so coefficients
     given in those papers' units keep their meaning for activations of any scale.
     """
-    centred = y_BE.float() - y_BE.float().mean(0)
-    return (centred.pow(2).sum(-1).mean() / y_BE.shape[-1]).sqrt().clamp_min(1e-8).detach()
+    return ((variance_fn or token_variance)(y_BE) / y_BE.shape[-1]).sqrt().clamp_min(1e-8).detach()

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import ForwardOutput, fvu
+from .base import ForwardOutput, VarianceFn, fvu
 from .config import SAEConfig
 from .dense import DenseCodeSAE, activation_scale
 from .registry import register
@@ -108,13 +108,13 @@ class JumpReLUSAE(DenseCodeSAE):
         return _JumpReLU.apply(pre_BL.relu(), self.threshold, self.bandwidth)
 
     def forward(self, x_BD: Tensor, y_BE: Tensor | None = None, *, dead_mask: Tensor | None = None,
-                sparsity_scale: float = 1.0) -> ForwardOutput:
+                sparsity_scale: float = 1.0, variance_fn: VarianceFn | None = None) -> ForwardOutput:
         y_BE = self.check_input(x_BD, y_BE)
         z = self.pre_activations(self.encoder_input(x_BD)).relu()
         theta, eps = self.threshold, self.bandwidth
         f = _JumpReLU.apply(z, theta, eps)
         x_hat = self.reconstruct(x_BD, f)
-        rec = fvu(x_hat, y_BE)
+        rec = fvu(x_hat, y_BE, variance_fn)
         l0 = _Step.apply(z, theta, eps).sum(-1).mean()
         loss = rec + self.cfg.l0_coefficient * sparsity_scale * l0
         return ForwardOutput(x_hat, f, {"fvu": rec, "l0": l0, "loss": loss})

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import ForwardOutput, fvu
+from .base import ForwardOutput, VarianceFn, fvu
 from .config import SAEConfig
 from .dense import DenseCodeSAE, activation_scale
 from .registry import register
@@ -35,11 +35,11 @@ class ReLUSAE(DenseCodeSAE):
         return pre_BL.relu()
 
     def forward(self, x_BD: Tensor, y_BE: Tensor | None = None, *, dead_mask: Tensor | None = None,
-                sparsity_scale: float = 1.0) -> ForwardOutput:
+                sparsity_scale: float = 1.0, variance_fn: VarianceFn | None = None) -> ForwardOutput:
         y_BE = self.check_input(x_BD, y_BE)
         f = self.activation(self.pre_activations(self.encoder_input(x_BD)))
         x_hat = self.reconstruct(x_BD, f)
-        rec = fvu(x_hat, y_BE)
-        l1 = (f @ self.W_dec.norm(dim=1)).mean() / (self.d_out * activation_scale(y_BE))
+        rec = fvu(x_hat, y_BE, variance_fn)
+        l1 = (f @ self.W_dec.norm(dim=1)).mean() / (self.d_out * activation_scale(y_BE, variance_fn))
         loss = rec + self.cfg.l1_coefficient * sparsity_scale * l1
         return ForwardOutput(x_hat, f, {"fvu": rec, "l1": l1, "loss": loss})

@@ -15,7 +15,7 @@ import torch
 from sae_kernels import gather_encode, sparse_decode
 from torch import Tensor
 
-from .base import Codes, ForwardOutput, SparseCoder, SparseCodes, fvu
+from .base import Codes, ForwardOutput, SparseCoder, SparseCodes, VarianceFn, fvu
 from .config import SAEConfig
 from .registry import register
 
@@ -63,7 +63,7 @@ class TopKSAE(SparseCoder):
         return sparse_decode(codes.idx, codes.vals, self.W_dec, self.b_dec)
 
     def forward(self, x_BD: Tensor, y_BE: Tensor | None = None, *, dead_mask: Tensor | None = None,
-                sparsity_scale: float = 1.0) -> ForwardOutput:
+                sparsity_scale: float = 1.0, variance_fn: VarianceFn | None = None) -> ForwardOutput:
         y_BE = self.check_input(x_BD, y_BE)
         x_in = self.encoder_input(x_BD)
         pre = self.pre_activations(x_in)
@@ -71,17 +71,18 @@ class TopKSAE(SparseCoder):
         vals = gather_encode(x_in, self.W_enc, self.b_enc, idx, pre_vals).relu()
         codes = SparseCodes(vals, idx)
         x_hat = self.reconstruct(x_BD, codes)
-        losses = {"fvu": fvu(x_hat, y_BE)}
+        losses = {"fvu": fvu(x_hat, y_BE, variance_fn)}
         loss = losses["fvu"]
         if dead_mask is not None and self.cfg.auxk_alpha > 0:
-            auxk = self.auxk_loss(x_in, pre, dead_mask, (y_BE - x_hat).detach())
+            auxk = self.auxk_loss(x_in, pre, dead_mask, (y_BE - x_hat).detach(), variance_fn)
             if auxk is not None:
                 losses["auxk"] = auxk
                 loss = loss + self.cfg.auxk_alpha * auxk
         losses["loss"] = loss
         return ForwardOutput(x_hat, codes, losses)
 
-    def auxk_loss(self, x_in_BD: Tensor, pre_BL: Tensor, dead_mask_L: Tensor, residual_BE: Tensor) -> Tensor | None:
+    def auxk_loss(self, x_in_BD: Tensor, pre_BL: Tensor, dead_mask_L: Tensor, residual_BE: Tensor,
+                  variance_fn: VarianceFn | None = None) -> Tensor | None:
         """AuxK loss, or None when no latent is dead."""
         dead_idx = dead_mask_L.nonzero().squeeze(1)
         num_dead = dead_idx.numel()
@@ -95,4 +96,4 @@ class TopKSAE(SparseCoder):
         aux_vals = gather_encode(x_in_BD, self.W_enc, self.b_enc, aux_idx, aux_pre).relu()
         e_hat = sparse_decode(aux_idx, aux_vals, self.W_dec)
         scale = min(num_dead / self.k_aux, 1.0)
-        return scale * fvu(e_hat, residual_BE)
+        return scale * fvu(e_hat, residual_BE, variance_fn)
