@@ -21,14 +21,20 @@ D for ``gather_dot``. ``scatter_outer`` has two strategies:
 
 - deterministic (default): a stable ``torch.sort`` of the flattened indices and
   ``torch.searchsorted`` give CSR row pointers (no host sync); one program per (latent l, block
-  of D) sums its contributions in sorted order and writes row l once (zeros if l never fired).
-  Bitwise reproducible; a latent that fires on every token is summed by a single program.
+  of D) sums its contributions in sorted order and writes row l once (zeros if l never fired),
+  so the output needs no zero-fill pass. Bitwise reproducible run to run; a latent that fires on
+  every token is summed by one program (a serial tail of B/16 steps).
 - atomic: one program per (row b, block of D) ``atomic_add``-s its K contributions into a
   zero-initialised [L, D] output; summation order, hence the last bits, vary between runs.
 
-``SAE_KERNEL_DETERMINISTIC=0`` selects the atomic strategy unless
-``torch.use_deterministic_algorithms(True)`` is on. Both run in Triton's CPU interpreter
-(``TRITON_INTERPRET=1``, read when this module is imported).
+Both move the same bytes (plus an O(B K log(B K)) index sort for the first), so the
+reproducible one is the default; ``SAE_KERNEL_DETERMINISTIC=0`` selects atomics unless
+``torch.use_deterministic_algorithms(True)`` is on. ``python -m sae.bench.kernels`` times both.
+
+The autograd Functions in :mod:`.sparse_decode` / :mod:`.sparse_encode` call this module through
+:mod:`.dispatch` (CUDA tensors by default). On CPU the kernels run in Triton's interpreter, for
+tests: ``TRITON_INTERPRET=1`` must be set before triton itself is imported, since ``triton.jit``
+reads it when a function (ours, and triton.language's own helpers) is decorated.
 
 Inputs may be fp16/bf16/fp32 (accumulated in fp32, results fp32) or fp64 (accumulated and
 returned in fp64, for gradcheck); any strides; ``idx`` int32 or int64 with values in [0, L)
@@ -59,7 +65,7 @@ def _embed_kernel(
     b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    acc = tl.zeros([BLOCK_D], dtype=ACC)
+    acc = tl.full([BLOCK_D], 0.0, dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -82,7 +88,7 @@ def _gather_dot_kernel(
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     rows = tl.load(idx_ptr + b * s_ib + offs_k * s_ik, mask=mask_k, other=0).to(tl.int64)
-    acc = tl.zeros([BLOCK_K], dtype=ACC)
+    acc = tl.full([BLOCK_K], 0.0, dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
@@ -107,7 +113,7 @@ def _scatter_sorted_kernel(
     mask_d = offs_d < D
     start = tl.load(row_ptr_ptr + row)
     end = tl.load(row_ptr_ptr + row + 1)
-    acc = tl.zeros([BLOCK_D], dtype=ACC)
+    acc = tl.full([BLOCK_D], 0.0, dtype=ACC)
     for p0 in range(start, end, BLOCK_N):
         offs_p = p0 + tl.arange(0, BLOCK_N)
         mask_p = offs_p < end
@@ -142,6 +148,12 @@ def _scatter_atomic_kernel(
 
 
 # --- launchers ------------------------------------------------------------------------------
+# triton.jit reads TRITON_INTERPRET when a function is decorated: for the kernels above when this
+# module is imported, for triton.language's own @jit helpers (tl.zeros, tl.sum) when triton is.
+INTERPRETED = type(_embed_kernel).__name__ == "InterpretedFunction"
+LANG_INTERPRETED = type(tl.zeros).__name__ != "JITFunction"
+
+
 def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
 
@@ -159,6 +171,17 @@ def _check(idx_BK: torch.Tensor, **named: torch.Tensor) -> None:
     ``W``/``like`` [L, D] (D shared with ``y``), all on idx's device."""
     if idx_BK.dim() != 2 or idx_BK.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"idx must be an int32/int64 [B, K] tensor; got {idx_BK.dtype} {tuple(idx_BK.shape)}")
+    if idx_BK.device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(
+            "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before sae_kernels.triton_ops "
+            "is first imported (it was imported without it); use the eager backend on CPU"
+        )
+    if INTERPRETED and not LANG_INTERPRETED:
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after triton was imported, so triton.language's helpers are "
+            "compiled functions the interpreter cannot call; set it before the process imports triton "
+            "(e.g. `TRITON_INTERPRET=1 pytest ...`)"
+        )
     B, K = idx_BK.shape
     for name, t in named.items():
         if t.dim() != 2 or t.dtype not in _FLOATS:
@@ -191,6 +214,7 @@ def embed(idx_BK: torch.Tensor, vals_BK: torch.Tensor, W_LD: torch.Tensor) -> to
 
     Raises:
         ValueError: shapes, dtypes or devices do not fit together.
+        RuntimeError: CPU tensors without Triton's interpreter.
     """
     _check(idx_BK, W=W_LD, vals=vals_BK)
     (B, K), D = idx_BK.shape, W_LD.shape[1]
@@ -214,6 +238,7 @@ def gather_dot(y_BD: torch.Tensor, W_LD: torch.Tensor, idx_BK: torch.Tensor) -> 
 
     Raises:
         ValueError: shapes, dtypes or devices do not fit together.
+        RuntimeError: CPU tensors without Triton's interpreter.
     """
     _check(idx_BK, W=W_LD, y=y_BD)
     (B, K), D = idx_BK.shape, W_LD.shape[1]
@@ -241,6 +266,7 @@ def scatter_outer(idx_BK: torch.Tensor, vals_BK: torch.Tensor, y_BD: torch.Tenso
 
     Raises:
         ValueError: shapes, dtypes or devices do not fit together.
+        RuntimeError: CPU tensors without Triton's interpreter.
     """
     _check(idx_BK, vals=vals_BK, y=y_BD, like=like_LD)
     if like_LD.shape[0] != num_rows:
