@@ -1,4 +1,4 @@
-"""Command-line entry points (Hydra): ``sae-train`` (more stages register here as they land).
+"""Command-line entry points (Hydra): ``sae-harvest``, ``sae-train`` (more stages register here as they land).
 
 Each entry point composes its config from ``conf/`` (installed as ``sae_conf``), converts it once
 to its dataclass, and hands it to the stage's ``run_*`` function.
@@ -11,7 +11,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from sae.config import TrainRunConfig, register_configs, to_object
+from sae.config import HarvestRunConfig, TrainRunConfig, register_configs, to_object
 
 register_configs()
 
@@ -27,3 +27,17 @@ def _train(cfg: DictConfig) -> None:
 
 def train_main() -> None:
     _train()
+
+
+@hydra.main(version_base=None, config_path="pkg://sae_conf", config_name="harvest")
+def _harvest(cfg: DictConfig) -> None:
+    from sae.buffer.fill import format_harvest_summary, harvest_to_buffer
+
+    logging.getLogger("sae").setLevel(logging.INFO)
+    run = to_object(cfg, HarvestRunConfig)
+    result = harvest_to_buffer(run.model, run.text, run.harvest, run.writer, run.hookpoints)
+    print(format_harvest_summary(result))
+
+
+def harvest_main() -> None:
+    _harvest()

@@ -5,7 +5,8 @@ Each component owns its config (``sae.models.config``, ``sae.train.config``,
 registers the schemas in Hydra's ConfigStore, and validates a composed config in one place.
 Unknown keys and wrong types are rejected by OmegaConf's struct mode against these schemas.
 
-Programmatic use (tests, sweeps): ``compose_train_config(["sae.k=16"])``.
+Programmatic use (tests, sweeps): ``compose_train_config(["sae.k=16"])``,
+``compose_harvest_config(["hookpoints=[layers.2]"])``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from sae.buffer.config import DataConfig
+from sae.buffer.config import DataConfig, WriterConfig
+from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
 from sae.models.config import SAEConfig
 from sae.train.config import TrainConfig
 
@@ -33,9 +35,21 @@ class TrainRunConfig:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+@dataclass
+class HarvestRunConfig:
+    """``sae-harvest``: run ``model`` over ``text``, store ``hookpoints`` (globs allowed) via ``writer``."""
+
+    hookpoints: list[str] = field(default_factory=lambda: ["layers.3"])
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    writer: WriterConfig = field(default_factory=WriterConfig)
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainRunConfig)
+    cs.store(name="harvest_schema", node=HarvestRunConfig)
 
 
 def to_object(cfg: DictConfig, schema: type) -> Any:
@@ -67,3 +81,13 @@ def compose_train_config(overrides: list[str] | None = None, config_name: str = 
     with initialize_config_module(config_module=CONF_MODULE, version_base=None):
         cfg = compose(config_name=config_name, overrides=overrides or [])
     return to_object(cfg, TrainRunConfig)
+
+
+def compose_harvest_config(overrides: list[str] | None = None) -> HarvestRunConfig:
+    """Compose ``conf/harvest.yaml`` with Hydra overrides, outside of ``@hydra.main``."""
+    from hydra import compose, initialize_config_module
+
+    register_configs()
+    with initialize_config_module(config_module=CONF_MODULE, version_base=None):
+        cfg = compose(config_name="harvest", overrides=overrides or [])
+    return to_object(cfg, HarvestRunConfig)

@@ -21,6 +21,7 @@ from sae.harvest.harvester import Chunk
 
 from .atomic import write_bytes_atomic, write_json_atomic
 from .manifest import ACTIVATIONS, CHECKSUM, FORMAT, MANIFEST, STORE_DTYPES, VERSION, shard_relpath
+from .normalize import activation_sums
 
 
 class ShardWriter:
@@ -124,13 +125,12 @@ class ShardWriter:
         self.fill = 0
 
     def _add_stats(self, hp: str, acts: torch.Tensor) -> None:
-        """Running sums for normalisation, in float64, added once per shard (so that a resumed
-        harvest adds them in the same order as an uninterrupted one)."""
-        x = acts.double()
-        norms = x.norm(dim=1)
-        s = self.manifest["stats"].setdefault(hp, {"count": 0, "sum": [0.0] * x.shape[1], "sum_norm": 0.0,
-                                                   "sum_sq_norm": 0.0})
-        s["count"] += int(x.shape[0])
-        s["sum"] = (torch.tensor(s["sum"], dtype=torch.float64) + x.sum(0)).tolist()
-        s["sum_norm"] += norms.sum().item()
-        s["sum_sq_norm"] += norms.pow(2).sum().item()
+        """Add the shard's normalisation sums to the running totals, once per shard, so that a
+        resumed harvest adds them in the same order as an uninterrupted one."""
+        new = activation_sums(acts)
+        total = self.manifest["stats"].setdefault(hp, {**new, "count": 0, "sum": [0.0] * len(new["sum"]),
+                                                       "sum_norm": 0.0, "sum_sq_norm": 0.0})
+        total["count"] += new["count"]
+        total["sum"] = [a + b for a, b in zip(total["sum"], new["sum"])]
+        total["sum_norm"] += new["sum_norm"]
+        total["sum_sq_norm"] += new["sum_sq_norm"]

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from sae.buffer.config import DataConfig
+from sae.buffer.config import DataConfig, validate_data
 from sae.buffer.source import ActivationSource, Batch
 from sae.buffer.synthetic import SyntheticSource, feature_recovery
 from sae.config import TrainRunConfig, sae_configs
 from sae.eval.quick import evaluate_batches
 from sae.models import build_sae
 
+from .checkpoint import latest_checkpoint
 from .logger import JsonlLogger, MultiLogger, StdoutLogger
 from .trainer import Trainer, validate_train_config
 
@@ -39,16 +40,49 @@ class RunResult:
 
 
 def build_source(data: DataConfig, batch_size: int, *, rank: int = 0, world_size: int = 1) -> ActivationSource:
+    validate_data(data)
     if data.source == "synthetic":
         return SyntheticSource(data.synthetic, batch_size, rank=rank, world_size=world_size)
-    raise ValueError(f"data.source={data.source!r} is not available; use data=synthetic")
+    if data.source == "buffer":
+        from sae.buffer.reader import ShardReader
+
+        return ShardReader.from_config(data, batch_size, rank=rank, world_size=world_size)
+    from sae.buffer.live import LiveSource
+
+    return LiveSource.from_config(data, batch_size, rank=rank, world_size=world_size)
 
 
 def heldout_batches(source: ActivationSource, n_batches: int) -> list[Batch]:
-    """Batches the trainer never sees (synthetic: indices beyond any training run)."""
+    """Batches the trainer never sees (synthetic: indices beyond any training run; buffer: the
+    held-out shards; live: the held-out contexts)."""
     if isinstance(source, SyntheticSource):
         return [source.batch(10**9 + i) for i in range(n_batches)]
+    if hasattr(source, "heldout_batches"):
+        return source.heldout_batches(n_batches)
     raise ValueError(f"no held-out split defined for {type(source).__name__}")
+
+
+def check_checkpoint_sizes(out_dir: Path, source: ActivationSource) -> None:
+    """Fail before training when ``out_dir`` holds checkpoints of SAEs of another width.
+
+    Resuming would otherwise die deep inside ``load_state_dict`` with a shape error.
+    """
+    ckpt = latest_checkpoint(out_dir)
+    for cfg_path in sorted(ckpt.glob("*/cfg.json")) if ckpt is not None else []:
+        meta = json.loads(cfg_path.read_text())
+        if (meta.get("d_in"), meta.get("d_out")) != (source.d_in, source.d_out):
+            raise ValueError(
+                f"{cfg_path.parent} was trained with d_in={meta.get('d_in')}, d_out={meta.get('d_out')}, but the "
+                f"activations have d_in={source.d_in}, d_out={source.d_out} ({describe_source(source)}); "
+                "use a fresh train.out_dir or the data it was trained on"
+            )
+
+
+def describe_source(source: ActivationSource) -> str:
+    folder = getattr(source, "folder", None)
+    hookpoint = getattr(source, "hookpoint", None)
+    return ", ".join(f"{k} {v}" for k, v in (("buffer", folder), ("hook point", hookpoint)) if v) or type(
+        source).__name__
 
 
 def write_resolved_config(run: TrainRunConfig, out_dir: Path) -> None:
@@ -61,6 +95,8 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
     cfgs = sae_configs(run)
     torch.manual_seed(run.train.seed)
     source = build_source(run.data, run.train.batch_size)
+    if run.train.resume:
+        check_checkpoint_sizes(Path(run.train.out_dir), source)
     # Build every SAE before writing anything, so bad sizes fail with nothing on disk.
     saes = {name: build_sae(c, source.d_in, source.d_out, seed=run.train.seed + i)
             for i, (name, c) in enumerate(cfgs.items())}
@@ -70,6 +106,8 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
     loggers = [JsonlLogger(out_dir / "metrics.jsonl")] + ([] if run.train.progress else [StdoutLogger()])
     logger = MultiLogger(*loggers)
     meta = {"data": dataclasses.asdict(run.data)}
+    if hasattr(source, "normalization"):
+        meta["normalization"] = source.normalization
     trainer = Trainer(run.train, saes, source, logger=logger, sae_meta=meta)
     train_metrics = trainer.fit()
     final_dirs = trainer.save_final()

@@ -1,0 +1,149 @@
+"""LiveSource: the harvester feeds the trainer directly, without disk (harvest -> train).
+
+Contexts ``[0, heldout_contexts)`` are held out (evaluation and normalisation statistics).
+The rest are split across ranks (context ``c`` goes to rank ``(c - H) mod w``) and harvested in
+blocks of whole forward batches holding about ``mixing_tokens`` rows; a block's rows are emitted
+in a seeded random order (the bounded mixing buffer), in batches that may span blocks. The
+harvest runs in the prefetch thread, one block ahead at most. Because block ``j`` always holds
+the same contexts in the same forward batches, the position (block, rows before it, offset) is
+an exact resume point: the block is harvested again and the emitted rows are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from sae.harvest.config import validate_harvest
+from sae.harvest.harvester import Chunk, Harvester
+from sae.harvest.model import load_model
+from sae.harvest.text import load_text_dataset
+
+from .config import DataConfig, LiveConfig
+from .mixing import Block, Position, batches_from_blocks, seeded_perm
+from .normalize import Normalizer, activation_sums
+from .prefetch import prefetched
+from .source import Batch
+
+
+class LiveSource:
+    """ActivationSource harvesting ``hookpoint`` (and ``target_hookpoint``) on the fly."""
+
+    def __init__(self, cfg: LiveConfig, batch_size: int, *, hookpoint: str, target_hookpoint: str = "",
+                 seed: int = 0, normalize: str = "none", prefetch: int = 4, rank: int = 0, world_size: int = 1):
+        validate_harvest(cfg.model, cfg.text, cfg.harvest)
+        if batch_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"batch_size={batch_size}, rank={rank}, world_size={world_size}: need batch_size > 0 "
+                             "and 0 <= rank < world_size")
+        wanted = [hookpoint] + ([target_hookpoint] if target_hookpoint else [])
+        self.harvester = Harvester(load_model(cfg.model), wanted, cfg.text, cfg.harvest)
+        if len(self.harvester.names) != len(wanted):
+            raise ValueError(f"data.hookpoint={hookpoint!r} / data.target_hookpoint={target_hookpoint!r} must each "
+                             f"name one hook point; they resolve to {self.harvester.names}")
+        self.hookpoint = self.harvester.names[0]
+        self.target_hookpoint = self.harvester.names[1] if target_hookpoint else ""
+        self.d_in = self.harvester.dims[self.hookpoint]
+        self.d_out = self.harvester.dims[self.target_hookpoint] if target_hookpoint else self.d_in
+        self.ds = load_text_dataset(cfg.text)
+        self.cfg, self.batch_size, self.seed, self.prefetch = cfg, batch_size, seed, prefetch
+        self.rank, self.world_size = rank, world_size
+        per_block = math.ceil(cfg.mixing_tokens / cfg.text.context_length)
+        self.block_contexts = math.ceil(per_block / cfg.harvest.batch_size) * cfg.harvest.batch_size
+        self._heldout: Chunk | None = None
+        self.x_norm = self.y_norm = Normalizer("none")
+        if normalize != "none":
+            held = self._heldout_rows()
+            self.x_norm = Normalizer.from_sums(normalize, activation_sums(held.acts[self.hookpoint]),
+                                               f"held-out contexts at {self.hookpoint}")
+            if self.target_hookpoint:
+                self.y_norm = Normalizer.from_sums(normalize, activation_sums(held.acts[self.target_hookpoint]),
+                                                   f"held-out contexts at {self.target_hookpoint}")
+        self.position: Position = (0, 0, 0)  # (block, rows before it, offset in it)
+
+    @classmethod
+    def from_config(cls, data: DataConfig, batch_size: int, *, rank: int = 0, world_size: int = 1) -> LiveSource:
+        return cls(data.live, batch_size, hookpoint=data.hookpoint, target_hookpoint=data.target_hookpoint,
+                   seed=data.seed, normalize=data.normalize, prefetch=data.prefetch_batches, rank=rank,
+                   world_size=world_size)
+
+    @property
+    def normalization(self) -> dict[str, Any]:
+        out = {"x": self.x_norm.as_dict()}
+        if self.target_hookpoint:
+            out["y"] = self.y_norm.as_dict()
+        return out
+
+    def _heldout_rows(self) -> Chunk:
+        if self._heldout is None:
+            held = self.cfg.heldout_contexts
+            if held == 0:
+                raise ValueError("data.live.heldout_contexts=0 leaves nothing to evaluate or to take normalisation "
+                                 "statistics from; set it > 0")
+            chunks = list(self.harvester.chunks(self.ds, select=lambda c: c < held))
+            if not chunks:
+                raise ValueError(f"text dataset {self.cfg.text.name!r} gave no tokens")
+            self._heldout = Chunk({k: torch.cat([c.acts[k] for c in chunks]) for k in chunks[0].acts},
+                                  *(torch.cat([getattr(c, f) for c in chunks]) for f in ("token_ids", "positions",
+                                                                                           "contexts")))
+        return self._heldout
+
+    def _mine(self, context: int) -> bool:
+        held = self.cfg.heldout_contexts
+        return context >= held and (context - held) % self.world_size == self.rank
+
+    def _blocks(self, start: Position) -> Iterator[tuple[Block, int]]:
+        block, rows_before, offset = start
+        budget = self.cfg.harvest.max_tokens
+        first = self.cfg.heldout_contexts + block * self.block_contexts * self.world_size
+        chunks = self.harvester.chunks(self.ds, start_context=first, select=self._mine)
+        per_block = self.block_contexts // self.cfg.harvest.batch_size
+        while not budget or rows_before < budget:
+            parts = [c for _, c in zip(range(per_block), chunks)]
+            if not parts:
+                return
+            xs = [c.acts[self.hookpoint] for c in parts]
+            ys = [c.acts[self.target_hookpoint] for c in parts] if self.target_hookpoint else None
+            n = sum(x.shape[0] for x in xs)
+            perm = seeded_perm(n, self.seed, self.rank, block)
+            if budget:
+                perm = perm[: budget - rows_before]
+            yield Block((block, rows_before), xs, ys, perm), offset
+            block, rows_before, offset = block + 1, rows_before + perm.numel(), 0
+
+    def _normalize(self, batch: Batch) -> Batch:
+        return Batch(self.x_norm(batch.x), None if batch.y is None else self.y_norm(batch.y))
+
+    def __iter__(self) -> Iterator[Batch]:
+        start = self.position
+        make = lambda: batches_from_blocks(self._blocks(start), self.batch_size, self._normalize)
+        for batch, end in prefetched(make, self.prefetch):
+            self.position = end
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        block, rows_before, offset = self.position
+        return {"block": block, "rows_before": rows_before, "offset": offset, "seed": self.seed,
+                "world_size": self.world_size, "block_contexts": self.block_contexts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = (self.seed, self.world_size, self.block_contexts)
+        theirs = (state.get("seed"), state.get("world_size"), state.get("block_contexts"))
+        if theirs != mine:
+            raise ValueError(f"live state (seed, world size, block contexts) = {theirs} does not match {mine}; "
+                             "resume with the same data.seed, world size, mixing_tokens and batch sizes")
+        self.position = (int(state["block"]), int(state["rows_before"]), int(state["offset"]))
+
+    def heldout_batches(self, n_batches: int) -> list[Batch]:
+        """Up to ``n_batches`` batches of the held-out contexts, in order."""
+        held = self._heldout_rows()
+        x = held.acts[self.hookpoint]
+        y = held.acts[self.target_hookpoint] if self.target_hookpoint else None
+        out = []
+        for a in range(0, min(x.shape[0], n_batches * self.batch_size), self.batch_size):
+            xb = self.x_norm(x[a:a + self.batch_size].float().clone())
+            yb = None if y is None else self.y_norm(y[a:a + self.batch_size].float().clone())
+            out.append(Batch(xb, yb))
+        return out
