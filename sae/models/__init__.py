@@ -1,6 +1,16 @@
 """SAE architectures: one file per family, chosen by name through :mod:`.registry`."""
 
-from .base import Codes, ForwardOutput, SparseCoder, SparseCodes, fired_counts, fvu, l0_per_token
+from .base import (
+    Codes,
+    ForwardOutput,
+    SparseCoder,
+    SparseCodes,
+    VarianceFn,
+    fired_counts,
+    fvu,
+    l0_per_token,
+    token_variance,
+)
 from .config import SAEConfig
 from .registry import architectures, build_sae, sae_class
 

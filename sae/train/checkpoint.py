@@ -1,29 +1,36 @@
-"""Atomic training checkpoints and exact resume.
+"""Atomic (and, across ranks, sharded) training checkpoints with exact resume.
 
 Layout under ``<out_dir>/checkpoints``::
 
-    step_00000100/<sae name>/sae.safetensors, cfg.json   portable weights
-    step_00000100/trainer_state.pt                       optimiser, schedule, dead counters,
-                                                          step, RNG, data position
-    latest                                               name of the newest complete checkpoint
+    step_00000100/checkpoint.json                  step, world size, strategy (written last)
+    step_00000100/<sae>/sae.safetensors, cfg.json  portable weights (replicated SAEs)
+    step_00000100/<sae>/shard_01_of_02/...         latent-parallel shards, one per rank
+    step_00000100/trainer_state_rank1.pt           per rank: optimiser, schedule, dead counters,
+                                                   step, RNG, data position
+    latest                                         name of the newest complete checkpoint
 
-A checkpoint is built in a temporary folder and renamed into place, then ``latest`` is replaced
-atomically: a crash leaves either the old or the new checkpoint, never half of one. Trainer state
-holds only tensors and plain containers and loads with ``torch.load(weights_only=True)``.
+Every rank writes its parts into one temporary folder; after a barrier rank 0 writes the
+manifest, renames the folder into place and replaces ``latest`` atomically: a crash leaves the
+old or the new checkpoint, never half of one. Trainer state holds only tensors and plain
+containers and loads with ``torch.load(weights_only=True)``. A multi-node run needs ``out_dir``
+on a file system every node sees.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .artifact import fsync_dir, save_sae
+from . import dist
+from .artifact import fsync_dir, write_json_atomic
 
-STATE = "trainer_state.pt"
+MANIFEST = "checkpoint.json"
 LATEST = "latest"
 
 
@@ -31,34 +38,49 @@ def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def save_checkpoint(out_dir: str | Path, step: int, saes: dict[str, Any], state: dict[str, Any],
-                    keep: int = 2, sae_extra: dict[str, Any] | None = None) -> Path:
+def state_file(rank: int) -> str:
+    return f"trainer_state_rank{rank}.pt"
+
+
+def shard_dir(rank: int, world_size: int) -> str:
+    return f"shard_{rank:02d}_of_{world_size:02d}"
+
+
+def save_checkpoint(out_dir: str | Path, step: int, write_parts: Callable[[Path], None], state: dict[str, Any],
+                    meta: dict[str, Any], keep: int = 2) -> Path:
+    """Collective: every rank calls it. ``write_parts(folder)`` writes this rank's SAE weights."""
     root = checkpoint_root(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = root / f".step_{step:08d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = root / f".step_{step:08d}.tmp"
+    if dist.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
     try:
-        for name, sae in saes.items():
-            save_sae(sae, tmp / name, **(sae_extra or {}))
-        with (tmp / STATE).open("wb") as fh:
+        write_parts(tmp)
+        with (tmp / state_file(dist.rank())).open("wb") as fh:
             torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        fsync_dir(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if dist.world_size() == 1:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync_dir(root)
-    latest_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, root / LATEST)
-    fsync_dir(root)
-    _prune(root, keep, final.name)
+    dist.barrier()
+    if dist.is_main():
+        write_json_atomic(tmp / MANIFEST, {"step": step, "world_size": dist.world_size(), **meta})
+        fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_dir(root)
+        latest_tmp = root / f".{LATEST}.tmp"
+        latest_tmp.write_text(final.name)
+        os.replace(latest_tmp, root / LATEST)
+        fsync_dir(root)
+        _prune(root, keep, final.name)
+    dist.barrier()
     return final
 
 
@@ -75,10 +97,17 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
-    if not (path / STATE).is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which has no {STATE}; the checkpoint folder was altered")
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which has no {MANIFEST}; the checkpoint was altered")
     return path
 
 
-def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+def read_manifest(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / MANIFEST).read_text())
+
+
+def load_trainer_state(ckpt: Path, rank: int = 0) -> dict[str, Any]:
+    path = ckpt / state_file(rank)
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt} has no trainer state for rank {rank}; was it written with another world size?")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -22,8 +22,10 @@ class TrainConfig:
     lr_decay_start: float = 0.8  # fraction of training after which the LR decays to lr_end
     lr_end_factor: float = 0.0
     grad_clip: float = 1.0  # <= 0 disables
+    grad_accum_steps: int = 1  # chunks per batch; the batch's gradient is accumulated over them
     mixed_precision: str = "no"  # no | bf16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    parallel: str = "none"  # none | data | latent | sae (one SAE per rank: hook points, sweeps)
     seed: int = 0
     # Dead latents: not fired in this many tokens (Gao et al.: 10M).
     dead_tokens_threshold: int = 10_000_000

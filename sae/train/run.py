@@ -24,8 +24,11 @@ from sae.config import TrainRunConfig, sae_configs
 from sae.eval.quick import evaluate_batches
 from sae.models import build_sae
 
+from . import dist
 from .checkpoint import latest_checkpoint
-from .logger import JsonlLogger, MultiLogger, StdoutLogger
+from .logger import JsonlLogger, MultiLogger, NullLogger, StdoutLogger
+from .reshard import consolidate_sae
+from .strategy import build_strategy
 from .trainer import Trainer, validate_train_config
 
 log = logging.getLogger(__name__)
@@ -93,34 +96,52 @@ def write_resolved_config(run: TrainRunConfig, out_dir: Path) -> None:
 def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
     validate_train_config(run.train)
     cfgs = sae_configs(run)
+    strategy = build_strategy(run.train.parallel)
+    device = dist.init_from_env()  # None unless launched by torchrun / accelerate with WORLD_SIZE > 1
+    if dist.world_size() > 1 and strategy.name == "none":
+        raise ValueError(f"launched with {dist.world_size()} processes but train.parallel=none; "
+                         "set train.parallel=data, latent or sae")
     torch.manual_seed(run.train.seed)
-    source = build_source(run.data, run.train.batch_size)
+    rank, world = strategy.data_split()
+    source = build_source(run.data, run.train.batch_size, rank=rank, world_size=world)
     if run.train.resume:
         check_checkpoint_sizes(Path(run.train.out_dir), source)
     # Build every SAE before writing anything, so bad sizes fail with nothing on disk.
     saes = {name: build_sae(c, source.d_in, source.d_out, seed=run.train.seed + i)
             for i, (name, c) in enumerate(cfgs.items())}
     out_dir = Path(run.train.out_dir)
-    write_resolved_config(run, out_dir)
-    # The progress bar shows the live figures; log lines only when it is off.
-    loggers = [JsonlLogger(out_dir / "metrics.jsonl")] + ([] if run.train.progress else [StdoutLogger()])
-    logger = MultiLogger(*loggers)
+    logger = NullLogger()
+    if dist.is_main():  # only rank 0 writes the config and logs
+        write_resolved_config(run, out_dir)
+        # The progress bar shows the live figures; log lines only when it is off.
+        loggers = [JsonlLogger(out_dir / "metrics.jsonl")] + ([] if run.train.progress else [StdoutLogger()])
+        logger = MultiLogger(*loggers)
     meta = {"data": dataclasses.asdict(run.data)}
     if hasattr(source, "normalization"):
         meta["normalization"] = source.normalization
-    trainer = Trainer(run.train, saes, source, logger=logger, sae_meta=meta)
+    trainer = Trainer(run.train, saes, source, logger=logger, sae_meta=meta, strategy=strategy, device=device)
     train_metrics = trainer.fit()
-    final_dirs = trainer.save_final()
+    final_dirs = trainer.final_dirs
+    if strategy.name == "latent":  # join the shards once; rank 0 scores the full SAE
+        final_dirs = {n: out_dir / "final" / n for n in trainer.saes} if dist.is_main() else {}
+        full = {n: consolidate_sae(out_dir / "final" / n) for n in final_dirs}
+    else:
+        full = trainer.saes
     batches = heldout_batches(source, heldout)
     eval_metrics: dict[str, dict[str, float]] = {}
-    for name, sae in trainer.saes.items():
-        m = evaluate_batches(sae, batches, trainer.device)
+    for name, sae in full.items():
+        m = evaluate_batches(sae.to(trainer.device), batches, trainer.device)
         if isinstance(source, SyntheticSource):
             m["feature_recovery"] = feature_recovery(source.features, sae.W_dec.cpu()).item()
         eval_metrics[name] = m
-    summary: dict[str, Any] = {"steps": trainer.step, "tokens": trainer.tokens, "eval": eval_metrics,
-                               "final": {n: str(p) for n, p in final_dirs.items()}}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    for part in dist.all_gather_objects((eval_metrics, {n: str(p) for n, p in final_dirs.items()})):
+        eval_metrics.update(part[0])
+        final_dirs.update({n: Path(p) for n, p in part[1].items()})
+    if dist.is_main():
+        summary: dict[str, Any] = {"steps": trainer.step, "tokens": trainer.tokens, "eval": eval_metrics,
+                                   "final": {n: str(p) for n, p in final_dirs.items()},
+                                   "world_size": dist.world_size(), "parallel": strategy.name}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(out_dir, final_dirs, train_metrics, eval_metrics)
 
 

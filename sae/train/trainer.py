@@ -1,9 +1,10 @@
-"""Single-process trainer for one or many sparse coders fed by one ActivationSource.
+"""Trainer for one or many sparse coders fed by one ActivationSource, on 1..N processes.
 
 Several SAEs (e.g. a sweep over k) train in one pass: each batch is read once and every SAE
 takes a step on it. The loop order per SAE follows Gao et al. 2024: forward with the current dead
 mask (AuxK), backward, remove the gradient component parallel to decoder rows, clip, Adam step,
-renormalise decoder rows, update dead-latent counters.
+renormalise decoder rows, update dead-latent counters. A :mod:`strategy <sae.train.strategy>`
+decides what is communicated; the trainer itself never calls ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -15,24 +16,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae.buffer.source import ActivationSource, Batch, check_finite
-from sae.models import SparseCoder, fired_counts, l0_per_token
+from sae.models import SparseCoder, token_variance
 
+from . import dist
 from .artifact import load_sae, save_sae
-from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from .checkpoint import latest_checkpoint, load_trainer_state, read_manifest, save_checkpoint, shard_dir
 from .config import TrainConfig
 from .dead import DeadLatentTracker
 from .logger import MetricLogger, NullLogger
 from .schedule import build_optimizer, build_scheduler, default_lr
+from .strategy import SingleProcess, global_token_variance
 
 log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r} but CUDA is not available; use train.device=cpu")
@@ -49,22 +55,40 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (cfg.mixed_precision in ("no", "bf16"), "mixed_precision", "must be no or bf16"),
         (0 <= cfg.lr_decay_start <= 1, "lr_decay_start", "must be in [0, 1]"),
         (cfg.eps > 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "eps/beta1/beta2", "are out of range"),
+        (cfg.grad_accum_steps >= 1 and cfg.batch_size % cfg.grad_accum_steps == 0, "grad_accum_steps",
+         f"must be >= 1 and divide batch_size={cfg.batch_size}"),
     ]
     for ok, name, msg in checks:
         if not ok:
             raise ValueError(f"train.{name}={getattr(cfg, name.split('/')[0])!r} {msg}")
 
 
+class _ChunkVariance:
+    """FVU denominator for gradient-accumulation chunks: the variance of the whole batch.
+
+    With it the chunk losses sum to the full-batch FVU, so accumulation reproduces the gradient
+    of one large batch. Other tensors (the AuxK residual) use the strategy's own statistic.
+    """
+
+    def __init__(self, target: Tensor, value: Tensor, fallback):
+        self.target, self.value, self.fallback = target, value, fallback
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return self.value if t is self.target else self.fallback(t)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, saes: dict[str, SparseCoder], source: ActivationSource, *,
-                 logger: MetricLogger | None = None, sae_meta: dict[str, Any] | None = None):
+                 logger: MetricLogger | None = None, sae_meta: dict[str, Any] | None = None,
+                 strategy: SingleProcess | None = None, device: torch.device | None = None):
         validate_train_config(cfg)
         if not saes:
             raise ValueError("no SAE to train")
         self.cfg, self.source = cfg, source
-        self.logger = logger or NullLogger()
+        self.strategy = strategy or SingleProcess()
+        self.logger = logger if logger is not None and dist.is_main() else NullLogger()
         self.sae_meta = sae_meta or {}
-        self.device = resolve_device(cfg.device)
+        self.device = device or resolve_device(cfg.device)
         self.out_dir = Path(cfg.out_dir)
         for name, sae in saes.items():
             if sae.d_in != source.d_in or sae.d_out != source.d_out:
@@ -72,18 +96,19 @@ class Trainer:
                     f"SAE {name!r} expects d_in={sae.d_in}, d_out={sae.d_out} but the activations have "
                     f"d_in={source.d_in}, d_out={source.d_out}"
                 )
-        self.saes = {name: sae.to(self.device) for name, sae in saes.items()}
+        self.saes = self.strategy.prepare({name: sae.to(self.device) for name, sae in saes.items()})
         self.total_steps = cfg.steps if cfg.steps > 0 else cfg.max_tokens // cfg.batch_size
-        self.optimizers, self.schedulers, self.trackers, self.base_lrs = {}, {}, {}, {}
+        self.optimizers, self.schedulers, self.trackers = {}, {}, {}
         for name, sae in self.saes.items():
-            lr = cfg.lr if cfg.lr is not None else default_lr(sae.num_latents)
-            self.base_lrs[name] = lr
+            lr = cfg.lr if cfg.lr is not None else default_lr(self.strategy.full_num_latents(sae))
             self.optimizers[name] = build_optimizer(sae.parameters(), lr, cfg)
             self.schedulers[name] = build_scheduler(self.optimizers[name], self.total_steps, cfg)
             self.trackers[name] = DeadLatentTracker(sae.num_latents, cfg.dead_tokens_threshold, self.device)
         self.step = 0
         self.tokens = 0
         self.last_metrics: dict[str, float] = {}
+        self.final_dirs: dict[str, Path] = {}
+        self.step_hooks: list = []  # called as hook(trainer) after each step (evaluation, fault tests)
 
     # --- public ---------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -91,7 +116,7 @@ class Trainer:
         if self.cfg.resume:
             self.maybe_resume()
         batches = iter(self.source)
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress,
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and dist.is_main()),
                    unit="step", dynamic_ncols=True)
         try:
             while self.step < self.total_steps:
@@ -104,15 +129,17 @@ class Trainer:
                     self.init_from_data(batch)
                 metrics = self.train_step(batch)
                 bar.update(1)
-                if metrics:
+                if metrics and len(self.saes) == 1:
                     bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items()
-                                     if k.startswith(("train/fvu", "train/l0")) and len(self.saes) == 1})
+                                     if k.startswith(("train/fvu", "train/l0"))})
+                for hook in self.step_hooks:
+                    hook(self)
                 if self.cfg.checkpoint_every > 0 and self.step % self.cfg.checkpoint_every == 0:
                     self.save_checkpoint()
         finally:
             bar.close()
         self.save_checkpoint()
-        self.save_final()
+        self.final_dirs = self.save_final()
         self.logger.close()
         return self.last_metrics
 
@@ -122,7 +149,7 @@ class Trainer:
         x = batch.x[:n].to(self.device).float()
         y = batch.y[:n].to(self.device).float() if batch.y is not None else None
         for sae in self.saes.values():
-            sae.init_from_data(x, y)
+            self.strategy.init_from_data(sae, x, y)
 
     def autocast(self):
         if self.cfg.mixed_precision == "bf16":
@@ -130,51 +157,71 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self, batch: Batch) -> dict[str, float]:
-        x = batch.x.to(self.device, non_blocking=True)
-        y = batch.y.to(self.device, non_blocking=True) if batch.y is not None else None
+        x = batch.x.to(self.device, non_blocking=True).float()
+        y = batch.y.to(self.device, non_blocking=True).float() if batch.y is not None else None
         check_finite(x, f"activation batch at step {self.step}")
         if y is not None:
             check_finite(y, f"target batch at step {self.step}")
-        n_tokens = x.shape[0]
         log_now = self.step % self.cfg.log_every == 0 or self.step == self.total_steps - 1
         metrics: dict[str, float] = {}
         for name, sae in self.saes.items():
-            tracker, opt = self.trackers[name], self.optimizers[name]
-            warm = sae.cfg.sparsity_warmup_steps
-            with self.autocast():
-                out = sae(x.float(), None if y is None else y.float(), dead_mask=tracker.dead_mask,
-                          sparsity_scale=min(1.0, (self.step + 1) / warm) if warm > 0 else 1.0)
-            loss = out.losses["loss"]
-            loss.backward()
+            out, loss = self._forward_backward(sae, self.trackers[name], x, y, log_now)
+            self.strategy.after_backward(sae)
             sae.remove_parallel_grad_()
             if self.cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
-            opt.step()
+                self.strategy.clip_grad_norm_(sae, self.cfg.grad_clip)
+            self.optimizers[name].step()
             self.schedulers[name].step()
-            opt.zero_grad(set_to_none=True)
+            self.optimizers[name].zero_grad(set_to_none=True)
             sae.normalize_decoder_()
+            self.strategy.after_step(sae)
             with torch.no_grad():
-                tracker.update(fired_counts(out.codes, sae.num_latents), n_tokens)
+                fired = sum(self.strategy.fired_counts(sae, o) for o in out)
+                self.trackers[name].update(fired, self.strategy.tokens_per_step(x.shape[0]))
             if log_now:
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"SAE {name!r}: loss is {loss.item()} at step {self.step}; "
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"SAE {name!r}: loss is {loss} at step {self.step}; "
                                              "lower train.lr or check the activations")
-                metrics.update(self._step_metrics(name, out, tracker, opt))
+                metrics.update(self._step_metrics(name, out, loss))
         self.step += 1
-        self.tokens += n_tokens
+        self.tokens += self.strategy.tokens_per_step(x.shape[0])
         if log_now:
             metrics["train/tokens"] = float(self.tokens)
             self.logger.log(metrics, self.step)
             self.last_metrics = metrics
         return metrics
 
+    def _forward_backward(self, sae: SparseCoder, tracker: DeadLatentTracker, x: Tensor, y: Tensor | None,
+                          need_loss: bool):
+        """Forward and backward over ``grad_accum_steps`` chunks; returns (outputs, loss or nan)."""
+        n = self.cfg.grad_accum_steps
+        warm = sae.cfg.sparsity_warmup_steps
+        kw: dict[str, Any] = {"dead_mask": tracker.dead_mask,
+                              "sparsity_scale": min(1.0, (self.step + 1) / warm) if warm > 0 else 1.0}
+        outs, total = [], 0.0 if need_loss else math.nan
+        base_var = global_token_variance if self.strategy.name == "data" else None
+        full_var = (base_var or token_variance)(y if y is not None else x) if n > 1 else None
+        for xc, yc in zip(x.chunk(n), y.chunk(n) if y is not None else [None] * n):
+            if n > 1 and self.strategy.name != "latent":
+                target = yc if yc is not None else xc
+                kw["variance_fn"] = _ChunkVariance(target, full_var, base_var or token_variance)
+            with self.autocast():
+                out = self.strategy.forward(sae, xc, yc, **kw)
+            (out.losses["loss"] / n).backward()
+            if need_loss:  # .item() synchronises a GPU: only when logging
+                total += out.losses["loss"].item() / n
+            outs.append(out)
+        return outs, total
+
     # --- metrics, checkpoints -------------------------------------------------------------
-    @staticmethod
-    def _step_metrics(name: str, out, tracker: DeadLatentTracker, opt) -> dict[str, float]:
-        m = {f"train/{k}/{name}": v.item() for k, v in out.losses.items()}
-        m[f"train/l0/{name}"] = l0_per_token(out.codes).mean().item()
-        m[f"train/dead_fraction/{name}"] = tracker.dead_fraction
-        m[f"train/lr/{name}"] = opt.param_groups[0]["lr"]
+    def _step_metrics(self, name: str, outs, loss: float) -> dict[str, float]:
+        n = len(outs)
+        m = {f"train/{k}/{name}": sum(o.losses[k].item() for o in outs if k in o.losses) / n
+             for k in outs[-1].losses}
+        m[f"train/loss/{name}"] = loss
+        m[f"train/l0/{name}"] = sum(self.strategy.mean_l0(o) for o in outs) / n
+        m[f"train/dead_fraction/{name}"] = self.strategy.dead_fraction(self.trackers[name].dead_mask)
+        m[f"train/lr/{name}"] = self.optimizers[name].param_groups[0]["lr"]
         return m
 
     def state_dict(self) -> dict[str, Any]:
@@ -191,20 +238,37 @@ class Trainer:
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
+    def _sae_dir(self, folder: Path, name: str, sae: SparseCoder) -> Path:
+        shard = getattr(sae, "shard", None)
+        return folder / name / shard_dir(shard.rank, shard.world_size) if shard else folder / name
+
+    def _write_parts(self, folder: Path) -> None:
+        for name, sae in self.saes.items():
+            if self.strategy.writes_sae(name):
+                save_sae(sae, self._sae_dir(folder, name, sae), **self.sae_meta, **self.strategy.shard_meta(sae))
+
     def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.out_dir, self.step, self.saes, self.state_dict(),
-                               keep=self.cfg.keep_checkpoints, sae_extra=self.sae_meta)
+        meta = {"strategy": self.strategy.name, "saes": sorted(self.saes)}
+        return save_checkpoint(self.out_dir, self.step, self._write_parts, self.state_dict(), meta,
+                               keep=self.cfg.keep_checkpoints)
 
     def maybe_resume(self) -> bool:
         ckpt = latest_checkpoint(self.out_dir)
         if ckpt is None:
             return False
-        state = load_trainer_state(ckpt)
-        missing = set(self.saes) - {p.name for p in ckpt.iterdir() if p.is_dir()}
+        manifest = read_manifest(ckpt)
+        if manifest["world_size"] != dist.world_size() or manifest["strategy"] != self.strategy.name:
+            raise ValueError(
+                f"checkpoint {ckpt} was written by {manifest['world_size']} process(es) with strategy "
+                f"{manifest['strategy']!r}; this run has {dist.world_size()} with {self.strategy.name!r}. "
+                "Reshard it first (python -m sae.train.reshard) or use a fresh train.out_dir"
+            )
+        state = load_trainer_state(ckpt, dist.rank())
+        missing = set(self.saes) - set(state["optimizers"])
         if missing:
             raise ValueError(f"checkpoint {ckpt} lacks SAEs {sorted(missing)}; use a fresh train.out_dir")
         for name, sae in self.saes.items():
-            sae.load_state_dict(load_sae(ckpt / name, self.device).state_dict())
+            sae.load_state_dict(load_sae(self._sae_dir(ckpt, name, sae), self.device).state_dict())
             self.optimizers[name].load_state_dict(state["optimizers"][name])
             self.schedulers[name].load_state_dict(state["schedulers"][name])
             self.trackers[name].load_state_dict(state["trackers"][name])
@@ -217,6 +281,12 @@ class Trainer:
         return True
 
     def save_final(self) -> dict[str, Path]:
-        return {name: save_sae(sae, self.out_dir / "final" / name, **self.sae_meta)
-                for name, sae in self.saes.items()}
-
+        """Portable weights under ``final/``; latent-parallel shards land in one folder per rank
+        (``python -m sae.train.reshard --consolidate`` joins them)."""
+        out = {}
+        for name, sae in self.saes.items():
+            if self.strategy.writes_sae(name):
+                out[name] = save_sae(sae, self._sae_dir(self.out_dir / "final", name, sae), **self.sae_meta,
+                                     **self.strategy.shard_meta(sae))
+        dist.barrier()
+        return out

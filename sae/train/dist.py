@@ -1,0 +1,155 @@
+"""The one module that talks to ``torch.distributed``; every helper is a no-op at world size 1.
+
+Strategies call these helpers; the trainer and the models never call ``dist.*`` themselves.
+``CommStats`` counts the bytes each rank sends through these helpers, for the benchmarks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass
+class CommStats:
+    bytes: int = 0
+    calls: int = 0
+
+    def add(self, t: Tensor, factor: float = 1.0) -> None:
+        self.bytes += int(t.numel() * t.element_size() * factor)
+        self.calls += 1
+
+
+STATS = CommStats()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(backend: str = "auto", timeout_s: int = 600) -> torch.device | None:
+    """Join the process group described by torchrun/accelerate environment variables.
+
+    Returns the device this rank should use (``cuda:LOCAL_RANK`` with NCCL), or None when the
+    process is not part of a multi-process launch.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    use_cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    device = None
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return device or torch.device("cpu")
+
+
+def destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
+    """In-place all-reduce (sum, avg via sum/world, or max)."""
+    if not is_distributed():
+        return t
+    W = world_size()
+    STATS.add(t, 2 * (W - 1) / W)  # ring all-reduce traffic per rank
+    if op == "max":
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    else:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if op == "avg":
+            t /= W
+    return t
+
+
+def all_gather_stack(t: Tensor) -> Tensor:
+    """[W, *t.shape]: every rank's tensor (all the same shape)."""
+    if not is_distributed():
+        return t.unsqueeze(0)
+    out = [torch.empty_like(t) for _ in range(world_size())]
+    STATS.add(t, world_size() - 1)
+    dist.all_gather(out, t.contiguous())
+    return torch.stack(out)
+
+
+def broadcast_(t: Tensor, src: int = 0) -> Tensor:
+    if is_distributed():
+        STATS.add(t)
+        dist.broadcast(t, src)
+    return t
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's (picklable, trusted: produced by this run) object, in rank order."""
+    if not is_distributed():
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+class _ReduceFromParallel(torch.autograd.Function):
+    """Forward: sum partial results over ranks. Backward: each rank's share is the full grad."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        return all_reduce_(t.clone())
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g
+
+
+class _CopyToParallel(torch.autograd.Function):
+    """Forward: identity (the input is replicated). Backward: sum the per-rank gradients."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return all_reduce_(g.clone())
+
+
+def reduce_from_parallel(t: Tensor) -> Tensor:
+    return _ReduceFromParallel.apply(t) if is_distributed() else t
+
+
+def copy_to_parallel(t: Tensor) -> Tensor:
+    return _CopyToParallel.apply(t) if is_distributed() else t

@@ -1,0 +1,304 @@
+"""Parallel training strategies, applied by functions; models stay rank-agnostic.
+
+- :class:`SingleProcess`: no communication.
+- :class:`DataParallel`: SAEs replicated; each rank reads its own shards; gradients averaged
+  with one bucketed all-reduce per SAE; the FVU denominator is the variance over the union of
+  all ranks' batches, so the averaged gradient equals the single-process gradient on the union
+  (not only in expectation); dead-latent counters see the firing counts of every rank.
+- :class:`LatentParallel` (Gao et al. 2024, sec. 5): W_enc/b_enc/W_dec rows sharded over ranks;
+  each rank computes its local pre-activations and local top-k, the W*k candidates are gathered
+  and the exact global top-k selected; partial reconstructions are summed across ranks. Every
+  rank reads the same batches. TopK only.
+- :class:`SAEParallel` ("hook-point parallel"): each SAE lives on one rank (round-robin over the
+  names of hook points or sweep variants); no communication during training.
+
+All communication goes through :mod:`sae.train.dist`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from sae_kernels import gather_encode, sparse_decode
+from torch import Tensor
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from sae.models import ForwardOutput, SparseCoder, SparseCodes, fired_counts, fvu, l0_per_token
+from sae.models.topk import TopKSAE
+
+from . import dist
+
+STRATEGIES = ("none", "data", "latent", "sae")
+
+
+class SingleProcess:
+    name = "none"
+
+    def data_split(self) -> tuple[int, int]:
+        """(rank, world size) for splitting the activation source."""
+        return 0, 1
+
+    def prepare(self, saes: dict[str, SparseCoder]) -> dict[str, SparseCoder]:
+        return saes
+
+    def full_num_latents(self, sae: SparseCoder) -> int:
+        return sae.num_latents
+
+    def init_from_data(self, sae: SparseCoder, x: Tensor, y: Tensor | None) -> None:
+        sae.init_from_data(x, y)
+
+    def forward(self, sae: SparseCoder, x: Tensor, y: Tensor | None, **kw: Any) -> ForwardOutput:
+        return sae(x, y, **kw)
+
+    def after_backward(self, sae: SparseCoder) -> None:
+        pass
+
+    def clip_grad_norm_(self, sae: SparseCoder, max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm)
+
+    def fired_counts(self, sae: SparseCoder, out: ForwardOutput) -> Tensor:
+        return fired_counts(out.codes, sae.num_latents)
+
+    def tokens_per_step(self, batch_tokens: int) -> int:
+        return batch_tokens
+
+    def after_step(self, sae: SparseCoder) -> None:
+        pass
+
+    def mean_l0(self, out: ForwardOutput) -> float:
+        return l0_per_token(out.codes).mean().item()
+
+    def dead_fraction(self, dead_mask: Tensor) -> float:
+        return dead_mask.float().mean().item()
+
+    def writes_sae(self, name: str) -> bool:
+        """Whether this rank writes ``name``'s weights into checkpoints."""
+        return dist.is_main()
+
+    def shard_meta(self, sae: SparseCoder) -> dict[str, Any]:
+        return {}
+
+
+class DataParallel(SingleProcess):
+    name = "data"
+
+    def data_split(self) -> tuple[int, int]:
+        return dist.rank(), dist.world_size()
+
+    def prepare(self, saes: dict[str, SparseCoder]) -> dict[str, SparseCoder]:
+        for sae in saes.values():  # identical start whatever each rank's seed did
+            for t in list(sae.parameters()) + list(sae.buffers()):
+                dist.broadcast_(t.data)
+        return saes
+
+    def init_from_data(self, sae: SparseCoder, x: Tensor, y: Tensor | None) -> None:
+        # The union of every rank's sample, so the init equals one process reading all of it.
+        xs = dist.all_gather_stack(x).flatten(0, 1)
+        ys = dist.all_gather_stack(y).flatten(0, 1) if y is not None else None
+        sae.init_from_data(xs, ys)
+
+    def forward(self, sae: SparseCoder, x: Tensor, y: Tensor | None, **kw: Any) -> ForwardOutput:
+        kw.setdefault("variance_fn", global_token_variance)
+        return sae(x, y, **kw)
+
+    def after_backward(self, sae: SparseCoder) -> None:
+        params = [p for p in sae.parameters() if p.grad is not None]
+        if not params or dist.world_size() == 1:
+            return
+        bucket = _flatten_dense_tensors([p.grad for p in params])
+        dist.all_reduce_(bucket, "avg")
+        for p, g in zip(params, _unflatten_dense_tensors(bucket, [p.grad for p in params])):
+            p.grad.copy_(g)
+
+    def fired_counts(self, sae: SparseCoder, out: ForwardOutput) -> Tensor:
+        return dist.all_reduce_(fired_counts(out.codes, sae.num_latents))
+
+    def tokens_per_step(self, batch_tokens: int) -> int:
+        return batch_tokens * dist.world_size()
+
+    def after_step(self, sae: SparseCoder) -> None:
+        for b in sae.buffers():  # e.g. the BatchTopK threshold estimate: keep ranks identical
+            if b.is_floating_point():
+                dist.all_reduce_(b.data, "avg")
+
+    def mean_l0(self, out: ForwardOutput) -> float:
+        t = l0_per_token(out.codes).mean().reshape(1)
+        return dist.all_reduce_(t, "avg").item()
+
+
+@torch.no_grad()
+def global_token_variance(y_BE: Tensor) -> Tensor:
+    """Variance per token about the mean of the union of all ranks' batches (equal batch sizes).
+
+    Returns var_union / W * (W B) / B ... i.e. the union's total variance per token; with the FVU
+    of :func:`sae.models.fvu` each rank's loss is err_r / (B v) and the rank-average of gradients
+    equals the gradient of sum_r err_r / (W B v), the FVU of the union.
+    """
+    y = y_BE.double()
+    stats = torch.cat([y.sum(0), y.pow(2).sum().reshape(1), torch.tensor([y.shape[0]], dtype=y.dtype,
+                                                                         device=y.device)])
+    dist.all_reduce_(stats)
+    n = stats[-1]
+    s1, s2 = stats[:-2], stats[-2]
+    return ((s2 - s1.pow(2).sum() / n) / n).float()
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    rank: int
+    world_size: int
+    offset: int
+    full_num_latents: int
+
+
+def shard_topk(full: TopKSAE, rank: int, world_size: int) -> TopKSAE:
+    """The rows [rank * L/W, (rank + 1) * L/W) of ``full`` as a TopK SAE of width L/W."""
+    L = full.num_latents
+    if L % world_size:
+        raise ValueError(f"num_latents={L} is not divisible by the latent-parallel world size {world_size}")
+    Lr = L // world_size
+    cfg = dataclasses.replace(full.cfg, num_latents=Lr)
+    local = type(full)(cfg, full.d_in, full.d_out)
+    local.k_aux = full.k_aux
+    sl = slice(rank * Lr, (rank + 1) * Lr)
+    with torch.no_grad():
+        local.W_enc.copy_(full.W_enc[sl])
+        local.b_enc.copy_(full.b_enc[sl])
+        local.W_dec.copy_(full.W_dec[sl])
+        local.b_dec.copy_(full.b_dec)
+        if full.W_skip is not None:
+            local.W_skip.copy_(full.W_skip)
+    local.shard = Shard(rank, world_size, rank * Lr, L)
+    return local
+
+
+class LatentParallel(SingleProcess):
+    name = "latent"
+
+    def prepare(self, saes: dict[str, SparseCoder]) -> dict[str, SparseCoder]:
+        out = {}
+        for name, sae in saes.items():
+            if type(sae) is not TopKSAE:
+                raise ValueError(f"latent parallelism supports the topk architecture, not {sae.architecture!r}")
+            out[name] = shard_topk(sae, dist.rank(), dist.world_size())
+        return out
+
+    def full_num_latents(self, sae: SparseCoder) -> int:
+        return sae.shard.full_num_latents
+
+    def shard_meta(self, sae: SparseCoder) -> dict[str, Any]:
+        return {"shard": dataclasses.asdict(sae.shard)}
+
+    def writes_sae(self, name: str) -> bool:
+        return True
+
+    def forward(self, sae: TopKSAE, x: Tensor, y: Tensor | None, *, dead_mask: Tensor | None = None,
+                sparsity_scale: float = 1.0) -> ForwardOutput:
+        y = sae.check_input(x, y)
+        x_in = dist.copy_to_parallel(sae.encoder_input(x))
+        pre = sae.pre_activations(x_in)
+        idx, pre_vals = _global_topk(pre, sae.k, sae.shard)
+        vals = gather_encode(x_in, sae.W_enc, sae.b_enc, idx, pre_vals).relu()
+        codes = SparseCodes(vals, idx)
+        x_hat = dist.reduce_from_parallel(sparse_decode(idx, vals, sae.W_dec)) + sae.b_dec
+        skip = sae.skip(x)
+        if skip is not None:
+            x_hat = x_hat + skip
+        losses = {"fvu": fvu(x_hat, y)}
+        loss = losses["fvu"]
+        if dead_mask is not None and sae.cfg.auxk_alpha > 0:
+            auxk = _auxk(sae, x_in, pre, dead_mask, (y - x_hat).detach())
+            if auxk is not None:
+                losses["auxk"] = auxk
+                loss = loss + sae.cfg.auxk_alpha * auxk
+        losses["loss"] = loss
+        return ForwardOutput(x_hat, codes, losses)
+
+    def clip_grad_norm_(self, sae: SparseCoder, max_norm: float) -> None:
+        sharded = [sae.W_enc, sae.b_enc, sae.W_dec]
+        local = sum(p.grad.float().pow(2).sum() for p in sharded if p.grad is not None)
+        total = dist.all_reduce_(torch.as_tensor(local, dtype=torch.float32).reshape(1).clone())
+        replicated = [p for p in sae.parameters() if all(p is not q for q in sharded) and p.grad is not None]
+        total = total + sum(p.grad.float().pow(2).sum() for p in replicated)
+        norm = total.sqrt().item()
+        if norm > max_norm:
+            for p in sae.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(max_norm / (norm + 1e-6))
+
+    def mean_l0(self, out: ForwardOutput) -> float:
+        t = l0_per_token(out.codes).mean().reshape(1)
+        return dist.all_reduce_(t).item()
+
+    def dead_fraction(self, dead_mask: Tensor) -> float:
+        return dist.all_reduce_(dead_mask.float().mean().reshape(1), "avg").item()
+
+
+def _global_topk(pre_BL: Tensor, k: int, shard: Shard, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Exact global top-k over sharded pre-activations.
+
+    Each rank proposes its local top-k; the W*k candidates are gathered and the global top-k
+    kept. Returns local indices and values [B, k] where slots owned by other ranks hold
+    index 0 and value 0 (so they add nothing forward and receive no gradient, relu'(0) = 0).
+    """
+    k_local = min(k, pre_BL.shape[1])
+    lv, li = pre_BL.topk(k_local, dim=1, sorted=False)
+    gv = dist.all_gather_stack(lv)  # [W, B, k]
+    gi = dist.all_gather_stack(li + shard.offset)
+    W, B = gv.shape[0], gv.shape[1]
+    gv = gv.permute(1, 0, 2).reshape(B, W * k_local)
+    gi = gi.permute(1, 0, 2).reshape(B, W * k_local)
+    top_v, pos = gv.topk(min(k, gv.shape[1]), dim=1, sorted=False)
+    top_i = gi.gather(1, pos)
+    Lr = pre_BL.shape[1]
+    own = (top_i >= shard.offset) & (top_i < shard.offset + Lr)
+    local_idx = torch.where(own, top_i - shard.offset, torch.zeros_like(top_i))
+    local_vals = torch.where(own, top_v, torch.zeros_like(top_v))
+    return local_idx, local_vals
+
+
+def _auxk(sae: TopKSAE, x_in: Tensor, pre_BL: Tensor, dead_mask_L: Tensor, residual: Tensor) -> Tensor | None:
+    """AuxK with the exact global top-k_aux among dead latents of every shard."""
+    n_dead_local = int(dead_mask_L.sum())
+    n_dead = int(dist.all_reduce_(torch.tensor([n_dead_local], device=pre_BL.device)).item())
+    if n_dead == 0:
+        return None
+    k_aux = min(sae.k_aux, n_dead)
+    with torch.no_grad():
+        masked = pre_BL.masked_fill(~dead_mask_L, -math.inf)
+    idx, vals = _global_topk(masked, k_aux, sae.shard)
+    vals = torch.where(torch.isinf(vals), torch.zeros_like(vals), vals)
+    aux_vals = gather_encode(x_in, sae.W_enc, sae.b_enc, idx, vals).relu()
+    e_hat = dist.reduce_from_parallel(sparse_decode(idx, aux_vals, sae.W_dec))
+    scale = min(n_dead / sae.k_aux, 1.0)
+    return scale * fvu(e_hat, residual)
+
+
+class SAEParallel(SingleProcess):
+    """Each SAE lives on one rank: names are dealt round-robin in sorted order."""
+
+    name = "sae"
+
+    def owner(self, names: list[str], name: str) -> int:
+        return sorted(names).index(name) % dist.world_size()
+
+    def prepare(self, saes: dict[str, SparseCoder]) -> dict[str, SparseCoder]:
+        names = list(saes)
+        mine = {n: s for n, s in saes.items() if self.owner(names, n) == dist.rank()}
+        if not mine:
+            raise ValueError(f"rank {dist.rank()} of {dist.world_size()} owns none of the SAEs {sorted(names)}; "
+                             "launch at most as many processes as SAEs")
+        return mine
+
+    def writes_sae(self, name: str) -> bool:
+        return True
+
+
+def build_strategy(name: str) -> SingleProcess:
+    table = {"none": SingleProcess, "data": DataParallel, "latent": LatentParallel, "sae": SAEParallel}
+    if name not in table:
+        raise ValueError(f"train.parallel={name!r}; use one of {', '.join(STRATEGIES)}")
+    return table[name]()

@@ -1,0 +1,6 @@
+"""Make ``workers`` importable in the test module and in spawned processes."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))

@@ -1,0 +1,128 @@
+"""Data, latent and SAE ("hook-point") parallelism with 2 gloo processes on CPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import workers as W
+from safetensors.torch import load_file
+
+from sae.buffer.synthetic import SyntheticSource
+from sae.train.config import TrainConfig
+from sae.train.reshard import consolidate_sae, reshard_checkpoint
+from sae.train.trainer import Trainer
+
+pytestmark = pytest.mark.distributed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, *args):
+    mp.spawn(fn, args=(2, free_port(), *args), nprocs=2, join=True)
+
+
+def single(saes, source, out_dir, steps, batch, **kw):
+    t = Trainer(W.train_cfg(out_dir, steps, batch, **kw), saes, source)
+    t.fit()
+    return t
+
+
+def assert_close_state(a: dict, b: dict, atol=2e-5, rtol=1e-4):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=f"{k} differs")
+
+
+@pytest.mark.parametrize("extra", [{}, {"grad_accum_steps": 2}], ids=["plain", "grad_accum"])
+def test_data_parallel_equals_single_process_on_the_union(tmp_path, extra):
+    steps, batch = 12, 64
+    spawn(W.run_strategy, str(tmp_path), "data", "topk", steps, batch, extra)
+    r0 = load_file(str(tmp_path / "rank0.safetensors"))
+    r1 = load_file(str(tmp_path / "rank1.safetensors"))
+    assert_close_state(r0, r1, atol=0, rtol=0)  # replicas stay identical
+    ref = single({"a": W.make_sae("topk", 0)}, W.UnionSource(2, batch), tmp_path / "ref", steps, 2 * batch, **extra)
+    assert_close_state(r0, {f"a.{k}": v for k, v in ref.saes["a"].state_dict().items()})
+
+
+def test_latent_parallel_forward_backward_equals_unsharded(tmp_path):
+    spawn(W.latent_forward_check, str(tmp_path))
+    assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
+
+
+def test_latent_parallel_training_matches_and_reshards_to_one_rank(tmp_path):
+    steps, batch = 10, 64
+    spawn(W.run_strategy, str(tmp_path), "latent", "topk", steps, batch, {"checkpoint_every": 5})
+    full = consolidate_sae(tmp_path / "run" / "final" / "a")
+    ref = single({"a": W.make_sae("topk", 0)}, SyntheticSource(W.SYN, batch), tmp_path / "ref", steps, batch)
+    assert_close_state(full.state_dict(), ref.saes["a"].state_dict())
+
+    # Reshard the 2-rank checkpoint at step 5 to one rank and resume to step 15.
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000005"
+    if not ckpt.exists():  # keep=2 kept steps 5 and 10
+        pytest.fail(f"missing {ckpt}: {sorted(p.name for p in ckpt.parent.iterdir())}")
+    reshard_checkpoint(ckpt, tmp_path / "resumed", world_size=1)
+    resumed = single({"a": W.make_sae("topk", 0)}, SyntheticSource(W.SYN, batch), tmp_path / "resumed", 15, batch)
+    ref15 = single({"a": W.make_sae("topk", 0)}, SyntheticSource(W.SYN, batch), tmp_path / "ref15", 15, batch)
+    assert resumed.step == 15
+    assert_close_state(resumed.saes["a"].state_dict(), ref15.saes["a"].state_dict())
+
+
+def test_sae_parallel_trains_each_sae_as_one_process_would(tmp_path):
+    steps, batch = 10, 64
+    spawn(W.run_strategy, str(tmp_path), "sae", "topk", steps, batch, {})
+    got = {**load_file(str(tmp_path / "rank0.safetensors")), **load_file(str(tmp_path / "rank1.safetensors"))}
+    assert {k.split(".")[0] for k in load_file(str(tmp_path / "rank0.safetensors"))} == {"a"}
+    assert {k.split(".")[0] for k in load_file(str(tmp_path / "rank1.safetensors"))} == {"b"}
+    for i, name in enumerate("ab"):
+        sae = W.make_sae("topk", i) if name == "a" else W.make_sae("topk", 1, k_aux=8)
+        ref = single({name: sae}, SyntheticSource(W.SYN, batch), tmp_path / f"ref_{name}", steps, batch)
+        want = {f"{name}.{k}": v for k, v in ref.saes[name].state_dict().items()}
+        assert_close_state({k: v for k, v in got.items() if k.startswith(name + ".")}, want, atol=0, rtol=0)
+
+
+def _torchrun(out: Path, steps: int, kill_at: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-backend=c10d",
+           str(Path(W.__file__)), str(out), str(steps), str(kill_at)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_sigkilled_rank_restarts_and_resumes_to_the_same_weights(tmp_path):
+    steps = 16
+    clean = _torchrun(tmp_path / "clean", steps, kill_at=0)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    killed = _torchrun(tmp_path / "killed", steps, kill_at=8)  # checkpoint at 5; steps 6-8 redone
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    assert (tmp_path / "killed" / "attempts").read_text() == "1"  # it really restarted
+    a = load_file(str(tmp_path / "clean" / "final.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "final.safetensors"))
+    assert_close_state(a, b, atol=0, rtol=0)
+
+
+def test_strategy_name_is_validated():
+    from sae.train.strategy import build_strategy
+
+    with pytest.raises(ValueError, match="train.parallel='tensor'"):
+        build_strategy("tensor")
+
+
+def test_resume_refuses_another_world_size(tmp_path):
+    steps, batch = 4, 32
+    spawn(W.run_strategy, str(tmp_path), "latent", "topk", steps, batch, {})
+    t = Trainer(TrainConfig(batch_size=batch, steps=8, progress=False, out_dir=str(tmp_path / "run")),
+                {"a": W.make_sae()}, SyntheticSource(W.SYN, batch))
+    with pytest.raises(ValueError, match="written by 2 process"):
+        t.maybe_resume()

@@ -1,0 +1,163 @@
+"""Process bodies for the 2-process gloo tests (importable by torch.multiprocessing spawn)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+from safetensors.torch import save_file
+
+from sae.buffer.source import Batch
+from sae.buffer.synthetic import SyntheticConfig, SyntheticSource
+from sae.models import SAEConfig, build_sae
+from sae.train import dist
+from sae.train.config import TrainConfig
+from sae.train.strategy import build_strategy
+from sae.train.trainer import Trainer
+
+D, LATENTS, K = 16, 64, 4
+SYN = SyntheticConfig(d=D, num_features=48, active_prob=0.06)
+
+
+def train_cfg(out_dir, steps, batch, **kw) -> TrainConfig:
+    base = dict(batch_size=batch, steps=steps, lr=3e-3, lr_warmup_steps=3, progress=False, log_every=1,
+                dead_tokens_threshold=512, out_dir=str(out_dir), seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def make_sae(arch="topk", seed=0, **kw):
+    return build_sae(SAEConfig(architecture=arch, num_latents=LATENTS, k=K, **kw), D, seed=seed)
+
+
+class UnionSource:
+    """What one process sees when it reads every rank's batch of a step at once."""
+
+    def __init__(self, world: int, batch: int):
+        self.inner = SyntheticSource(SYN, batch)
+        self.world, self.d_in, self.d_out, self.next = world, D, D, 0
+
+    def __iter__(self):
+        while True:
+            parts = [self.inner.batch(self.next * self.world + r).x for r in range(self.world)]
+            self.next += 1
+            yield Batch(torch.cat(parts))
+
+    def state_dict(self):
+        return {"next": self.next}
+
+    def load_state_dict(self, s):
+        self.next = s["next"]
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+
+def save_tensors(path: Path, saes: dict) -> None:
+    save_file({f"{n}.{k}": v.detach().contiguous() for n, s in saes.items() for k, v in s.state_dict().items()},
+              str(path))
+
+
+def run_strategy(rank: int, world: int, port: int, out: str, strategy: str, arch: str, steps: int, batch: int,
+                 extra: dict) -> None:
+    """Train with ``strategy`` and save each rank's SAE tensors to ``out/rank{r}.safetensors``."""
+    _init(rank, world, port)
+    try:
+        strat = build_strategy(strategy)
+        r, w = strat.data_split()
+        src = SyntheticSource(SYN, batch, rank=r, world_size=w)
+        saes = {"a": make_sae(arch, 0), "b": make_sae(arch, 1, k_aux=8)} if strategy == "sae" else \
+            {"a": make_sae(arch, 0)}
+        cfg = train_cfg(Path(out) / "run", steps, batch, **extra)
+        trainer = Trainer(cfg, saes, src, strategy=strat)
+        trainer.fit()
+        save_tensors(Path(out) / f"rank{rank}.safetensors", trainer.saes)
+    finally:
+        dist.destroy()
+
+
+def latent_forward_check(rank: int, world: int, port: int, out: str) -> None:
+    """Forward/backward of a latent-parallel TopK vs the unsharded SAE on the same batch."""
+    from sae.models import fired_counts
+    from sae.train.strategy import LatentParallel
+
+    _init(rank, world, port)
+    try:
+        full = make_sae("topk", 0, k_aux=6)
+        x = SyntheticSource(SYN, 128).batch(0).x
+        full.init_from_data(x)
+        dead = torch.zeros(LATENTS, dtype=torch.bool)
+        dead[::3] = True  # AuxK active, dead latents on both shards
+        ref = full(x, dead_mask=dead)
+        ref.losses["loss"].backward()
+
+        strat = LatentParallel()
+        local = strat.prepare({"a": make_sae("topk", 0, k_aux=6)})["a"]
+        local.load_state_dict({k: v for k, v in _shard_of(full, rank, world).items()})
+        Lr = LATENTS // world
+        sl = slice(rank * Lr, (rank + 1) * Lr)
+        out_lp = strat.forward(local, x, None, dead_mask=dead[sl])
+        out_lp.losses["loss"].backward()
+
+        checks = {
+            "x_hat": (out_lp.x_hat, ref.x_hat),
+            "fvu": (out_lp.losses["fvu"], ref.losses["fvu"]),
+            "auxk": (out_lp.losses["auxk"], ref.losses["auxk"]),
+            "W_enc.grad": (local.W_enc.grad, full.W_enc.grad[sl]),
+            "b_enc.grad": (local.b_enc.grad, full.b_enc.grad[sl]),
+            "W_dec.grad": (local.W_dec.grad, full.W_dec.grad[sl]),
+            "b_dec.grad": (local.b_dec.grad, full.b_dec.grad),
+            "fired": (fired_counts(out_lp.codes, Lr), fired_counts(ref.codes, LATENTS)[sl]),
+        }
+        # Codes: gather every rank's (global index, value) pairs and compare as dense [B, L].
+        dense_lp = torch.zeros(x.shape[0], LATENTS)
+        dense_lp.scatter_add_(1, out_lp.codes.idx + rank * Lr, out_lp.codes.vals.detach())
+        dist.all_reduce_(dense_lp)
+        dense_ref = torch.zeros(x.shape[0], LATENTS).scatter_add_(1, ref.codes.idx, ref.codes.vals.detach())
+        checks["codes"] = (dense_lp, dense_ref)
+        for name, (a, b) in checks.items():
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name} differs")
+        Path(out, f"ok{rank}").write_text("ok")
+    finally:
+        dist.destroy()
+
+
+def _shard_of(full, rank, world):
+    Lr = full.num_latents // world
+    sl = slice(rank * Lr, (rank + 1) * Lr)
+    return {k: (v[sl] if k in ("W_enc", "b_enc", "W_dec") else v) for k, v in full.state_dict().items()}
+
+
+def elastic_main() -> None:
+    """torchrun entry: data-parallel training that SIGKILLs rank 1 once, at step ``KILL_AT``."""
+    out, steps, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    device = dist.init_from_env()
+    torch.set_num_threads(1)
+    try:
+        strat = build_strategy("data")
+        src = SyntheticSource(SYN, 64, rank=dist.rank(), world_size=dist.world_size())
+        trainer = Trainer(train_cfg(Path(out) / "run", steps, 64, checkpoint_every=5), {"a": make_sae()}, src,
+                          strategy=strat, device=device)
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+
+        def maybe_die(t: Trainer) -> None:
+            if first_attempt and kill_at > 0 and dist.rank() == 1 and t.step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        trainer.step_hooks.append(maybe_die)
+        trainer.fit()
+        if dist.is_main():
+            save_tensors(Path(out) / "final.safetensors", trainer.saes)
+            Path(out, "attempts").write_text(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    finally:
+        dist.destroy()
+
+
+if __name__ == "__main__":
+    elastic_main()
