@@ -73,8 +73,8 @@ def _generic_family(model: nn.Module, blocks: str) -> dict[str, tuple[str, str]]
     return family
 
 
-def hookpoint_table(model: nn.Module) -> dict[str, HookPoint]:
-    """Every name a pattern can match: aliases first (in block order), then raw module names."""
+def alias_table(model: nn.Module) -> dict[str, HookPoint]:
+    """The friendly names (``layers.N[.attn|.mlp|.mlp_in]``) this model supports, in block order."""
     modules = dict(model.named_modules())
     table: dict[str, HookPoint] = {}
     blocks = find_blocks(model)
@@ -87,7 +87,13 @@ def hookpoint_table(model: nn.Module) -> dict[str, HookPoint]:
                 if path in modules:
                     alias = f"layers.{i}" + (f".{suffix}" if suffix else "")
                     table[alias] = HookPoint(alias, path, kind)
-    for name in modules:
+    return table
+
+
+def hookpoint_table(model: nn.Module) -> dict[str, HookPoint]:
+    """Every name a pattern can match: aliases first, then the other module names (as outputs)."""
+    table = alias_table(model)
+    for name, _ in model.named_modules():
         if name and name not in table:
             table[name] = HookPoint(name, name, "output")
     return table
@@ -113,7 +119,9 @@ def resolve_hookpoints(model: nn.Module, patterns: list[str]) -> list[HookPoint]
     """
     if not patterns:
         raise ValueError("no hook points given; e.g. hookpoints=[layers.3]")
+    aliases = alias_table(model)
     table = hookpoint_table(model)
+    raw = [n for n in table if n not in aliases]
     prefix = getattr(model, "base_model_prefix", "")
     out: dict[tuple[str, str], HookPoint] = {}
     for pattern in patterns:
@@ -121,20 +129,23 @@ def resolve_hookpoints(model: nn.Module, patterns: list[str]) -> list[HookPoint]
         if prefix and pattern.startswith(prefix + "."):
             candidates.append(pattern[len(prefix) + 1:])
         hits = []
-        for cand in candidates:
-            hits = sorted((n for n in table if _matches(cand, n)), key=_natural_key)
+        # Aliases shadow raw module names (Llama's raw "layers.1.mlp" is also an alias).
+        for names in (aliases, raw):
+            for cand in candidates:
+                hits = sorted((n for n in names if _matches(cand, n)), key=_natural_key)
+                if hits:
+                    break
             if hits:
                 break
         if not hits:
-            raise ValueError(_unknown_message(pattern, table))
+            raise ValueError(_unknown_message(pattern, table, list(aliases)))
         for name in hits:
             hp = table[name]
             out.setdefault((hp.module, hp.kind), hp)
     return list(out.values())
 
 
-def _unknown_message(pattern: str, table: dict[str, HookPoint]) -> str:
-    aliases = [n for n, hp in table.items() if n != hp.module]
+def _unknown_message(pattern: str, table: dict[str, HookPoint], aliases: list[str]) -> str:
     close = difflib.get_close_matches(pattern, list(table), n=5, cutoff=0.6)
     layers = sorted({int(n.split(".")[1]) for n in aliases})
     msg = f"hook point {pattern!r} not found"
