@@ -6,7 +6,7 @@ registers the schemas in Hydra's ConfigStore, and validates a composed config in
 Unknown keys and wrong types are rejected by OmegaConf's struct mode against these schemas.
 
 Programmatic use (tests, sweeps): ``compose_train_config(["sae.k=16"])``,
-``compose_harvest_config(["hookpoints=[layers.2]"])``.
+``compose_harvest_config(["hookpoints=[layers.2]"])``, ``compose_eval_config(["sae_path=runs/x/final/topk"])``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from sae.buffer.config import DataConfig, WriterConfig
+from sae.eval.config import EvalConfig
 from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
 from sae.models.config import SAEConfig
 from sae.train.config import TrainConfig
@@ -50,6 +51,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainRunConfig)
     cs.store(name="harvest_schema", node=HarvestRunConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
 
 
 def to_object(cfg: DictConfig, schema: type) -> Any:
@@ -91,3 +93,13 @@ def compose_harvest_config(overrides: list[str] | None = None) -> HarvestRunConf
     with initialize_config_module(config_module=CONF_MODULE, version_base=None):
         cfg = compose(config_name="harvest", overrides=overrides or [])
     return to_object(cfg, HarvestRunConfig)
+
+
+def compose_eval_config(overrides: list[str] | None = None) -> EvalConfig:
+    """Compose ``conf/eval.yaml`` (the ``sae-eval`` schema) with Hydra overrides, outside of ``@hydra.main``."""
+    from hydra import compose, initialize_config_module
+
+    register_configs()
+    with initialize_config_module(config_module=CONF_MODULE, version_base=None):
+        cfg = compose(config_name="eval", overrides=overrides or [])
+    return to_object(cfg, EvalConfig)

@@ -1,19 +1,24 @@
-"""Reconstruction and sparsity metrics, per batch and accumulated over many batches.
+"""Reconstruction and sparsity metrics, per batch and accumulated over many batches (eval stage).
 
-Definitions (y target, y_hat reconstruction, rows are tokens):
+Definitions (y target, y_hat reconstruction, rows are tokens, N tokens, L latents):
     mse                 mean over tokens and dims of (y_hat - y)^2
-    fvu                 sum ||y_hat - y||^2 / sum ||y - mean(y)||^2  (mean over the whole set)
+    fvu                 sum ||y_hat - y||^2 / sum ||y - mean(y)||^2  (sums over the whole set)
     explained_variance  1 - fvu
     cosine              mean over tokens of cos(y_hat_b, y_b)
+    relative_norm       mean over tokens of ||y_hat_b|| / ||y_b||  (shrinkage below 1)
     l0, l1              mean over tokens of the count / sum of absolute code values
-    dead_fraction       latents that never fired (in the window counted)
-    dense_fraction      latents firing on more than ``dense_threshold`` of tokens (10%)
-:class:`ReconstructionStats` accumulates sums in float64 so FVU over many batches equals FVU of
-their concatenation (a mean of per-batch FVUs would not).
+    frequency_i         fraction of tokens on which latent i fired
+    dead_fraction       latents that never fired on the tokens counted (the whole eval set)
+    dead_fraction_window  latents not fired in the last ``dead_window_tokens`` tokens (Gao et al.)
+    dense_fraction      latents with frequency above ``dense_threshold`` (10%)
+:class:`ReconstructionStats` accumulates float64 sums so FVU over many batches equals FVU of
+their concatenation (a mean of per-batch FVUs would not). Consumers: ``quick.evaluate_batches``
+(trainer), ``run.run_eval`` (``sae-eval``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,34 +53,93 @@ def dense_fraction(fire_counts_L: Tensor, num_tokens: int, dense_threshold: floa
 
 
 @dataclass
+class DensityHistogram:
+    """Histogram of log10(firing frequency) over latents; dead latents (frequency 0) apart."""
+
+    edges: list[float]
+    """Bin edges in log10 units; bin i is [edges[i], edges[i+1]), the last bin includes its right edge."""
+    counts: list[int]
+    """Latents per bin (len(edges) - 1)."""
+    dead: int
+    """Latents that never fired (log10 of 0 is -inf, so they sit outside every bin)."""
+
+
+def log10_density_histogram(frequencies_L: Tensor, edges: list[float] | None = None, *, n_tokens: int = 0,
+                            bins_per_decade: int = 4) -> DensityHistogram:
+    """Histogram of log10 feature density (the plot SAELens and Anthropic show).
+
+    Default edges run from ``floor(log10(1 / n_tokens))`` (the rarest frequency a latent that
+    fired can have) to 0 in steps of ``1 / bins_per_decade``. Frequencies below the first edge
+    go to the first bin.
+
+    Raises:
+        ValueError: fewer than two edges, or no ``n_tokens`` to derive default edges from.
+    """
+    freq = frequencies_L.double().cpu()
+    if edges is None:
+        if n_tokens <= 0:
+            raise ValueError("log10_density_histogram needs edges or n_tokens > 0 to place its bins")
+        low = math.floor(math.log10(1.0 / n_tokens))
+        edges = [low + i / bins_per_decade for i in range(-low * bins_per_decade + 1)]
+    if len(edges) < 2:
+        raise ValueError(f"histogram edges {edges} need at least two values")
+    alive = freq[freq > 0]
+    e = torch.tensor(edges, dtype=torch.float64)
+    # right=True: a value equal to an edge starts the bin on its right; the top edge closes the last bin.
+    idx = (torch.bucketize(alive.log10(), e, right=True) - 1).clamp(0, len(edges) - 2)
+    counts = torch.bincount(idx, minlength=len(edges) - 1)
+    return DensityHistogram([float(x) for x in edges], counts.tolist(), int((freq == 0).sum()))
+
+
+def histogram_quantile(counts: Tensor, q: float) -> float:
+    """Smallest value v with P(X <= v) >= q, for a histogram ``counts[v]`` over v = 0, 1, 2, ..."""
+    total = counts.sum()
+    if total <= 0:
+        return float("nan")
+    cdf = counts.double().cumsum(0) / total
+    return float(torch.searchsorted(cdf, torch.tensor([q], dtype=torch.float64) - 1e-12)[0])
+
+
+@dataclass
 class ReconstructionStats:
-    """Streaming sums for reconstruction metrics over any number of batches."""
+    """Streaming sums for reconstruction metrics over any number of batches.
+
+    Sums of y are kept about a shift (the first batch's mean) so that the total variance
+    ``sum ||y - c||^2 - N ||mean - c||^2`` does not lose precision to cancellation.
+    """
 
     n_tokens: int = 0
     n_values: int = 0
     sq_err: float = 0.0
     cos_sum: float = 0.0
     norm_ratio_sum: float = 0.0
-    y_sum: Tensor | None = None
-    y_sq_sum: float = 0.0
+    shift: Tensor | None = None
+    y_sum: Tensor | None = None  # sum of (y - shift)
+    y_sq_sum: float = 0.0  # sum of ||y - shift||^2
 
     def update(self, y_hat: Tensor, y: Tensor) -> ReconstructionStats:
-        y64, d64 = y.double(), (y_hat.double() - y.double())
+        y64, yh64 = y.double(), y_hat.double()
+        if self.shift is None:
+            self.shift = y64.mean(0)
+        c = y64 - self.shift
         self.n_tokens += y.shape[0]
         self.n_values += y.numel()
-        self.sq_err += d64.pow(2).sum().item()
-        self.cos_sum += torch.nn.functional.cosine_similarity(y_hat.double(), y64, dim=-1).sum().item()
-        self.norm_ratio_sum += (y_hat.double().norm(dim=-1) / y64.norm(dim=-1).clamp_min(1e-12)).sum().item()
-        s = y64.sum(0)
+        self.sq_err += (yh64 - y64).pow(2).sum().item()
+        self.cos_sum += torch.nn.functional.cosine_similarity(yh64, y64, dim=-1).sum().item()
+        self.norm_ratio_sum += (yh64.norm(dim=-1) / y64.norm(dim=-1).clamp_min(1e-12)).sum().item()
+        s = c.sum(0)
         self.y_sum = s if self.y_sum is None else self.y_sum + s
-        self.y_sq_sum += y64.pow(2).sum().item()
+        self.y_sq_sum += c.pow(2).sum().item()
         return self
 
     @property
+    def mean(self) -> Tensor:
+        """[E] mean target over the tokens seen."""
+        return self.shift + self.y_sum / self.n_tokens
+
+    @property
     def total_variance(self) -> float:
-        # sum ||y - mean||^2 = sum ||y||^2 - N ||mean||^2
-        mean = self.y_sum / self.n_tokens
-        return self.y_sq_sum - self.n_tokens * mean.pow(2).sum().item()
+        return self.y_sq_sum - (self.y_sum / self.n_tokens).pow(2).sum().item() * self.n_tokens
 
     @property
     def fvu(self) -> float:
@@ -107,35 +171,65 @@ class ReconstructionStats:
 
 @dataclass
 class SparsityStats:
-    """Streaming L0/L1 and per-latent firing counts."""
+    """Streaming L0/L1, the L0 distribution, per-latent firing counts and recency.
+
+    ``dead_window_tokens`` > 0 also tracks tokens since each latent last fired (at batch
+    granularity, like the trainer's ``DeadLatentTracker``) for ``dead_fraction_window``.
+    """
 
     num_latents: int
+    dead_window_tokens: int = 0
     n_tokens: int = 0
     l0_sum: float = 0.0
     l1_sum: float = 0.0
     l0_counts: Tensor | None = None  # [L + 1] tokens per L0 value (the L0 distribution)
-    fire_counts: Tensor | None = None
+    fire_counts: Tensor | None = None  # [L] tokens on which each latent fired
+    tokens_since_fired: Tensor | None = None  # [L]
 
     def update(self, codes: Codes) -> SparsityStats:
         l0 = l0_per_token(codes)
-        self.n_tokens += l0.numel()
-        self.l0_sum += l0.sum().item()
+        n = l0.numel()
+        self.n_tokens += n
+        self.l0_sum += l0.double().sum().item()
         vals = codes.vals if isinstance(codes, SparseCodes) else codes
-        self.l1_sum += vals.abs().sum().item()
-        counts = fired_counts(codes, self.num_latents).cpu()
+        self.l1_sum += vals.double().abs().sum().item()
+        counts = fired_counts(codes, self.num_latents).double().cpu()
         self.fire_counts = counts if self.fire_counts is None else self.fire_counts + counts
         hist = torch.bincount(l0.long().cpu(), minlength=self.num_latents + 1).double()
         self.l0_counts = hist if self.l0_counts is None else self.l0_counts + hist
+        if self.tokens_since_fired is None:
+            self.tokens_since_fired = torch.zeros(self.num_latents, dtype=torch.int64)
+        self.tokens_since_fired += n
+        self.tokens_since_fired[counts > 0] = 0
         return self
 
     @property
     def frequencies(self) -> Tensor:
+        """[L] fraction of tokens on which each latent fired."""
         return self.fire_counts / max(self.n_tokens, 1)
 
+    def dead_mask(self) -> Tensor:
+        """[L] latents that never fired on the tokens seen."""
+        return self.fire_counts == 0
+
+    def dense_mask(self, dense_threshold: float = 0.1) -> Tensor:
+        return self.frequencies > dense_threshold
+
+    def density_histogram(self, bins_per_decade: int = 4) -> DensityHistogram:
+        return log10_density_histogram(self.frequencies, n_tokens=self.n_tokens, bins_per_decade=bins_per_decade)
+
     def as_dict(self, dense_threshold: float = 0.1) -> dict[str, float]:
-        return {
-            "l0": self.l0_sum / max(self.n_tokens, 1),
-            "l1": self.l1_sum / max(self.n_tokens, 1),
+        if self.n_tokens == 0:
+            raise ValueError("SparsityStats saw no tokens; evaluate at least one batch first")
+        out = {
+            "l0": self.l0_sum / self.n_tokens,
+            "l1": self.l1_sum / self.n_tokens,
+            "l0_p50": histogram_quantile(self.l0_counts, 0.5),
+            "l0_p90": histogram_quantile(self.l0_counts, 0.9),
+            "l0_max": float(self.l0_counts.nonzero().max()),
             "dead_fraction": dead_fraction(self.fire_counts),
             "dense_fraction": dense_fraction(self.fire_counts, self.n_tokens, dense_threshold),
         }
+        if self.dead_window_tokens > 0:
+            out["dead_fraction_window"] = (self.tokens_since_fired >= self.dead_window_tokens).float().mean().item()
+        return out

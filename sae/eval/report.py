@@ -1,0 +1,164 @@
+"""The outputs of ``sae-eval``: ``report.json`` (everything, machine-readable) and ``report.html``.
+
+The HTML is one static file that opens offline: a summary table, the spliced-model table, the
+plots embedded as base64 PNG (the PNG files sit next to it as well), and the top-activating
+contexts of sampled latents with each token shaded by the latent's activation. A small inline
+script counts images that failed to decode and shows a warning banner if any did; it also sets
+``data-images-ok="<loaded>/<total>"`` on ``<body>``, which the headless-browser check reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import importlib.metadata
+import platform
+from pathlib import Path
+from typing import Any
+
+from .examples import LatentExamples
+
+PACKAGES = ("sae-forge", "torch", "transformers", "safetensors", "numpy", "matplotlib", "hydra-core")
+
+SUMMARY_ROWS = [
+    ("fvu", "FVU (fraction of variance unexplained)", "{:.4f}"),
+    ("explained_variance", "explained variance", "{:.4f}"),
+    ("mse", "MSE", "{:.4g}"),
+    ("cosine", "cosine similarity", "{:.4f}"),
+    ("relative_norm", "relative norm ||x̂|| / ||x||", "{:.4f}"),
+    ("l0", "L0 (mean active latents per token)", "{:.2f}"),
+    ("l0_p50", "L0 median", "{:.0f}"),
+    ("l0_p90", "L0 90th percentile", "{:.0f}"),
+    ("l1", "L1 (mean sum of activations)", "{:.4g}"),
+    ("dead_fraction", "dead latents (never fired on the eval set)", "{:.2%}"),
+    ("dead_fraction_window", "dead latents (silent for the window)", "{:.2%}"),
+    ("dense_fraction", "dense latents (fire on > threshold of tokens)", "{:.2%}"),
+    ("tokens", "eval tokens", "{:,.0f}"),
+]
+SPLICE_ROWS = [
+    ("ce_loss_recovered", "CE loss recovered (vs zero ablation)", "{:.4f}"),
+    ("ce_loss_recovered_mean", "CE loss recovered (vs mean ablation)", "{:.4f}"),
+    ("ce_loss_clean", "CE loss, clean", "{:.4f}"),
+    ("ce_loss_sae", "CE loss, with SAE", "{:.4f}"),
+    ("ce_loss_zero", "CE loss, zero ablation", "{:.4f}"),
+    ("ce_loss_mean", "CE loss, mean ablation", "{:.4f}"),
+    ("kl_div_sae", "KL(clean || SAE), next-token", "{:.4g}"),
+    ("kl_div_zero", "KL(clean || zero ablation)", "{:.4g}"),
+    ("pooled_cosine_sae", "sentence embedding cosine, SAE vs clean", "{:.4f}"),
+    ("pooled_cosine_zero", "sentence embedding cosine, zero ablation", "{:.4f}"),
+    ("pooled_cosine_mean", "sentence embedding cosine, mean ablation", "{:.4f}"),
+    ("hidden_fvu_sae", "last hidden state FVU, SAE", "{:.4f}"),
+    ("hidden_fvu_zero", "last hidden state FVU, zero ablation", "{:.4f}"),
+    ("hidden_cosine_sae", "last hidden state cosine, SAE", "{:.4f}"),
+    ("hidden_fvu_recovered", "last hidden state FVU recovered (vs zero)", "{:.4f}"),
+    ("tokens", "scored positions", "{:,.0f}"),
+]
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1150px}
+h1{font-size:22px;margin-bottom:4px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
+.meta{color:#666;font-size:13px}table{border-collapse:collapse;margin:8px 0}
+td,th{border:1px solid #ddd;padding:4px 10px;font-size:14px;text-align:left}td.v{text-align:right;font-family:monospace}
+.plots{display:flex;flex-wrap:wrap;gap:12px}.plots figure{margin:0}
+.plots img{max-width:540px;border:1px solid #eee}.plots img.wide{max-width:1100px}
+.latent{margin:14px 0}.ex{font-family:monospace;font-size:13px;white-space:pre-wrap;margin:2px 0;padding:2px 4px;
+background:#fafafa;border-left:3px solid #ddd}.ex .val{color:#888;display:inline-block;width:64px}
+.tok{border-radius:2px}.focus{outline:1px solid #c05000}#broken{display:none;background:#fdd;padding:8px;
+border:1px solid #c00;color:#900}
+"""
+_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.setAttribute('data-images-ok', ok + '/' + imgs.length);
+  if (ok < imgs.length) {
+    var b = document.getElementById('broken');
+    b.textContent = (imgs.length - ok) + ' plot(s) failed to load';
+    b.style.display = 'block';
+  }
+});
+"""
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _table(rows: list[tuple[str, str, str]], values: dict[str, Any]) -> str:
+    cells = []
+    for key, label, fmt in rows:
+        v = values.get(key)
+        if isinstance(v, (int, float)):
+            cells.append(f"<tr><td>{html.escape(label)}</td><td class='v'>{html.escape(fmt.format(v))}</td>"
+                         f"<td class='meta'>{key}</td></tr>")
+    return "<table>" + "".join(cells) + "</table>"
+
+
+def _img(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    wide = " class='wide'" if path.stem == "training" else ""
+    return (f"<figure><img{wide} alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption class='meta'>{html.escape(caption)} ({html.escape(path.name)})</figcaption></figure>")
+
+
+def _token_span(tok: str, act: float, peak: float, focus: bool) -> str:
+    alpha = 0.0 if peak <= 0 else max(0.0, min(1.0, act / peak))
+    text = html.escape(tok.replace("\n", "↵"))
+    title = f" title='{act:.3g}'" if act > 0 else ""
+    cls = "tok focus" if focus else "tok"
+    return f"<span class='{cls}' style='background:rgba(255,140,0,{alpha:.2f})'{title}>{text}</span>"
+
+
+def _examples_html(latents: list[LatentExamples]) -> str:
+    parts = []
+    for le in latents:
+        parts.append(f"<div class='latent'><b>latent {le.latent}</b> <span class='meta'>frequency "
+                     f"{le.frequency:.3g}, max activation {le.max_activation:.3g}</span>")
+        for ex in le.examples:
+            toks = "".join(_token_span(t, a, le.max_activation, i == ex.focus)
+                           for i, (t, a) in enumerate(zip(ex.tokens, ex.acts)))
+            parts.append(f"<div class='ex'><span class='val'>{ex.value:.3g}</span>{toks}</div>")
+        parts.append("</div>")
+    return "".join(parts)
+
+
+def render_html(report: dict[str, Any], plots: dict[str, Path], examples: list[LatentExamples]) -> str:
+    """The report page as one HTML string (plots inlined)."""
+    s = report["sae"]
+    title = f"SAE evaluation: {s['name']} ({s['architecture']}, {s['num_latents']} latents) at {s['hookpoint']}"
+    body = [f"<h1>{html.escape(title)}</h1>",
+            f"<div class='meta'>{html.escape(str(s['path']))} · data: {html.escape(report['data']['source'])} · "
+            f"created {html.escape(report['created'])}</div>", "<div id='broken'></div>",
+            "<h2>Summary</h2>", _table(SUMMARY_ROWS, report["metrics"])]
+    splice = report.get("splice") or {}
+    body.append("<h2>Spliced model</h2>")
+    if splice.get("metrics"):
+        body.append(f"<div class='meta'>{html.escape(splice['kind'])}, model {html.escape(splice['model'])}; "
+                    "the SAE's reconstruction replaces the hook point at kept positions</div>")
+        body.append(_table(SPLICE_ROWS, splice["metrics"]))
+    else:
+        body.append(f"<p class='meta'>not run: {html.escape(splice.get('skipped', 'no model'))}</p>")
+    if plots:
+        body.append("<h2>Plots</h2><div class='plots'>")
+        body += [_img(p, name) for name, p in plots.items()]
+        body.append("</div>")
+    body.append("<h2>Top-activating contexts</h2>")
+    if examples:
+        body.append("<p class='meta'>Sampled latents across the frequency range; each line is one context, the "
+                    "outlined token is where the latent fires most, shading is the activation.</p>")
+        body.append(_examples_html(examples))
+    else:
+        body.append(f"<p class='meta'>none: {html.escape(report.get('examples_skipped', 'no token ids'))}</p>")
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
+            + _CSS + "</style><script>" + _SCRIPT + "</script></head><body>" + "".join(body) + "</body></html>")
+
+
+def examples_json(examples: list[LatentExamples]) -> list[dict[str, Any]]:
+    return [{"latent": le.latent, "frequency": le.frequency, "max_activation": le.max_activation,
+             "examples": [vars(ex) for ex in le.examples]} for le in examples]

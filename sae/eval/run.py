@@ -1,0 +1,335 @@
+"""Run a full evaluation of one SAE folder: what ``sae-eval`` calls (and the training summary).
+
+Steps: load the SAE and the data section of its cfg.json; open the eval rows (held-out buffer
+shards, live held-out contexts, or synthetic held-out batches) and, for real models, the model
+with its head; score reconstruction and sparsity over all rows; splice the SAE into the model;
+collect top-activating contexts; write ``report.json``, ``latents.safetensors`` (per-latent
+frequency, firing count, decoder norm), PNG plots and ``report.html`` into the output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from sae.buffer.config import DataConfig
+from sae.buffer.manifest import read_manifest
+from sae.buffer.normalize import Normalizer
+from sae.harvest.config import ModelConfig
+from sae.harvest.harvester import Harvester
+from sae.harvest.model import LoadedModel, resolve_device
+from sae.harvest.text import load_text_dataset
+from sae.models import SparseCoder
+from sae.train.artifact import CFG, load_sae, read_sae_cfg, write_json_atomic
+
+from . import plots
+from .config import EvalConfig, validate_eval
+from .data import (
+    EvalSet,
+    buffer_rows,
+    first_contexts,
+    harvest_config_from_manifest,
+    live_rows,
+    splice_batches,
+    synthetic_rows,
+    text_config_from_manifest,
+)
+from .examples import pick_latents, top_examples
+from .lm import SAEReconstructor, load_eval_model, normalizer_from_dict
+from .metrics import ReconstructionStats, SparsityStats
+from .report import examples_json, package_versions, render_html
+from .splice import resolve_site, splice_eval
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    out_dir: Path
+    report: dict[str, Any]
+    """Everything in report.json."""
+    report_json: Path
+    report_html: Path | None
+
+
+@dataclass
+class EvalInputs:
+    """What the SAE is evaluated on, opened from its training data section."""
+
+    rows: EvalSet
+    hookpoint: str
+    target_hookpoint: str
+    x_norm: Normalizer
+    y_norm: Normalizer
+    lm: LoadedModel | None = None
+    kind: str = ""
+    harvester: Harvester | None = None
+    text: Any = None
+    """TextConfig of the harvest (for rebuilding splice contexts)."""
+    ds: Any = None
+    """The opened text dataset (None: opened when splicing needs it)."""
+    mean: torch.Tensor | None = None
+    """Raw mean of the replaced hook point for the mean ablation (None: from the splice contexts)."""
+    no_model: str = ""
+    """Why there is no model (synthetic data), for the report."""
+
+
+def find_sae_dir(path: str | Path) -> Path:
+    """The SAE folder (with cfg.json) at ``path``, or the only one inside it (run dir, final/, checkpoint).
+
+    Raises:
+        FileNotFoundError: no SAE there. ValueError: several SAEs; the message lists them.
+    """
+    p = Path(path)
+    if (p / CFG).is_file():
+        return p
+    if not p.is_dir():
+        raise FileNotFoundError(f"eval.sae_path={str(path)!r} does not exist; give a final/<name>/ or a checkpoint "
+                                "folder")
+    found = sorted({c.parent for pattern in (f"*/{CFG}", f"final/*/{CFG}") for c in p.glob(pattern)})
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise FileNotFoundError(f"no SAE ({CFG}) in {p} or its final/ folder; point eval.sae_path at final/<name>/")
+    raise ValueError(f"{p} holds {len(found)} SAEs ({', '.join(str(f) for f in found[:6])}); choose one with "
+                     "eval.sae_path")
+
+
+def data_config(meta: dict[str, Any]) -> DataConfig:
+    """The DataConfig an SAE was trained with (its cfg.json ``data``); defaults when absent."""
+    base = OmegaConf.structured(DataConfig)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(base, meta.get("data") or {}))
+    except Exception as e:  # noqa: BLE001  (OmegaConf raises several error types)
+        raise ValueError(f"the SAE's cfg.json has a data section this version cannot read ({e}); pass eval.source and "
+                         "eval.buffer_path explicitly") from e
+
+
+def _normalizers(meta: dict[str, Any], mode: str, stats: dict[str, Any], hp: str, target: str):
+    recorded = meta.get("normalization")
+    if recorded:
+        return normalizer_from_dict(recorded.get("x")), normalizer_from_dict(recorded.get("y"))
+    x = Normalizer.from_sums(mode, stats.get(hp), hp)
+    return x, Normalizer.from_sums(mode, stats.get(target), target) if target else Normalizer("none")
+
+
+def _model_cfg(model: ModelConfig, device: str) -> ModelConfig:
+    return dataclasses.replace(model, device=device)
+
+
+def open_inputs(cfg: EvalConfig, meta: dict[str, Any]) -> EvalInputs:
+    """Rows, normalisers and (for real models) the model, from the SAE's training data section.
+
+    Raises:
+        ValueError / FileNotFoundError: unknown source, missing buffer, unknown hook point.
+    """
+    data = data_config(meta)
+    source = cfg.source or data.source
+    want_model = cfg.splice.enabled or cfg.examples.num_latents > 0
+    if source == "synthetic":
+        rows = synthetic_rows(data.synthetic, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
+        none = Normalizer("none")
+        return EvalInputs(rows, "synthetic", "", none, none, no_model="synthetic data has no model or tokens")
+    if source == "buffer":
+        folder = Path(cfg.buffer_path or data.buffer.path)
+        manifest = read_manifest(folder)
+        hp = data.hookpoint or manifest["hookpoint_order"][0]
+        if not data.hookpoint and len(manifest["hookpoint_order"]) != 1:
+            raise ValueError(f"buffer {folder} holds {manifest['hookpoint_order']} and the SAE's cfg.json names no "
+                             "hook point; evaluate an SAE trained on this buffer")
+        target = data.target_hookpoint
+        x_norm, y_norm = _normalizers(meta, data.normalize, manifest["stats"], hp, target)
+        rows = buffer_rows(folder, hp, target, shards=cfg.shards, heldout_shards=data.buffer.heldout_shards,
+                           max_tokens=cfg.max_tokens, batch_size=cfg.batch_size, x_norm=x_norm, y_norm=y_norm)
+        inputs = EvalInputs(rows, hp, target, x_norm, y_norm)
+        stats = manifest["stats"].get(target or hp)
+        if stats and stats.get("count"):
+            inputs.mean = torch.tensor(stats["sum"], dtype=torch.float64).div(stats["count"]).float()
+        if want_model:
+            m = manifest["model"]
+            model = ModelConfig(name=m["name"], revision=m.get("revision", ""), dtype=m.get("dtype", "float32"),
+                                device=cfg.device)
+            inputs.lm, inputs.kind = load_eval_model(model, cfg.splice.kind)
+            inputs.text = text_config_from_manifest(manifest)
+            inputs.harvester = Harvester(inputs.lm, [hp] + ([target] if target else []), inputs.text,
+                                         harvest_config_from_manifest(manifest))
+        return inputs
+    if source == "live":
+        live = data.live
+        lm, kind = load_eval_model(_model_cfg(live.model, cfg.device), cfg.splice.kind)
+        wanted = [data.hookpoint] + ([data.target_hookpoint] if data.target_hookpoint else [])
+        harvester = Harvester(lm, wanted, live.text, dataclasses.replace(live.harvest, progress=False))
+        hp, target = harvester.names[0], (harvester.names[1] if data.target_hookpoint else "")
+        recorded = meta.get("normalization") or {}
+        x_norm, y_norm = normalizer_from_dict(recorded.get("x")), normalizer_from_dict(recorded.get("y"))
+        ds = load_text_dataset(live.text)
+        rows = live_rows(harvester, ds, hp, target, contexts=live.heldout_contexts, max_tokens=cfg.max_tokens,
+                         batch_size=cfg.batch_size, x_norm=x_norm, y_norm=y_norm)
+        return EvalInputs(rows, hp, target, x_norm, y_norm, lm, kind, harvester, live.text, ds)
+    raise ValueError(f"eval.source={source!r} must be buffer, live or synthetic")
+
+
+@torch.no_grad()
+def score_rows(sae: SparseCoder, rows: EvalSet, device: torch.device, dead_window_tokens: int = 0
+               ) -> tuple[ReconstructionStats, SparsityStats]:
+    """Reconstruction and sparsity sums over every eval row (one pass, bounded memory).
+
+    Raises:
+        ValueError: no rows.
+    """
+    rec, spa = ReconstructionStats(), SparsityStats(sae.num_latents, dead_window_tokens)
+    was_training = sae.training
+    sae.eval()
+    try:
+        for b in rows:
+            x = b.x.to(device)
+            codes = sae.encode(x)
+            rec.update(sae.reconstruct(x, codes), b.y.to(device) if b.y is not None else x)
+            spa.update(codes)
+    finally:
+        sae.train(was_training)
+    if rec.n_tokens == 0:
+        raise ValueError(f"no evaluation rows from the {rows.source} source ({rows.info}); check eval.shards and "
+                         "the buffer")
+    return rec, spa
+
+
+def _splice(cfg: EvalConfig, sae: SparseCoder, inp: EvalInputs) -> dict[str, Any]:
+    if not cfg.splice.enabled:
+        return {"skipped": "eval.splice.enabled=false"}
+    if inp.lm is None:
+        return {"skipped": inp.no_model}
+    ds = inp.ds if inp.ds is not None else load_text_dataset(inp.text)
+    batches = splice_batches(inp.harvester, inp.text, ds, first_contexts(inp.rows, cfg.splice.contexts),
+                             cfg.splice.batch_size)
+    model = inp.lm.model
+    read = resolve_site(model, inp.hookpoint)
+    write = resolve_site(model, inp.target_hookpoint or inp.hookpoint)
+    metrics = splice_eval(model, read, write, SAEReconstructor(sae, inp.x_norm, inp.y_norm), batches, inp.kind,
+                          inp.lm.device, mean=inp.mean)
+    return {"kind": inp.kind, "model": str(inp.lm.info.get("name")), "read": read.module, "write": write.module,
+            "contexts": sum(b.input_ids.shape[0] for b in batches), "metrics": metrics}
+
+
+def _find_metrics_log(sae_dir: Path) -> Path | None:
+    for parent in list(sae_dir.resolve().parents)[:3]:
+        if (parent / "metrics.jsonl").is_file():
+            return parent / "metrics.jsonl"
+    return None
+
+
+def _write_plots(out: Path, sae_dir: Path, spa: SparsityStats, norms: torch.Tensor, metrics: dict[str, float]
+                 ) -> dict[str, Path]:
+    made = {
+        "feature density": plots.plot_density(spa.density_histogram(), out / "density.png"),
+        "L0 distribution": plots.plot_l0(spa.l0_counts, out / "l0.png", metrics["l0"]),
+        "frequency vs decoder norm": plots.plot_freq_vs_norm(spa.frequencies, norms, out / "freq_vs_norm.png",
+                                                             spa.n_tokens),
+    }
+    log_path = _find_metrics_log(sae_dir)
+    if log_path is not None:
+        curves = plots.read_curves(log_path, sae_dir.name)
+        path = plots.plot_training(curves, out / "training.png")
+        if path is not None:
+            made["training curves"] = path
+    return made
+
+
+def run_eval(cfg: EvalConfig) -> EvalResult:
+    """Evaluate the SAE at ``cfg.sae_path`` and write the report (see the module docstring).
+
+    Raises:
+        ValueError / FileNotFoundError: bad config, no SAE, missing data; messages name the fix.
+    """
+    validate_eval(cfg)
+    sae_dir = find_sae_dir(cfg.sae_path)
+    meta = read_sae_cfg(sae_dir)
+    device = resolve_device(cfg.device)
+    sae = load_sae(sae_dir, device).eval()
+    inp = open_inputs(cfg, meta)
+    rec, spa = score_rows(sae, inp.rows, device, cfg.dead_window_tokens)
+    metrics = {**rec.as_dict(), **spa.as_dict(cfg.dense_threshold), "tokens": float(rec.n_tokens)}
+    if inp.rows.source == "synthetic":
+        from sae.buffer.synthetic import feature_recovery
+
+        metrics["feature_recovery"] = feature_recovery(inp.rows.info["features"], sae.W_dec.cpu()).item()
+    splice = _splice(cfg, sae, inp)
+    examples, examples_skipped = [], ""
+    if inp.lm is None:
+        examples_skipped = inp.no_model
+    elif cfg.examples.num_latents > 0:
+        latents = pick_latents(spa.frequencies, cfg.examples.num_latents, cfg.examples.seed)
+        examples = top_examples(sae, inp.rows, latents, inp.lm.tokenizer, per_latent=cfg.examples.per_latent,
+                                before=cfg.examples.before, after=cfg.examples.after, device=device)
+    out = Path(cfg.out_dir) if cfg.out_dir else sae_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    norms = plots.decoder_norms(sae.W_dec)
+    save_file({"frequency": spa.frequencies.float(), "fire_counts": spa.fire_counts.float(),
+               "decoder_norm": norms.contiguous()}, str(out / "latents.safetensors"))
+    hist = spa.density_histogram()
+    report: dict[str, Any] = {
+        "sae": {"name": sae_dir.name, "path": str(sae_dir), "architecture": meta["architecture"],
+                "d_in": sae.d_in, "d_out": sae.d_out, "num_latents": sae.num_latents, "k": sae.cfg.k,
+                "transcoder": bool(sae.cfg.transcode), "hookpoint": inp.hookpoint,
+                "target_hookpoint": inp.target_hookpoint},
+        "data": {"source": inp.rows.source, **{k: v for k, v in inp.rows.info.items() if k != "features"},
+                 "normalization": {"x": inp.x_norm.mode, "y": inp.y_norm.mode}},
+        "metrics": metrics,
+        "splice": splice,
+        "density_histogram": dataclasses.asdict(hist),
+        "l0_histogram": spa.l0_counts[: int(spa.l0_counts.nonzero().max()) + 1].long().tolist(),
+        "examples": examples_json(examples),
+        "config": dataclasses.asdict(cfg),
+        "versions": package_versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if examples_skipped:
+        report["examples_skipped"] = examples_skipped
+    made = _write_plots(out, sae_dir, spa, norms, metrics) if cfg.plots else {}
+    report["plots"] = {name: p.name for name, p in made.items()}
+    write_json_atomic(out / "report.json", _finite(report))
+    html_path = None
+    if cfg.html:
+        html_path = out / "report.html"
+        html_path.write_text(render_html(report, made, examples), encoding="utf-8")
+    return EvalResult(out, report, out / "report.json", html_path)
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/Inf -> None so report.json is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def splice_figure(report: dict[str, Any]) -> str:
+    """The headline spliced-model number, as text ("n/a (...)" when there is none)."""
+    sp = report.get("splice") or {}
+    m = sp.get("metrics")
+    if not m:
+        return f"spliced: n/a ({sp.get('skipped', 'not run')})"
+    if sp["kind"] == "causal_lm":
+        return (f"CE recovered={m['ce_loss_recovered']:.3f} (CE {m['ce_loss_clean']:.3f} -> {m['ce_loss_sae']:.3f}, "
+                f"KL={m['kl_div_sae']:.3g})")
+    return f"embedding cos={m['pooled_cosine_sae']:.4f} last-hidden FVU={m['hidden_fvu_sae']:.4f}"
+
+
+def summary_line(result: EvalResult) -> str:
+    """One line for a CLI's final print: FVU, L0, dead %, the spliced-model figure, the report."""
+    m = result.report["metrics"]
+    where = result.report_html or result.report_json
+    return (f"fvu={m['fvu']:.4f} l0={m['l0']:.1f} dead={100 * m['dead_fraction']:.1f}% {splice_figure(result.report)}"
+            f"  report: {where}")

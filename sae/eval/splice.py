@@ -1,0 +1,279 @@
+"""Spliced-model fidelity: the model's outputs with the SAE's reconstruction in place of its hook point.
+
+For each batch of contexts the model runs four times: clean; with the activation at the
+*write* site replaced by the SAE's reconstruction of the activation at the *read* site; with it
+zero-ablated; with it mean-ablated (the mean activation at that site). For an SAE read = write
+(its hook point: a module's output, or its input for ``mlp_in``-style points); for a transcoder
+read is its input hook point and write its target, so the module's *output* is replaced by the
+transcoder's prediction from its input.
+
+Only positions the harvester keeps (no padding, and no special tokens / first position where its
+rules drop them) are replaced and scored; the SAE never saw the others.
+
+Causal LMs (per counted position t, predicting token t+1; t kept and t+1 a real token):
+    ce_loss_<mode>        mean next-token cross-entropy
+    ce_loss_recovered     (CE_zero - CE_sae) / (CE_zero - CE_clean)   (SAELens "CE loss score")
+    ce_loss_recovered_mean  the same against mean ablation
+    kl_div_<mode>         mean KL(p_clean || p_mode) of next-token distributions at kept positions
+Encoder models (e.g. all-MiniLM-L6-v2):
+    hidden_fvu_<mode>, hidden_cosine_<mode>   last hidden state at kept positions vs clean
+    pooled_fvu_<mode>, pooled_cosine_<mode>   mean-pooled sentence embeddings (non-padding tokens)
+    hidden_fvu_recovered  1 - hidden_fvu_sae / hidden_fvu_zero
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sae.harvest.hookpoints import HookPoint, resolve_hookpoints
+
+from .metrics import ReconstructionStats
+
+MODES = ("sae", "zero", "mean")
+Reconstructor = Callable[[Tensor], Tensor]
+"""Raw read-site rows [N, D] -> raw write-site rows [N, E] (normalisation handled inside)."""
+
+
+@dataclass
+class SpliceBatch:
+    input_ids: Tensor
+    """[B, T] token ids, right-padded."""
+    attention_mask: Tensor
+    """[B, T] 1 for real tokens."""
+    keep: Tensor
+    """[B, T] bool, positions the harvester keeps: replaced and scored."""
+
+
+def resolve_site(model: nn.Module, name: str) -> HookPoint:
+    """One hook point of ``model`` by name; a module path of the base model also works on a model
+    with a head (``h.3.mlp`` on a GPT2LMHeadModel).
+
+    Raises:
+        ValueError: the name matches nothing, or more than one hook point.
+    """
+    try:
+        hits = resolve_hookpoints(model, [name])
+    except ValueError:
+        prefix = getattr(model, "base_model_prefix", "")
+        if not prefix or not hasattr(model, prefix):
+            raise
+        hits = resolve_hookpoints(model, [f"{prefix}.{name}"])
+    if len(hits) != 1:
+        raise ValueError(f"hook point {name!r} matches {len(hits)} sites ({[h.name for h in hits]}); give one")
+    return hits[0]
+
+
+def _first(value: Any) -> Tensor:
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def _with_first(value: Any, t: Tensor) -> Any:
+    if isinstance(value, tuple):
+        return (t, *value[1:])
+    if isinstance(value, list):
+        return [t, *value[1:]]
+    return t
+
+
+class Splicer:
+    """Forward hooks that capture the read site and overwrite the write site at kept positions.
+
+    Set ``mode`` (clean | capture | sae | zero | mean) and ``keep`` before each forward.
+    ``capture`` accumulates the sum and count of write-site rows (for the mean ablation).
+    """
+
+    def __init__(self, model: nn.Module, read: HookPoint, write: HookPoint, reconstruct: Reconstructor):
+        self.read, self.write, self.reconstruct = read, write, reconstruct
+        self.same_site = (read.module, read.kind) == (write.module, write.kind)
+        self.mode, self.keep, self.mean = "clean", None, None
+        self.x: Tensor | None = None
+        self.sum: Tensor | None = None
+        self.count = 0
+        modules = dict(model.named_modules())
+        self.handles = []
+        if not self.same_site:
+            self.handles.append(self._register(modules[read.module], read.kind, self._on_read))
+        self.handles.append(self._register(modules[write.module], write.kind, self._on_write))
+
+    @staticmethod
+    def _register(module: nn.Module, kind: str, fn: Callable[[Tensor], Tensor | None]):
+        if kind == "input":
+            def pre(mod, args, kwargs):
+                if args:
+                    new = fn(args[0])
+                    return None if new is None else ((new, *args[1:]), kwargs)
+                new = fn(kwargs["hidden_states"])
+                return None if new is None else (args, {**kwargs, "hidden_states": new})
+            return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+        def post(mod, args, output):
+            new = fn(_first(output))
+            return None if new is None else _with_first(output, new)
+        return module.register_forward_hook(post)
+
+    def _on_read(self, x: Tensor) -> None:
+        self.x = x
+
+    def _on_write(self, v: Tensor) -> Tensor | None:
+        if self.mode == "clean":
+            return None
+        keep = self.keep
+        if self.mode == "capture":
+            rows = v[keep].double()
+            s = rows.sum(0)
+            self.sum = s if self.sum is None else self.sum + s
+            self.count += rows.shape[0]
+            return None
+        new = v.clone()
+        if self.mode == "zero":
+            new[keep] = 0
+        elif self.mode == "mean":
+            new[keep] = self.mean.to(v.dtype)
+        else:
+            x = v if self.same_site else self.x
+            if x is None:
+                raise RuntimeError(f"the transcoder's input {self.read.name!r} had not run when its target "
+                                   f"{self.write.name!r} did; the input hook point must come earlier in the model")
+            new[keep] = self.reconstruct(x[keep].float()).to(v.dtype)
+        self.x = None
+        return new
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _forward(model: nn.Module, b: SpliceBatch, device: torch.device) -> Any:
+    return model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device))
+
+
+class _CausalScores:
+    """Sums of CE and KL over counted positions, per mode."""
+
+    def __init__(self):
+        self.ce = dict.fromkeys(("clean", *MODES), 0.0)
+        self.kl = dict.fromkeys(MODES, 0.0)
+        self.n_ce = self.n_kl = 0
+
+    def add_clean(self, logits: Tensor, b: SpliceBatch) -> tuple[Tensor, Tensor, Tensor]:
+        dev = logits.device
+        mask, keep, ids = b.attention_mask.to(dev).bool(), b.keep.to(dev), b.input_ids.to(dev)
+        counted = keep[:, :-1] & mask[:, 1:]
+        lp = logits.double().log_softmax(-1)
+        self.ce["clean"] += self._ce(lp, ids, counted)
+        self.n_ce += int(counted.sum())
+        self.n_kl += int(keep.sum())
+        return lp, counted, keep
+
+    @staticmethod
+    def _ce(lp: Tensor, ids: Tensor, counted: Tensor) -> float:
+        nll = -lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return nll[counted].sum().item()
+
+    def add(self, mode: str, logits: Tensor, clean: tuple[Tensor, Tensor, Tensor], ids: Tensor) -> None:
+        lp_clean, counted, keep = clean
+        lp = logits.double().log_softmax(-1)
+        self.ce[mode] += self._ce(lp, ids.to(lp.device), counted)
+        kl = (lp_clean.exp() * (lp_clean - lp)).sum(-1)
+        self.kl[mode] += kl[keep].sum().item()
+
+    def result(self) -> dict[str, float]:
+        if self.n_ce == 0:
+            raise ValueError("no scored positions in the splice contexts (every position dropped or padding)")
+        ce = {m: v / self.n_ce for m, v in self.ce.items()}
+        out = {f"ce_loss_{m}": v for m, v in ce.items()}
+        out.update({f"kl_div_{m}": v / max(self.n_kl, 1) for m, v in self.kl.items()})
+        for abl, key in (("zero", "ce_loss_recovered"), ("mean", "ce_loss_recovered_mean")):
+            gap = ce[abl] - ce["clean"]
+            out[key] = (ce[abl] - ce["sae"]) / gap if gap != 0 else float("nan")
+        out["tokens"] = float(self.n_ce)
+        return out
+
+
+class _EncoderScores:
+    """Last-hidden-state and pooled-embedding agreement with the clean run, per mode."""
+
+    def __init__(self):
+        self.hidden = {m: ReconstructionStats() for m in MODES}
+        self.pooled = {m: ReconstructionStats() for m in MODES}
+        self.n = 0
+
+    @staticmethod
+    def _pool(h: Tensor, mask: Tensor) -> Tensor:
+        m = mask.to(h.device, h.dtype)[..., None]
+        return (h * m).sum(1) / m.sum(1).clamp_min(1)
+
+    def add(self, mode: str, h: Tensor, h_clean: Tensor, b: SpliceBatch) -> None:
+        keep = b.keep.to(h.device)
+        self.hidden[mode].update(h[keep].float(), h_clean[keep].float())
+        self.pooled[mode].update(self._pool(h.float(), b.attention_mask), self._pool(h_clean.float(), b.attention_mask))
+        if mode == MODES[0]:
+            self.n += int(keep.sum())
+
+    def result(self) -> dict[str, float]:
+        if self.n == 0:
+            raise ValueError("no scored positions in the splice contexts (every position dropped or padding)")
+        out: dict[str, float] = {}
+        for m in MODES:
+            out[f"hidden_fvu_{m}"], out[f"hidden_cosine_{m}"] = self.hidden[m].fvu, self.hidden[m].cosine
+            out[f"pooled_fvu_{m}"], out[f"pooled_cosine_{m}"] = self.pooled[m].fvu, self.pooled[m].cosine
+        zero = out["hidden_fvu_zero"]
+        out["hidden_fvu_recovered"] = 1.0 - out["hidden_fvu_sae"] / zero if zero > 0 else float("nan")
+        out["tokens"] = float(self.n)
+        return out
+
+
+@torch.inference_mode()
+def splice_eval(model: nn.Module, read: HookPoint, write: HookPoint, reconstruct: Reconstructor,
+                batches: Sequence[SpliceBatch], kind: str, device: torch.device | str = "cpu",
+                mean: Tensor | None = None) -> dict[str, float]:
+    """Spliced-model metrics over ``batches`` (see the module docstring for the keys).
+
+    Args:
+        model: a causal LM with a head (``kind="causal_lm"``, output ``.logits``) or an encoder
+            (``kind="encoder"``, output ``.last_hidden_state``), in eval mode on ``device``.
+        read, write: hook points of ``model`` (from :func:`resolve_site`); equal for an SAE.
+        reconstruct: raw read-site rows -> raw write-site rows.
+        mean: [E] write-site activation for the mean ablation; None computes it over ``batches``.
+
+    Raises:
+        ValueError: unknown ``kind`` or nothing to score.
+    """
+    if kind not in ("causal_lm", "encoder"):
+        raise ValueError(f"splice kind {kind!r} must be causal_lm or encoder")
+    device = torch.device(device)
+    splicer = Splicer(model, read, write, reconstruct)
+    try:
+        if mean is None:
+            splicer.mode = "capture"
+            for b in batches:
+                splicer.keep = b.keep.to(device)
+                _forward(model, b, device)
+            if splicer.count == 0:
+                raise ValueError("no kept positions in the splice contexts: nothing to replace")
+            mean = (splicer.sum / splicer.count).float()
+        splicer.mean = mean.to(device)
+        scores = _CausalScores() if kind == "causal_lm" else _EncoderScores()
+        for b in batches:
+            splicer.keep = b.keep.to(device)
+            splicer.mode = "clean"
+            out = _forward(model, b, device)
+            if kind == "causal_lm":
+                clean = scores.add_clean(out.logits, b)
+            else:
+                h_clean = out.last_hidden_state
+            for m in MODES:
+                splicer.mode = m
+                out = _forward(model, b, device)
+                if kind == "causal_lm":
+                    scores.add(m, out.logits, clean, b.input_ids)
+                else:
+                    scores.add(m, out.last_hidden_state, h_clean, b)
+        return scores.result()
+    finally:
+        splicer.remove()
