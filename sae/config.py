@@ -54,8 +54,36 @@ def register_configs() -> None:
     cs.store(name="eval_schema", node=EvalConfig)
 
 
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of ``cfg`` that its schema dataclasses do not declare.
+
+    Hydra's ``+key=value`` adds keys even to structured configs, and ``OmegaConf.to_object``
+    then drops them silently; this finds them. Free-form dict fields (``variants``) are not
+    dataclasses and are left to their own checks.
+    """
+    typ = OmegaConf.get_type(cfg)
+    fields = {f.name for f in dataclasses.fields(typ)} if dataclasses.is_dataclass(typ) else None
+    out = []
+    for key in cfg.keys():
+        if fields is not None and key not in fields:
+            out.append(f"{prefix}{key}")
+            continue
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and fields is not None:
+            out += unknown_keys(node, f"{prefix}{key}.")
+    return out
+
+
 def to_object(cfg: DictConfig, schema: type) -> Any:
-    """Convert a composed DictConfig into its dataclass (the single conversion point)."""
+    """Convert a composed DictConfig into its dataclass (the single conversion point).
+
+    Raises:
+        ValueError: keys the schema does not declare (e.g. added with ``+key=value``).
+    """
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} for {schema.__name__}; check the spelling (the schema "
+                         "dataclasses in sae/*/config.py list every key)")
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, schema):
         raise TypeError(f"composed config is {type(obj).__name__}, expected {schema.__name__}")
