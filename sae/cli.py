@@ -18,11 +18,16 @@ register_configs()
 
 @hydra.main(version_base=None, config_path="pkg://sae_conf", config_name="train")
 def _train(cfg: DictConfig) -> None:
+    from sae.train import dist
     from sae.train.run import format_summary, run_training
 
     logging.getLogger("sae").setLevel(logging.INFO)
-    result = run_training(to_object(cfg, TrainRunConfig))
-    print(format_summary(result))
+    try:
+        result = run_training(to_object(cfg, TrainRunConfig))
+        if dist.is_main():
+            print(format_summary(result))
+    finally:
+        dist.destroy()
 
 
 def train_main() -> None:
