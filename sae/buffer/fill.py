@@ -74,8 +74,8 @@ def _remove_buffer(folder: Path, manifest: dict[str, Any]) -> None:
         shutil.rmtree(folder / hp, ignore_errors=True)
 
 
-def _header(lm: LoadedModel, harvester: Harvester, ds: Any, text: TextConfig,
-            harvest: HarvestConfig) -> dict[str, Any]:
+def _header(lm: LoadedModel, harvester: Harvester, ds: Any, text: TextConfig, harvest: HarvestConfig,
+            writer: WriterConfig) -> dict[str, Any]:
     tok = lm.tokenizer
     bos, eos, pad = special_ids(tok)
     return {
@@ -90,6 +90,8 @@ def _header(lm: LoadedModel, harvester: Harvester, ds: Any, text: TextConfig,
         "hookpoints": {hp.name: {"module": hp.module, "kind": hp.kind, "d": harvester.dims[hp.name]}
                        for hp in harvester.hookpoints},
         "hookpoint_order": harvester.names,
+        "dtype": writer.dtype,
+        "shard_tokens": writer.shard_tokens,
     }
 
 
@@ -144,7 +146,7 @@ def _harvest_locked(folder: Path, model: ModelConfig, text: TextConfig, harvest:
     lm = load_model(model)
     harvester = Harvester(lm, hookpoints, text, harvest)
     ds = load_text_dataset(text)
-    header = _header(lm, harvester, ds, text, harvest)
+    header = _header(lm, harvester, ds, text, harvest, writer)
     if previous is not None:
         diff = identity_diff(previous, header)
         if diff:

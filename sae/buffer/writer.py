@@ -10,6 +10,7 @@ A kill at any moment therefore leaves a manifest describing only complete shards
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +106,10 @@ class ShardWriter:
         files = {}
         for hp in self.order:
             acts = self.bufs[hp][:n]
-            data = safetensors_bytes({ACTIVATIONS: acts, **meta},
-                                     metadata={"format": FORMAT, "hookpoint": hp, "shard": str(index)})
+            # One metadata key: safetensors writes metadata from a hash map, so several keys would
+            # come out in varying order and break byte-identical resumes.
+            info = json.dumps({"format": FORMAT, "hookpoint": hp, "shard": index}, sort_keys=True)
+            data = safetensors_bytes({ACTIVATIONS: acts, **meta}, metadata={"sae_forge": info})
             rel = shard_relpath(hp, index)
             (self.folder / rel).parent.mkdir(parents=True, exist_ok=True)
             write_bytes_atomic(self.folder / rel, data)
