@@ -33,14 +33,14 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 from sae_kernels import eager, gather_encode, sparse_decode
 from sae_kernels.dispatch import triton_available, triton_interpreting
+
+from sae.bench.common import median_time
 
 CUDA_SHAPES = [(4096, 384, 6144, 32), (4096, 768, 24576, 32), (8192, 4096, 65536, 64)]
 CPU_SHAPES = [(1024, 384, 6144, 32), (1024, 768, 12288, 32)]
@@ -62,23 +62,6 @@ class Row:
     dense_ms: float
     speedup: float
     err: float
-
-
-def median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(2):
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @contextlib.contextmanager
@@ -192,12 +175,12 @@ def bench_shape(B: int, D: int, L: int, K: int, dtype: torch.dtype, device: torc
     t = make_inputs(B, D, L, K, dtype, device)
     s, i = t["W"].element_size(), t["idx"].element_size()
     dense = dense_fns(t, K)
-    dense_ms = {op: 1e3 * median_seconds(fn, device, reps) for op, fn in dense.items()}
+    dense_ms = {op: 1e3 * median_time(fn, device, repeats=reps) for op, fn in dense.items()}
     dense_out = {op: fn() for op, fn in dense.items()}
     rows = []
     for name, ops, env in backends(device):
         for op, fn in sparse_fns(ops, t, L, env).items():
-            sec = median_seconds(fn, device, reps)
+            sec = median_time(fn, device, repeats=reps)
             rows.append(Row(
                 op=op, B=B, D=D, L=L, K=K, backend=name, ms=1e3 * sec,
                 gb_s=model_bytes(op, B, D, L, K, s, i) / sec / 1e9,
