@@ -83,7 +83,8 @@ def _with_first(value: Any, t: Tensor) -> Any:
 class Splicer:
     """Forward hooks that capture the read site and overwrite the write site at kept positions.
 
-    Set ``mode`` (clean | capture | sae | zero | mean) and ``keep`` before each forward.
+    Call :meth:`prepare` (mode clean | capture | sae | zero | mean, and the keep mask) before
+    each forward.
     ``capture`` accumulates the sum and count of write-site rows (for the mean ablation).
     """
 
@@ -116,6 +117,9 @@ class Splicer:
             return None if new is None else _with_first(output, new)
         return module.register_forward_hook(post)
 
+    def prepare(self, mode: str, keep: Tensor) -> None:
+        self.mode, self.keep, self.x = mode, keep, None  # x from an earlier forward must never be reused
+
     def _on_read(self, x: Tensor) -> None:
         self.x = x
 
@@ -140,7 +144,6 @@ class Splicer:
                 raise RuntimeError(f"the transcoder's input {self.read.name!r} had not run when its target "
                                    f"{self.write.name!r} did; the input hook point must come earlier in the model")
             new[keep] = self.reconstruct(x[keep].float()).to(v.dtype)
-        self.x = None
         return new
 
     def remove(self) -> None:
@@ -250,9 +253,8 @@ def splice_eval(model: nn.Module, read: HookPoint, write: HookPoint, reconstruct
     splicer = Splicer(model, read, write, reconstruct)
     try:
         if mean is None:
-            splicer.mode = "capture"
             for b in batches:
-                splicer.keep = b.keep.to(device)
+                splicer.prepare("capture", b.keep.to(device))
                 _forward(model, b, device)
             if splicer.count == 0:
                 raise ValueError("no kept positions in the splice contexts: nothing to replace")
@@ -260,15 +262,15 @@ def splice_eval(model: nn.Module, read: HookPoint, write: HookPoint, reconstruct
         splicer.mean = mean.to(device)
         scores = _CausalScores() if kind == "causal_lm" else _EncoderScores()
         for b in batches:
-            splicer.keep = b.keep.to(device)
-            splicer.mode = "clean"
+            keep = b.keep.to(device)
+            splicer.prepare("clean", keep)
             out = _forward(model, b, device)
             if kind == "causal_lm":
                 clean = scores.add_clean(out.logits, b)
             else:
                 h_clean = out.last_hidden_state
             for m in MODES:
-                splicer.mode = m
+                splicer.prepare(m, keep)
                 out = _forward(model, b, device)
                 if kind == "causal_lm":
                     scores.add(m, out.logits, clean, b.input_ids)
