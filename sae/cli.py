@@ -1,4 +1,4 @@
-"""Command-line entry points (Hydra): ``sae-harvest``, ``sae-train`` (more stages register here as they land).
+"""Command-line entry points (Hydra): ``sae-harvest``, ``sae-train``, ``sae-eval`` (``sae-export`` to come).
 
 Each entry point composes its config from ``conf/`` (installed as ``sae_conf``), converts it once
 to its dataclass, and hands it to the stage's ``run_*`` function.
@@ -12,6 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sae.config import HarvestRunConfig, TrainRunConfig, register_configs, to_object
+from sae.eval.config import EvalConfig
 
 register_configs()
 
@@ -46,3 +47,16 @@ def _harvest(cfg: DictConfig) -> None:
 
 def harvest_main() -> None:
     _harvest()
+
+
+@hydra.main(version_base=None, config_path="pkg://sae_conf", config_name="eval")
+def _eval(cfg: DictConfig) -> None:
+    from sae.eval.run import run_eval, summary_line
+
+    logging.getLogger("sae").setLevel(logging.INFO)
+    result = run_eval(to_object(cfg, EvalConfig))
+    print(summary_line(result))
+
+
+def eval_main() -> None:
+    _eval()

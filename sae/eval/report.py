@@ -3,8 +3,9 @@
 The HTML is one static file that opens offline: a summary table, the spliced-model table, the
 plots embedded as base64 PNG (the PNG files sit next to it as well), and the top-activating
 contexts of sampled latents with each token shaded by the latent's activation. A small inline
-script counts images that failed to decode and shows a warning banner if any did; it also sets
-``data-images-ok="<loaded>/<total>"`` on ``<body>``, which the headless-browser check reads.
+script counts images that failed to decode and shows a warning banner if any did; it also marks
+``<body>`` with ``data-images-ok="<loaded>/<total>"`` and the page boxes (x,y,w,h) of every image
+and table, which the headless-browser check (:mod:`sae.eval.screenshot`) reads.
 """
 
 from __future__ import annotations
@@ -70,7 +71,14 @@ _SCRIPT = """
 window.addEventListener('load', function () {
   var imgs = Array.prototype.slice.call(document.images);
   var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  var box = function (e) {
+    var r = e.getBoundingClientRect();
+    return [r.left, r.top + window.scrollY, r.width, r.height].map(Math.round).join(',');
+  };
   document.body.setAttribute('data-images-ok', ok + '/' + imgs.length);
+  document.body.setAttribute('data-image-boxes', imgs.map(box).join(';'));
+  document.body.setAttribute('data-table-boxes', Array.prototype.map.call(document.querySelectorAll('table'), box)
+    .join(';'));
   if (ok < imgs.length) {
     var b = document.getElementById('broken');
     b.textContent = (imgs.length - ok) + ' plot(s) failed to load';

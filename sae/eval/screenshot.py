@@ -1,10 +1,13 @@
-"""Open a report in headless Chromium: a PNG screenshot, and a check that every plot decoded.
+"""Open a report in headless Chromium: a PNG screenshot, and checks that it rendered.
 
     python -m sae.eval.screenshot runs/x/final/topk/eval/report.html report.png
 
-prints how many images loaded (from the page's own ``data-images-ok`` mark, read through
-``--dump-dom``) and writes the screenshot; exits 1 if an image is broken. Needs the Debian
-``chromium`` package (``launch/setup.sh`` installs it when run as root) or any Chrome on PATH.
+Two browser runs at the same window size: ``--dump-dom`` reads the marks the page's own script
+sets after its load event (images decoded, and the page boxes of images and tables), then
+``--screenshot`` renders the page. Every image or table box inside the screenshot must hold
+pixels that are not uniform (a broken or empty image renders blank). Prints the result and exits
+1 on any failure. Needs the Debian ``chromium`` package (``launch/setup.sh`` installs it when
+run as root) or any Chrome on PATH.
 """
 
 from __future__ import annotations
@@ -15,12 +18,28 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
          "--virtual-time-budget=5000"]
+Box = tuple[int, int, int, int]
+
+
+@dataclass
+class PageCheck:
+    images_ok: int
+    images: int
+    image_boxes: list[Box]
+    table_boxes: list[Box]
+    blank: list[Box]
+    """Image/table boxes inside the screenshot whose pixels are uniform."""
+
+    @property
+    def ok(self) -> bool:
+        return self.images > 0 and self.images_ok == self.images and bool(self.table_boxes) and not self.blank
 
 
 def find_browser() -> str | None:
@@ -57,18 +76,49 @@ def screenshot(html: str | Path, png: str | Path, width: int = 1200, height: int
     return png
 
 
-def images_loaded(html: str | Path, timeout: float = 120) -> tuple[int, int]:
-    """(images decoded, images on the page) after the page's load event, via ``--dump-dom``.
+def _boxes(dom: str, attr: str) -> list[Box]:
+    m = re.search(rf'{attr}="([^"]*)"', dom)
+    if m is None or not m.group(1):
+        return []
+    return [tuple(int(v) for v in part.split(",")) for part in m.group(1).split(";")]
+
+
+def page_marks(html: str | Path, width: int = 1200, height: int = 2000, timeout: float = 120
+               ) -> tuple[int, int, list[Box], list[Box]]:
+    """(images decoded, images, image boxes, table boxes) after the page's load event.
 
     Raises:
-        RuntimeError: the page never set its ``data-images-ok`` mark (scripts did not run).
+        RuntimeError: the page set no ``data-images-ok`` mark (its script did not run).
     """
-    proc = _run(["--dump-dom", Path(html).resolve().as_uri()], timeout)
+    proc = _run(["--dump-dom", f"--window-size={width},{height}", Path(html).resolve().as_uri()], timeout)
     m = re.search(r'data-images-ok="(\d+)/(\d+)"', proc.stdout)
     if m is None:
         raise RuntimeError(f"the page set no data-images-ok mark (exit {proc.returncode}); stderr: "
                            f"{proc.stderr[-2000:]}")
-    return int(m.group(1)), int(m.group(2))
+    return int(m.group(1)), int(m.group(2)), _boxes(proc.stdout, "data-image-boxes"), _boxes(
+        proc.stdout, "data-table-boxes")
+
+
+def blank_boxes(png: str | Path, boxes: list[Box], min_std: float = 2.0) -> list[Box]:
+    """Boxes (clipped to the image) whose pixels are uniform: grey-level std below ``min_std``."""
+    from PIL import Image, ImageStat
+
+    img = Image.open(png).convert("L")
+    out = []
+    for x, y, w, h in boxes:
+        left, top, right, bottom = max(x, 0), max(y, 0), min(x + w, img.width), min(y + h, img.height)
+        if right - left < 4 or bottom - top < 4:
+            continue  # below the fold of the screenshot
+        if ImageStat.Stat(img.crop((left, top, right, bottom))).stddev[0] < min_std:
+            out.append((x, y, w, h))
+    return out
+
+
+def check_report(html: str | Path, png: str | Path, width: int = 1200, height: int = 2000) -> PageCheck:
+    """Screenshot ``html`` into ``png`` and check images decoded and image/table areas are not blank."""
+    ok, total, images, tables = page_marks(html, width, height)
+    screenshot(html, png, width, height)
+    return PageCheck(ok, total, images, tables, blank_boxes(png, images + tables))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=1200)
     ap.add_argument("--height", type=int, default=2000)
     args = ap.parse_args(argv)
-    ok, total = images_loaded(args.html)
-    path = screenshot(args.html, args.png, args.width, args.height)
-    print(f"images decoded: {ok}/{total}; screenshot: {path}")
-    return 0 if ok == total else 1
+    check = check_report(args.html, args.png, args.width, args.height)
+    print(f"images decoded: {check.images_ok}/{check.images}; tables: {len(check.table_boxes)}; "
+          f"blank areas: {len(check.blank)}; screenshot: {Path(args.png).resolve()}")
+    return 0 if check.ok else 1
 
 
 if __name__ == "__main__":
