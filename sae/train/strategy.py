@@ -26,7 +26,7 @@ from sae_kernels import gather_encode, sparse_decode
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from sae.models import ForwardOutput, SparseCoder, SparseCodes, fired_counts, fvu, l0_per_token
+from sae.models import ForwardOutput, SparseCoder, SparseCodes, VarianceFn, fired_counts, fvu, l0_per_token
 from sae.models.topk import TopKSAE
 
 from . import dist
@@ -34,8 +34,27 @@ from . import dist
 STRATEGIES = ("none", "data", "latent", "sae")
 
 
+@torch.no_grad()
+def global_token_variance(y_BE: Tensor) -> Tensor:
+    """Variance per token about the mean of the union of all ranks' batches (equal batch sizes).
+
+    Returns var_union / W * (W B) / B ... i.e. the union's total variance per token; with the FVU
+    of :func:`sae.models.fvu` each rank's loss is err_r / (B v) and the rank-average of gradients
+    equals the gradient of sum_r err_r / (W B v), the FVU of the union.
+    """
+    y = y_BE.double()
+    stats = torch.cat([y.sum(0), y.pow(2).sum().reshape(1), torch.tensor([y.shape[0]], dtype=y.dtype,
+                                                                         device=y.device)])
+    dist.all_reduce_(stats)
+    n = stats[-1]
+    s1, s2 = stats[:-2], stats[-2]
+    return ((s2 - s1.pow(2).sum() / n) / n).float()
+
+
 class SingleProcess:
     name = "none"
+    #: FVU denominator statistic (None: per batch, :func:`sae.models.token_variance`).
+    variance_fn: VarianceFn | None = None
 
     def data_split(self) -> tuple[int, int]:
         """(rank, world size) for splitting the activation source."""
@@ -84,6 +103,7 @@ class SingleProcess:
 
 class DataParallel(SingleProcess):
     name = "data"
+    variance_fn = staticmethod(global_token_variance)
 
     def data_split(self) -> tuple[int, int]:
         return dist.rank(), dist.world_size()
@@ -101,7 +121,7 @@ class DataParallel(SingleProcess):
         sae.init_from_data(xs, ys)
 
     def forward(self, sae: SparseCoder, x: Tensor, y: Tensor | None, **kw: Any) -> ForwardOutput:
-        kw.setdefault("variance_fn", global_token_variance)
+        kw.setdefault("variance_fn", self.variance_fn)
         return sae(x, y, **kw)
 
     def after_backward(self, sae: SparseCoder) -> None:
@@ -127,23 +147,6 @@ class DataParallel(SingleProcess):
     def mean_l0(self, out: ForwardOutput) -> float:
         t = l0_per_token(out.codes).mean().reshape(1)
         return dist.all_reduce_(t, "avg").item()
-
-
-@torch.no_grad()
-def global_token_variance(y_BE: Tensor) -> Tensor:
-    """Variance per token about the mean of the union of all ranks' batches (equal batch sizes).
-
-    Returns var_union / W * (W B) / B ... i.e. the union's total variance per token; with the FVU
-    of :func:`sae.models.fvu` each rank's loss is err_r / (B v) and the rank-average of gradients
-    equals the gradient of sum_r err_r / (W B v), the FVU of the union.
-    """
-    y = y_BE.double()
-    stats = torch.cat([y.sum(0), y.pow(2).sum().reshape(1), torch.tensor([y.shape[0]], dtype=y.dtype,
-                                                                         device=y.device)])
-    dist.all_reduce_(stats)
-    n = stats[-1]
-    s1, s2 = stats[:-2], stats[-2]
-    return ((s2 - s1.pow(2).sum() / n) / n).float()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +199,7 @@ class LatentParallel(SingleProcess):
         return True
 
     def forward(self, sae: TopKSAE, x: Tensor, y: Tensor | None, *, dead_mask: Tensor | None = None,
-                sparsity_scale: float = 1.0) -> ForwardOutput:
+                sparsity_scale: float = 1.0, variance_fn: VarianceFn | None = None) -> ForwardOutput:
         y = sae.check_input(x, y)
         x_in = dist.copy_to_parallel(sae.encoder_input(x))
         pre = sae.pre_activations(x_in)
@@ -207,10 +210,10 @@ class LatentParallel(SingleProcess):
         skip = sae.skip(x)
         if skip is not None:
             x_hat = x_hat + skip
-        losses = {"fvu": fvu(x_hat, y)}
+        losses = {"fvu": fvu(x_hat, y, variance_fn)}
         loss = losses["fvu"]
         if dead_mask is not None and sae.cfg.auxk_alpha > 0:
-            auxk = _auxk(sae, x_in, pre, dead_mask, (y - x_hat).detach())
+            auxk = _auxk(sae, x_in, pre, dead_mask, (y - x_hat).detach(), variance_fn)
             if auxk is not None:
                 losses["auxk"] = auxk
                 loss = loss + sae.cfg.auxk_alpha * auxk
@@ -260,7 +263,8 @@ def _global_topk(pre_BL: Tensor, k: int, shard: Shard, exclude: Tensor | None = 
     return local_idx, local_vals
 
 
-def _auxk(sae: TopKSAE, x_in: Tensor, pre_BL: Tensor, dead_mask_L: Tensor, residual: Tensor) -> Tensor | None:
+def _auxk(sae: TopKSAE, x_in: Tensor, pre_BL: Tensor, dead_mask_L: Tensor, residual: Tensor,
+          variance_fn: VarianceFn | None = None) -> Tensor | None:
     """AuxK with the exact global top-k_aux among dead latents of every shard."""
     n_dead_local = int(dead_mask_L.sum())
     n_dead = int(dist.all_reduce_(torch.tensor([n_dead_local], device=pre_BL.device)).item())
@@ -274,7 +278,7 @@ def _auxk(sae: TopKSAE, x_in: Tensor, pre_BL: Tensor, dead_mask_L: Tensor, resid
     aux_vals = gather_encode(x_in, sae.W_enc, sae.b_enc, idx, vals).relu()
     e_hat = dist.reduce_from_parallel(sparse_decode(idx, aux_vals, sae.W_dec))
     scale = min(n_dead / sae.k_aux, 1.0)
-    return scale * fvu(e_hat, residual)
+    return scale * fvu(e_hat, residual, variance_fn)
 
 
 class SAEParallel(SingleProcess):
