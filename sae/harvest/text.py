@@ -71,11 +71,14 @@ def load_text_dataset(cfg: TextConfig) -> Any:
         if None in kinds or len(kinds) != 1:
             raise ValueError(f"text files {files[:3]}... must all be one of {sorted(BUILDERS)}; "
                              f"got {sorted(map(str, kinds))}")
+        empty = ValueError(f"text files {files[:3]} are empty; point text.name at files with rows")
+        if all(Path(f).stat().st_size == 0 for f in files):
+            raise empty
         try:
             ds = load_dataset(kinds.pop(), data_files=files, split="train", streaming=cfg.streaming)
         except ValueError as e:  # datasets' wording for files without rows
             if "corresponds to no data" in str(e):
-                raise ValueError(f"text files {files[:3]} are empty; point text.name at files with rows") from e
+                raise empty from e
             raise
     else:
         ds = load_dataset(cfg.name, cfg.config_name or None, split=cfg.split, revision=cfg.revision or None,
