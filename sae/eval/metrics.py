@@ -5,7 +5,7 @@ Definitions (y target, y_hat reconstruction, rows are tokens, N tokens, L latent
     fvu                 sum ||y_hat - y||^2 / sum ||y - mean(y)||^2  (sums over the whole set)
     explained_variance  1 - fvu
     cosine              mean over tokens of cos(y_hat_b, y_b)
-    relative_norm       mean over tokens of ||y_hat_b|| / ||y_b||  (shrinkage below 1)
+    relative_norm       mean over tokens with y_b != 0 of ||y_hat_b|| / ||y_b||  (shrinkage below 1)
     l0, l1              mean over tokens of the count / sum of absolute code values
     frequency_i         fraction of tokens on which latent i fired
     dead_fraction       latents that never fired on the tokens counted (the whole eval set)
@@ -113,6 +113,7 @@ class ReconstructionStats:
     sq_err: float = 0.0
     cos_sum: float = 0.0
     norm_ratio_sum: float = 0.0
+    n_nonzero: int = 0  # tokens with a non-zero target (the relative norm is undefined for the others)
     shift: Tensor | None = None
     y_sum: Tensor | None = None  # sum of (y - shift)
     y_sq_sum: float = 0.0  # sum of ||y - shift||^2
@@ -126,7 +127,10 @@ class ReconstructionStats:
         self.n_values += y.numel()
         self.sq_err += (yh64 - y64).pow(2).sum().item()
         self.cos_sum += torch.nn.functional.cosine_similarity(yh64, y64, dim=-1).sum().item()
-        self.norm_ratio_sum += (yh64.norm(dim=-1) / y64.norm(dim=-1).clamp_min(1e-12)).sum().item()
+        y_norm = y64.norm(dim=-1)
+        nz = y_norm > 0
+        self.norm_ratio_sum += (yh64.norm(dim=-1)[nz] / y_norm[nz]).sum().item()
+        self.n_nonzero += int(nz.sum())
         s = c.sum(0)
         self.y_sum = s if self.y_sum is None else self.y_sum + s
         self.y_sq_sum += c.pow(2).sum().item()
@@ -159,8 +163,8 @@ class ReconstructionStats:
 
     @property
     def relative_norm(self) -> float:
-        """Mean ||y_hat|| / ||y|| (shrinkage below 1)."""
-        return self.norm_ratio_sum / max(self.n_tokens, 1)
+        """Mean ||y_hat|| / ||y|| over tokens with y != 0 (shrinkage below 1)."""
+        return self.norm_ratio_sum / self.n_nonzero if self.n_nonzero else float("nan")
 
     def as_dict(self) -> dict[str, float]:
         return {

@@ -1,12 +1,14 @@
 """Reconstruction and sparsity metrics of an SAE over a stream of held-out batches.
 
-Used by the trainer's final summary and the tests; the full evaluator (spliced model, plots,
-report) builds on the same accumulators.
+Used by the trainer (the periodic held-out evaluation, :class:`PeriodicEval`, and the final
+summary) and the tests; the full evaluator (``sae.eval.run``: spliced model, plots, report) uses
+the same accumulators and metric names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -40,3 +42,27 @@ def evaluate_batches(sae: SparseCoder, batches: Iterable[Batch], device: torch.d
     if rec.n_tokens == 0:
         raise ValueError("no evaluation batches: the held-out split is empty")
     return {**rec.as_dict(), **spa.as_dict(dense_threshold), "tokens": float(rec.n_tokens)}
+
+
+class PeriodicEval:
+    """A trainer step hook: every ``every`` steps, score each SAE on the same held-out batches and
+    log ``eval/<metric>/<sae name>`` (fvu, mse, cosine, l0, dead_fraction, ...) at that step.
+
+    Dead fraction here counts latents silent on the held-out slice; the trainer's
+    ``train/dead_fraction`` uses its token window.
+    """
+
+    def __init__(self, batches: Sequence[Batch], every: int):
+        if every <= 0:
+            raise ValueError(f"train.eval_every={every} must be > 0 for a periodic evaluation")
+        if not batches:
+            raise ValueError("no held-out batches for the periodic evaluation; set train.eval_every=0 or provide "
+                             "a held-out split")
+        self.batches, self.every = list(batches), every
+
+    def __call__(self, trainer: Any) -> None:
+        if trainer.step % self.every:
+            return
+        metrics = {f"eval/{k}/{name}": v for name, sae in trainer.saes.items()
+                   for k, v in evaluate_batches(sae, self.batches, trainer.device).items()}
+        trainer.logger.log(metrics, trainer.step)

@@ -35,5 +35,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = True
     log_every: int = 10
+    # Held-out evaluation every N steps (0: off), on ``eval_batches`` batches of the held-out split;
+    # logged as eval/<metric>/<sae name> next to the train/ metrics.
+    eval_every: int = 1000
+    eval_batches: int = 4
+    # After training: the full evaluation (sae-eval defaults: held-out data, spliced model, plots,
+    # report.html in final/<name>/eval/), summarised in the final print.
+    final_report: bool = True
     progress: bool = True
     out_dir: str = "runs/default"

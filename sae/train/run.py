@@ -21,7 +21,7 @@ from sae.buffer.config import DataConfig, validate_data
 from sae.buffer.source import ActivationSource, Batch
 from sae.buffer.synthetic import SyntheticSource, feature_recovery
 from sae.config import TrainRunConfig, sae_configs
-from sae.eval.quick import evaluate_batches
+from sae.eval.quick import PeriodicEval, evaluate_batches
 from sae.models import build_sae
 
 from . import dist
@@ -40,6 +40,8 @@ class RunResult:
     final_dirs: dict[str, Path]
     train_metrics: dict[str, float]
     eval_metrics: dict[str, dict[str, float]]
+    reports: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """SAE name -> ``sae.eval.run.EvalResult`` of the full evaluation (``train.final_report``)."""
 
 
 def build_source(data: DataConfig, batch_size: int, *, rank: int = 0, world_size: int = 1) -> ActivationSource:
@@ -120,6 +122,12 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
     if hasattr(source, "normalization"):
         meta["normalization"] = source.normalization
     trainer = Trainer(run.train, saes, source, logger=logger, sae_meta=meta, strategy=strategy, device=device)
+    if run.train.eval_every > 0 and dist.is_main():
+        if strategy.name == "latent":  # each rank holds a slice of the latents: nothing whole to score
+            log.info("train.parallel=latent: no periodic held-out evaluation (the final one still runs)")
+        else:
+            batches = heldout_batches(source, run.train.eval_batches)
+            trainer.step_hooks.append(PeriodicEval(batches, run.train.eval_every))
     train_metrics = trainer.fit()
     final_dirs = trainer.final_dirs
     if strategy.name == "latent":  # join the shards once; rank 0 scores the full SAE
@@ -137,17 +145,35 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
     for part in dist.all_gather_objects((eval_metrics, {n: str(p) for n, p in final_dirs.items()})):
         eval_metrics.update(part[0])
         final_dirs.update({n: Path(p) for n, p in part[1].items()})
+    reports = final_reports(final_dirs, str(trainer.device)) if run.train.final_report and dist.is_main() else {}
     if dist.is_main():
         summary: dict[str, Any] = {"steps": trainer.step, "tokens": trainer.tokens, "eval": eval_metrics,
                                    "final": {n: str(p) for n, p in final_dirs.items()},
+                                   "reports": {n: str(r.report_json) for n, r in reports.items()},
                                    "world_size": dist.world_size(), "parallel": strategy.name}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return RunResult(out_dir, final_dirs, train_metrics, eval_metrics)
+    return RunResult(out_dir, final_dirs, train_metrics, eval_metrics, reports)
+
+
+def final_reports(final_dirs: dict[str, Path], device: str) -> dict[str, Any]:
+    """Full evaluation (``sae-eval`` defaults) of each final SAE: report.json/html in final/<name>/eval/."""
+    from sae.eval.config import EvalConfig
+    from sae.eval.run import run_eval
+
+    return {name: run_eval(EvalConfig(sae_path=str(d), device=device)) for name, d in final_dirs.items()}
 
 
 def format_summary(result: RunResult) -> str:
     lines = [f"outputs: {result.out_dir}"]
     for name, m in result.eval_metrics.items():
+        report = result.reports.get(name)
+        if report is not None:  # the full evaluation: FVU, L0, dead %, spliced-model figure, report path
+            from sae.eval.run import summary_line
+
+            extra = [f"{k}={v:.3f}" for k, v in report.report["metrics"].items() if k == "feature_recovery"]
+            lines.append(f"  {name}: {summary_line(report)}" + "".join(f" {e}" for e in extra)
+                         + f"\n    weights: {result.final_dirs[name]}")
+            continue
         parts = [f"fvu={m['fvu']:.4f}", f"l0={m['l0']:.1f}", f"dead={100 * m['dead_fraction']:.1f}%",
                  f"cos={m['cosine']:.3f}"]
         parts += [f"{k}={v:.3f}" for k, v in m.items() if k in ("feature_recovery",)]

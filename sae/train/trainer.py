@@ -57,6 +57,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (cfg.eps > 0 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "eps/beta1/beta2", "are out of range"),
         (cfg.grad_accum_steps >= 1 and cfg.batch_size % cfg.grad_accum_steps == 0, "grad_accum_steps",
          f"must be >= 1 and divide batch_size={cfg.batch_size}"),
+        (cfg.eval_every >= 0, "eval_every", "must be >= 0 (0: no periodic evaluation)"),
+        (cfg.eval_batches > 0, "eval_batches", "must be > 0"),
     ]
     for ok, name, msg in checks:
         if not ok:

@@ -20,6 +20,9 @@ def test_reconstruction_hand_computed():
     assert m["mse"] == pytest.approx(2 / 4)
     assert m["cosine"] == pytest.approx((1 / math.sqrt(2) + 1.0) / 2)
     assert m["relative_norm"] == pytest.approx((math.sqrt(2) / 1 + 2 / 3) / 2)
+    # A zero target has no relative norm: it is left out of that mean (and only of that one).
+    z = ReconstructionStats().update(torch.cat([y_hat, torch.ones(1, 2)]), torch.cat([y, torch.zeros(1, 2)]))
+    assert z.relative_norm == pytest.approx(m["relative_norm"]) and z.n_tokens == 3
 
 
 def test_fvu_over_batches_equals_fvu_of_concatenation():
