@@ -18,3 +18,9 @@ if [ ! -f "$STAMP" ]; then
   rm -f .venv/.installed-*
   touch "$STAMP"
 fi
+# Headless Chromium for the report-rendering test (tests/eval/test_eval_report_e2e.py); only as
+# root with apt-get (CI, containers). Elsewhere that test skips and says how to install it.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "setup.sh: could not install chromium; the report-rendering test will skip" >&2
+fi
