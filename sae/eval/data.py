@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,8 @@ def _cap(batches: Iterator[RowBatch], max_tokens: int) -> Iterator[RowBatch]:
             return
         seen += b.x.shape[0]
         yield b
+        if max_tokens and seen >= max_tokens:
+            return  # without reading (or harvesting) one more batch
 
 
 def _split(x: Tensor, y: Tensor | None, meta: dict[str, Tensor], batch_size: int, x_norm: Normalizer,
@@ -129,7 +132,10 @@ def live_rows(harvester: Harvester, ds: Any, hookpoint: str, target_hookpoint: s
 
     def make() -> Iterator[RowBatch]:
         def gen() -> Iterator[RowBatch]:
-            for chunk in harvester.chunks(ds, select=lambda c: c < contexts):
+            # islice stops the text after the held-out contexts (a select filter would scan it all).
+            first = islice(iter_contexts(ds, harvester.lm.tokenizer, harvester.text), contexts)
+            for batch in iter_batches(first, harvester.cfg.batch_size, harvester.pad_id):
+                chunk = harvester.harvest(batch)
                 meta = {f: getattr(chunk, f) for f in TOKEN_FIELDS}
                 y = chunk.acts[target_hookpoint] if target_hookpoint else None
                 yield from _split(chunk.acts[hookpoint], y, meta, batch_size, x_norm, y_norm)

@@ -101,10 +101,10 @@ def plot_training(curves: dict[str, list[tuple[int, float]]], path: str | Path) 
     fig = Figure(figsize=(4 * len(panels), 3.4))
     for i, (k, title) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        for split, style in (("train", "-"), ("eval", "o-")):
+        for split, style, label in (("train", "-", "train"), ("eval", "o-", "held-out")):
             pts = curves.get(f"{split}/{k}")
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, markersize=3, label=split)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, markersize=3, label=label)
         if k == "fvu" and all(v > 0 for s in ("train", "eval") for _, v in curves.get(f"{s}/fvu", [])):
             ax.set_yscale("log")
         ax.set_xlabel("step")
