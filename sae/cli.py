@@ -60,3 +60,10 @@ def _eval(cfg: DictConfig) -> None:
 
 def eval_main() -> None:
     _eval()
+
+
+def export_main(argv: list[str] | None = None) -> None:
+    """``sae-export`` (argparse; see ``sae-export --help`` and :mod:`sae.export.command`)."""
+    from sae.export.command import main
+
+    main(argv)

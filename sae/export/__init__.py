@@ -1,0 +1,16 @@
+"""Export and import: Hugging Face folders in our, SAELens' and sparsify's formats, model cards, Hub upload.
+
+The last stage (harvest -> buffer -> train -> eval -> export). ``sae-export`` writes a checkpoint
+as one folder per hook point (:mod:`.export`); :func:`load_pretrained` reads any of the three
+formats back into our classes (:mod:`.load`).
+"""
+
+from .export import ExportResult, export_checkpoint, export_items
+from .hub import MissingTokenError, push_to_hub
+from .load import FORMATS, Pretrained, detect_format, load_pretrained, load_pretrained_with_info
+from .source import ExportItem, collect
+
+__all__ = [
+    "FORMATS", "ExportItem", "ExportResult", "MissingTokenError", "Pretrained", "collect", "detect_format",
+    "export_checkpoint", "export_items", "load_pretrained", "load_pretrained_with_info", "push_to_hub",
+]

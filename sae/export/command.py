@@ -1,0 +1,44 @@
+"""Arguments of ``sae-export`` (argparse: paths and flags, no config tree to compose).
+
+    sae-export runs/x/final/topk runs/x/hf --format saelens
+    sae-export runs/x runs/x/hf --format sparsify --push-to-hub me/sae-pythia-70m --private
+    sae-export EleutherAI/sae-pythia-70m-32k out --hookpoint layers.3 --format ours   # convert
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .export import DTYPES, export_checkpoint
+from .load import FORMATS
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sae-export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="SAE folder (final/<name>, checkpoints/step_N/<name>, latent-parallel "
+                                      "shards), a checkpoint step, final/ or run folder, or a SAELens/sparsify "
+                                      "folder or Hub repo")
+    p.add_argument("out_dir", help="export folder: one sub-folder per hook point plus README.md")
+    p.add_argument("--format", choices=FORMATS, default="saelens", help="weights layout (default: saelens)")
+    p.add_argument("--hookpoint", default=None, help="folder name for a single SAE (default: its training hook point); "
+                                                     "for a foreign multi-SAE source, the SAE to take")
+    p.add_argument("--model-name", default=None, help="model named in the card when the checkpoint does not record it")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written weights")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default="", help="upload the export folder to this model repo")
+    p.add_argument("--private", action="store_true", help="create the Hub repo private")
+    p.add_argument("--revision", default=None, help="Hub branch to commit to (created if missing; default main)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = export_checkpoint(args.checkpoint, args.out_dir, args.format, hookpoint=args.hookpoint,
+                               model_name=args.model_name, dtype=args.dtype, push_to_hub=args.push_to_hub,
+                               private=args.private, revision=args.revision)
+    for name, folder in result.folders.items():
+        print(f"{name} -> {folder} ({result.format})")
+    if args.push_to_hub:
+        print(f"uploaded to {args.push_to_hub}: {result.commit_url or 'no change since the last upload'}")

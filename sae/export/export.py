@@ -1,0 +1,125 @@
+"""Export: checkpoint -> one folder per hook point (weights, cfg.json, README.md) -> optionally the Hub.
+
+Layout written under ``out_dir``::
+
+    README.md                  repo card: the SAEs, how to load them (the Hub's front page)
+    <hookpoint>/README.md      model card of one SAE
+    <hookpoint>/...            weights + cfg.json in the chosen format (see .native, .saelens, .sparsify)
+
+The folder is the SAE's hook point (``layers.3``), or its name in the run when the hook point is
+unknown (synthetic data); SAEs sharing a hook point (a sweep over k) get ``<hookpoint>/<name>``.
+These are the ``sae_id`` of ``sae_lens.SAE.from_pretrained(repo, sae_id)`` and the ``hookpoint``
+of ``sparsify.Sae.load_from_hub(repo, hookpoint)``. Output bytes depend only on the inputs, so
+exporting again and re-uploading an unchanged checkpoint commits nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import native, saelens, sparsify
+from .card import CardEntry, repo_card, sae_card
+from .load import FORMATS
+from .source import ExportItem, collect
+
+log = logging.getLogger(__name__)
+
+WRITERS: dict[str, Callable[[ExportItem, Path, torch.dtype], None]] = {
+    "ours": native.write_native, "saelens": saelens.write_saelens, "sparsify": sparsify.write_sparsify}
+FORMAT_FILES = {"ours": native.FILES, "saelens": saelens.FILES, "sparsify": sparsify.FILES}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    folders: dict[str, Path]
+    """SAE name -> its exported folder."""
+    format: str
+    commit_url: str = ""
+
+
+def folder_names(items: list[ExportItem]) -> list[str]:
+    """Folder of each SAE inside the export root (see the module docstring)."""
+    base = [i.hookpoint or i.name for i in items]
+    seen = Counter(base)
+    names = [f"{b}/{i.name}" if seen[b] > 1 else b for b, i in zip(base, items)]
+    for n in names:
+        if n.startswith("/") or ".." in n.split("/"):
+            raise ValueError(f"hook point / SAE name {n!r} cannot be used as a folder name; pass --hookpoint")
+    return names
+
+
+def check_options(fmt: str, dtype: str) -> torch.dtype:
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r}; choose one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def export_items(items: list[ExportItem], out_dir: str | Path, fmt: str = "saelens", *, dtype: str = "float32",
+                 repo_id: str = "") -> ExportResult:
+    """Write ``items`` into ``out_dir`` in format ``fmt`` with model cards.
+
+    Raises:
+        ValueError: unknown format/dtype, or an SAE the format cannot represent (every SAE is
+        checked before anything is written).
+    """
+    torch_dtype = check_options(fmt, dtype)
+    if not items:
+        raise ValueError("nothing to export")
+    for item in items:  # fail before writing anything
+        if fmt == "saelens":
+            saelens.saelens_architecture(item.sae)
+        elif fmt == "sparsify":
+            sparsify.check_exportable(item.sae)
+    out = Path(out_dir)
+    entries = [CardEntry(item, name) for item, name in zip(items, folder_names(items))]
+    folders = {}
+    for entry in entries:
+        folder = out / entry.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in FORMAT_FILES[fmt]:  # an optional file of an earlier export must not survive
+            (folder / stale).unlink(missing_ok=True)
+        WRITERS[fmt](entry.item, folder, torch_dtype)
+        (folder / "README.md").write_text(sae_card(fmt, entry, repo_id), encoding="utf-8")
+        folders[entry.item.name] = folder
+    (out / "README.md").write_text(repo_card(fmt, entries, repo_id), encoding="utf-8")
+    return ExportResult(out, folders, fmt)
+
+
+def export_checkpoint(path: str | Path, out_dir: str | Path, fmt: str = "saelens", *, hookpoint: str | None = None,
+                      model_name: str | None = None, dtype: str = "float32", push_to_hub: str = "",
+                      private: bool = False, revision: str | None = None) -> ExportResult:
+    """``sae-export``: read the SAEs at ``path``, write them to ``out_dir``, optionally upload.
+
+    Args:
+        path: an SAE folder, shard folder, checkpoint step, ``final/`` or run folder, or a folder /
+            Hub repo id in another supported format (converted).
+        hookpoint: folder name to use for a single SAE (and the SAE to pick from a foreign
+            multi-SAE source).
+        model_name: model recorded in the card and SAELens metadata when the checkpoint lacks it.
+        push_to_hub: repo id to upload ``out_dir`` to ("" : no upload).
+    """
+    check_options(fmt, dtype)
+    items = collect(path, hookpoint)
+    if hookpoint:
+        if len(items) > 1:
+            raise ValueError(f"--hookpoint {hookpoint!r} names one SAE but {path} holds {len(items)} "
+                             f"({', '.join(i.name for i in items)}); export them separately or drop --hookpoint")
+        items[0].hookpoint = hookpoint
+    for item in items:
+        item.model_name = item.model_name or (model_name or "")
+    result = export_items(items, out_dir, fmt, dtype=dtype, repo_id=push_to_hub)
+    if push_to_hub:
+        from .hub import push_to_hub as upload
+
+        result.commit_url = upload(result.out_dir, push_to_hub, private=private, revision=revision)
+    return result

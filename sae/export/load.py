@@ -1,0 +1,146 @@
+"""Import: load a published SAE (a local folder or a Hugging Face Hub repo) into our classes.
+
+    from sae.export import load_pretrained
+    sae = load_pretrained("runs/x/export/layers.3")                      # any supported format
+    sae = load_pretrained("EleutherAI/sae-pythia-70m-32k", hookpoint="layers.3")   # Hub repo id
+
+The format is detected from the files (:func:`detect_format`): ours (``sae.safetensors`` +
+``cfg.json`` with an ``sae`` section), SAELens (``sae_weights.safetensors``) or sparsify
+(``sae.safetensors`` with ``encoder.weight``). The result is a :class:`~sae.models.SparseCoder`
+whose ``encode``/``decode``/``forward`` match the source library's outputs, so it can be
+evaluated or trained further. Weights are read with safetensors only, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from sae.models import SparseCoder
+
+from . import native, saelens, sparsify
+
+FORMATS = ("ours", "saelens", "sparsify")
+
+
+@dataclass
+class Pretrained:
+    """An imported SAE and what its folder says about it."""
+
+    sae: SparseCoder
+    format: str
+    """ours | saelens | sparsify"""
+    folder: Path
+    name: str = ""
+    hookpoint: str = ""
+    target_hookpoint: str = ""
+    model_name: str = ""
+    cfg: dict[str, Any] = field(default_factory=dict)
+    """The folder's cfg.json as written."""
+
+
+def detect_format(folder: str | Path) -> str:
+    """``ours``, ``saelens`` or ``sparsify`` from the files in ``folder``.
+
+    Raises:
+        FileNotFoundError: no SAE files in ``folder`` (the message lists SAE sub-folders if any).
+    """
+    folder = Path(folder)
+    if (folder / saelens.WEIGHTS).is_file() and (folder / saelens.CFG).is_file():
+        return "saelens"
+    if (folder / native.FILES[0]).is_file() and (folder / native.FILES[1]).is_file():
+        cfg = json.loads((folder / native.FILES[1]).read_text())
+        if isinstance(cfg.get("sae"), dict) and "architecture" in cfg:
+            return "ours"
+        with safe_open(str(folder / sparsify.WEIGHTS), framework="pt") as fh:
+            keys = set(fh.keys())
+        if "encoder.weight" in keys:
+            return "sparsify"
+        raise ValueError(f"{folder} has {native.FILES[0]} with tensors {sorted(keys)}: neither our format nor "
+                         "sparsify's")
+    subs = sae_subfolders(folder)
+    hint = f"; it holds SAEs in {', '.join(subs)}: pass hookpoint=<one of them>" if subs else ""
+    raise FileNotFoundError(f"no SAE in {folder} (expected cfg.json with sae.safetensors or "
+                            f"sae_weights.safetensors){hint}")
+
+
+def sae_subfolders(root: Path) -> list[str]:
+    """Relative paths of the folders under ``root`` (two levels deep) that hold an SAE."""
+    if not root.is_dir():
+        return []
+    found = {p.parent for name in (saelens.WEIGHTS, sparsify.WEIGHTS) for p in root.glob(f"*/{name}")}
+    found |= {p.parent for name in (saelens.WEIGHTS, sparsify.WEIGHTS) for p in root.glob(f"*/*/{name}")}
+    return sorted(str(p.relative_to(root)) for p in found if (p / "cfg.json").is_file())
+
+
+def read_folder(folder: str | Path) -> Pretrained:
+    """Load the SAE in ``folder`` in whichever supported format it is."""
+    folder = Path(folder)
+    fmt = detect_format(folder)
+    if fmt == "ours":
+        sae, cfg = native.read_native(folder)
+        prov = cfg.get("provenance") or {}
+        data = cfg.get("data") or {}
+        return Pretrained(sae, fmt, folder, prov.get("name", folder.name),
+                          prov.get("hookpoint") or data.get("hookpoint", ""),
+                          prov.get("target_hookpoint") or data.get("target_hookpoint", ""), prov.get("model", ""), cfg)
+    if fmt == "saelens":
+        sae, cfg = saelens.read_saelens(folder)
+        meta = cfg.get("metadata") or {}
+        return Pretrained(sae, fmt, folder, folder.name, meta.get("hf_hook_name") or meta.get("hook_name") or "",
+                          meta.get("hf_hook_name_out") or meta.get("hook_name_out") or "",
+                          meta.get("model_name") or "", cfg)
+    sae, cfg = sparsify.read_sparsify(folder)
+    return Pretrained(sae, fmt, folder, folder.name, folder.name, "", "", cfg)
+
+
+def _resolve(path_or_repo: str | Path, hookpoint: str | None, revision: str | None) -> Path:
+    p = Path(path_or_repo)
+    if not p.exists():
+        from .hub import download
+
+        p = download(str(path_or_repo), hookpoint, revision=revision)
+    folder = p / hookpoint if hookpoint else p
+    if hookpoint and not folder.is_dir():
+        subs = sae_subfolders(p)
+        raise FileNotFoundError(f"hookpoint={hookpoint!r} is not a folder of {path_or_repo}; it holds "
+                                f"{', '.join(subs) or 'no SAE'}")
+    if not hookpoint and not any((folder / f).is_file() for f in ("cfg.json",)):
+        subs = sae_subfolders(folder)
+        if len(subs) == 1:
+            return folder / subs[0]
+        if subs:
+            raise ValueError(f"{path_or_repo} holds {len(subs)} SAEs ({', '.join(subs[:8])}); choose one with "
+                             "hookpoint=")
+    return folder
+
+
+def load_pretrained_with_info(path_or_repo: str | Path, hookpoint: str | None = None, *,
+                              revision: str | None = None, device: str = "cpu") -> Pretrained:
+    """Like :func:`load_pretrained`, returning the format and provenance too."""
+    loaded = read_folder(_resolve(path_or_repo, hookpoint, revision))
+    loaded.sae = loaded.sae.to(device).eval()  # inference mode, as published; .train() to fine-tune
+    return loaded
+
+
+def load_pretrained(path_or_repo: str | Path, hookpoint: str | None = None, *, revision: str | None = None,
+                    device: str = "cpu") -> SparseCoder:
+    """Load an SAE from a local folder or a Hub repo id, in our, SAELens' or sparsify's format.
+
+    Args:
+        path_or_repo: a folder holding one SAE (or SAE sub-folders), or a Hub repo id
+            (downloaded with ``huggingface_hub.snapshot_download``; honours ``HF_ENDPOINT``,
+            ``HF_TOKEN`` and ``HF_HUB_OFFLINE``).
+        hookpoint: the sub-folder to load when the folder or repo holds several SAEs
+            (``layers.3``, or SAELens' ``sae_id``).
+        revision: Hub branch, tag or commit.
+
+    Raises:
+        FileNotFoundError / ValueError: no SAE there, several without ``hookpoint``, or a
+        configuration we cannot represent exactly (the message says which and what to do).
+    """
+    return load_pretrained_with_info(path_or_repo, hookpoint, revision=revision, device=device).sae
