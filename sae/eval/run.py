@@ -83,25 +83,42 @@ class EvalInputs:
     """Why there is no model (synthetic data), for the report."""
 
 
+SHARDS = "shard_*_of_*"
+
+
+def _is_sae_dir(d: Path) -> bool:
+    """A portable SAE folder, or a latent-parallel one (``shard_RR_of_WW`` folders, each an SAE)."""
+    return (d / CFG).is_file() or any((s / CFG).is_file() for s in d.glob(SHARDS))
+
+
 def find_sae_dir(path: str | Path) -> Path:
-    """The SAE folder (with cfg.json) at ``path``, or the only one inside it (run dir, final/, checkpoint).
+    """The SAE folder at ``path``, or the only one inside it (run dir, final/, checkpoint).
 
     Raises:
         FileNotFoundError: no SAE there. ValueError: several SAEs; the message lists them.
     """
     p = Path(path)
-    if (p / CFG).is_file():
+    if _is_sae_dir(p):
         return p
     if not p.is_dir():
         raise FileNotFoundError(f"eval.sae_path={str(path)!r} does not exist; give a final/<name>/ or a checkpoint "
                                 "folder")
-    found = sorted({c.parent for pattern in (f"*/{CFG}", f"final/*/{CFG}") for c in p.glob(pattern)})
+    found = sorted(d for pattern in ("*", "final/*") for d in p.glob(pattern) if d.is_dir() and _is_sae_dir(d))
     if len(found) == 1:
         return found[0]
     if not found:
         raise FileNotFoundError(f"no SAE ({CFG}) in {p} or its final/ folder; point eval.sae_path at final/<name>/")
     raise ValueError(f"{p} holds {len(found)} SAEs ({', '.join(str(f) for f in found[:6])}); choose one with "
                      "eval.sae_path")
+
+
+def load_for_eval(sae_dir: Path, device: torch.device) -> tuple[SparseCoder, dict[str, Any]]:
+    """The SAE (latent-parallel shards joined) and its cfg.json metadata."""
+    if (sae_dir / CFG).is_file():
+        return load_sae(sae_dir, device), read_sae_cfg(sae_dir)
+    from sae.train.reshard import consolidate_sae, shard_folders
+
+    return consolidate_sae(sae_dir).to(device), read_sae_cfg(shard_folders(sae_dir)[0])
 
 
 def data_config(meta: dict[str, Any]) -> DataConfig:
@@ -252,9 +269,9 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     """
     validate_eval(cfg)
     sae_dir = find_sae_dir(cfg.sae_path)
-    meta = read_sae_cfg(sae_dir)
     device = resolve_device(cfg.device)
-    sae = load_sae(sae_dir, device).eval()
+    sae, meta = load_for_eval(sae_dir, device)
+    sae.eval()
     inp = open_inputs(cfg, meta)
     rec, spa = score_rows(sae, inp.rows, device, cfg.dead_window_tokens)
     metrics = {**rec.as_dict(), **spa.as_dict(cfg.dense_threshold), "tokens": float(rec.n_tokens)}

@@ -105,3 +105,23 @@ def test_synthetic_eval_skips_model_parts_and_says_why(tmp_path):
     assert "spliced: n/a (synthetic data has no model or tokens)" in summary_line(result)
     assert 0 <= r["metrics"]["feature_recovery"] <= 1
     assert "not run: synthetic data has no model" in result.report_html.read_text()
+
+
+def test_latent_parallel_shards_are_joined_for_evaluation(tmp_path):
+    from sae.train.strategy import shard_topk
+
+    full = build_sae(SAEConfig(k=4, num_latents=64), 16, seed=0)
+    data = DataConfig()
+    data.synthetic.d = 16
+    meta = {"data": dataclasses.asdict(data)}
+    for r in range(2):
+        part = shard_topk(full, r, 2)
+        save_sae(part, tmp_path / "run" / "final" / "topk" / f"shard_{r:02d}_of_02", **meta,
+                 shard=dataclasses.asdict(part.shard))
+    save_sae(full, tmp_path / "plain", **meta)
+    cfg = dict(max_tokens=2048, batch_size=512, device="cpu", plots=False, html=False)
+    sharded = run_eval(EvalConfig(sae_path=str(tmp_path / "run"), **cfg)).report
+    plain = run_eval(EvalConfig(sae_path=str(tmp_path / "plain"), **cfg)).report
+    assert sharded["sae"]["num_latents"] == 64
+    assert sharded["metrics"]["fvu"] == pytest.approx(plain["metrics"]["fvu"], rel=1e-6)
+    assert sharded["metrics"]["dead_fraction"] == plain["metrics"]["dead_fraction"]
