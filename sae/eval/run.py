@@ -139,10 +139,6 @@ def _normalizers(meta: dict[str, Any], mode: str, stats: dict[str, Any], hp: str
     return x, Normalizer.from_sums(mode, stats.get(target), target) if target else Normalizer("none")
 
 
-def _model_cfg(model: ModelConfig, device: str) -> ModelConfig:
-    return dataclasses.replace(model, device=device)
-
-
 def open_inputs(cfg: EvalConfig, meta: dict[str, Any]) -> EvalInputs:
     """Rows, normalisers and (for real models) the model, from the SAE's training data section.
 
@@ -151,48 +147,54 @@ def open_inputs(cfg: EvalConfig, meta: dict[str, Any]) -> EvalInputs:
     """
     data = data_config(meta)
     source = cfg.source or data.source
-    want_model = cfg.splice.enabled or cfg.examples.num_latents > 0
     if source == "synthetic":
         rows = synthetic_rows(data.synthetic, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
         none = Normalizer("none")
         return EvalInputs(rows, "synthetic", "", none, none, no_model="synthetic data has no model or tokens")
     if source == "buffer":
-        folder = Path(cfg.buffer_path or data.buffer.path)
-        manifest = read_manifest(folder)
-        hp = data.hookpoint or manifest["hookpoint_order"][0]
-        if not data.hookpoint and len(manifest["hookpoint_order"]) != 1:
-            raise ValueError(f"buffer {folder} holds {manifest['hookpoint_order']} and the SAE's cfg.json names no "
-                             "hook point; evaluate an SAE trained on this buffer")
-        target = data.target_hookpoint
-        x_norm, y_norm = _normalizers(meta, data.normalize, manifest["stats"], hp, target)
-        rows = buffer_rows(folder, hp, target, shards=cfg.shards, heldout_shards=data.buffer.heldout_shards,
-                           max_tokens=cfg.max_tokens, batch_size=cfg.batch_size, x_norm=x_norm, y_norm=y_norm)
-        inputs = EvalInputs(rows, hp, target, x_norm, y_norm)
-        stats = manifest["stats"].get(target or hp)
-        if stats and stats.get("count"):
-            inputs.mean = torch.tensor(stats["sum"], dtype=torch.float64).div(stats["count"]).float()
-        if want_model:
-            m = manifest["model"]
-            model = ModelConfig(name=m["name"], revision=m.get("revision", ""), dtype=m.get("dtype", "float32"),
-                                device=cfg.device)
-            inputs.lm, inputs.kind = load_eval_model(model, cfg.splice.kind)
-            inputs.text = text_config_from_manifest(manifest)
-            inputs.harvester = Harvester(inputs.lm, [hp] + ([target] if target else []), inputs.text,
-                                         harvest_config_from_manifest(manifest))
-        return inputs
+        return _buffer_inputs(cfg, data, meta)
     if source == "live":
-        live = data.live
-        lm, kind = load_eval_model(_model_cfg(live.model, cfg.device), cfg.splice.kind)
-        wanted = [data.hookpoint] + ([data.target_hookpoint] if data.target_hookpoint else [])
-        harvester = Harvester(lm, wanted, live.text, dataclasses.replace(live.harvest, progress=False))
-        hp, target = harvester.names[0], (harvester.names[1] if data.target_hookpoint else "")
-        recorded = meta.get("normalization") or {}
-        x_norm, y_norm = normalizer_from_dict(recorded.get("x")), normalizer_from_dict(recorded.get("y"))
-        ds = load_text_dataset(live.text)
-        rows = live_rows(harvester, ds, hp, target, contexts=live.heldout_contexts, max_tokens=cfg.max_tokens,
-                         batch_size=cfg.batch_size, x_norm=x_norm, y_norm=y_norm)
-        return EvalInputs(rows, hp, target, x_norm, y_norm, lm, kind, harvester, live.text, ds)
+        return _live_inputs(cfg, data, meta)
     raise ValueError(f"eval.source={source!r} must be buffer, live or synthetic")
+
+
+def _buffer_inputs(cfg: EvalConfig, data: DataConfig, meta: dict[str, Any]) -> EvalInputs:
+    folder = Path(cfg.buffer_path or data.buffer.path)
+    manifest = read_manifest(folder)
+    if not data.hookpoint and len(manifest["hookpoint_order"]) != 1:
+        raise ValueError(f"buffer {folder} holds {manifest['hookpoint_order']} and the SAE's cfg.json names no "
+                         "hook point; evaluate an SAE trained on this buffer")
+    hp, target = data.hookpoint or manifest["hookpoint_order"][0], data.target_hookpoint
+    x_norm, y_norm = _normalizers(meta, data.normalize, manifest["stats"], hp, target)
+    rows = buffer_rows(folder, hp, target, shards=cfg.shards, heldout_shards=data.buffer.heldout_shards,
+                       max_tokens=cfg.max_tokens, batch_size=cfg.batch_size, x_norm=x_norm, y_norm=y_norm)
+    inputs = EvalInputs(rows, hp, target, x_norm, y_norm)
+    stats = manifest["stats"].get(target or hp)
+    if stats and stats.get("count"):  # the buffer-wide mean of the replaced point, for the mean ablation
+        inputs.mean = torch.tensor(stats["sum"], dtype=torch.float64).div(stats["count"]).float()
+    if cfg.splice.enabled or cfg.examples.num_latents > 0:
+        m = manifest["model"]
+        model = ModelConfig(name=m["name"], revision=m.get("revision", ""), dtype=m.get("dtype", "float32"),
+                            device=cfg.device)
+        inputs.lm, inputs.kind = load_eval_model(model, cfg.splice.kind)
+        inputs.text = text_config_from_manifest(manifest)
+        inputs.harvester = Harvester(inputs.lm, [hp] + ([target] if target else []), inputs.text,
+                                     harvest_config_from_manifest(manifest))
+    return inputs
+
+
+def _live_inputs(cfg: EvalConfig, data: DataConfig, meta: dict[str, Any]) -> EvalInputs:
+    live = data.live
+    lm, kind = load_eval_model(dataclasses.replace(live.model, device=cfg.device), cfg.splice.kind)
+    wanted = [data.hookpoint] + ([data.target_hookpoint] if data.target_hookpoint else [])
+    harvester = Harvester(lm, wanted, live.text, dataclasses.replace(live.harvest, progress=False))
+    hp, target = harvester.names[0], (harvester.names[1] if data.target_hookpoint else "")
+    recorded = meta.get("normalization") or {}
+    x_norm, y_norm = normalizer_from_dict(recorded.get("x")), normalizer_from_dict(recorded.get("y"))
+    ds = load_text_dataset(live.text)
+    rows = live_rows(harvester, ds, hp, target, contexts=live.heldout_contexts, max_tokens=cfg.max_tokens,
+                     batch_size=cfg.batch_size, x_norm=x_norm, y_norm=y_norm)
+    return EvalInputs(rows, hp, target, x_norm, y_norm, lm, kind, harvester, live.text, ds)
 
 
 @torch.no_grad()
@@ -208,6 +210,11 @@ def score_rows(sae: SparseCoder, rows: EvalSet, device: torch.device, dead_windo
     sae.eval()
     try:
         for b in rows:
+            if b.x.shape[1] != sae.d_in or (b.y is not None and b.y.shape[1] != sae.d_out):
+                got = (b.x.shape[1], sae.d_in if b.y is None else b.y.shape[1])
+                raise ValueError(f"the {rows.source} rows have d_in, d_out = {got} but the SAE has "
+                                 f"{(sae.d_in, sae.d_out)} ({rows.info.get('hookpoint', '')}); evaluate it on the data "
+                                 "it was trained on (eval.source, eval.buffer_path)")
             x = b.x.to(device)
             codes = sae.encode(x)
             rec.update(sae.reconstruct(x, codes), b.y.to(device) if b.y is not None else x)

@@ -125,3 +125,11 @@ def test_latent_parallel_shards_are_joined_for_evaluation(tmp_path):
     assert sharded["sae"]["num_latents"] == 64
     assert sharded["metrics"]["fvu"] == pytest.approx(plain["metrics"]["fvu"], rel=1e-6)
     assert sharded["metrics"]["dead_fraction"] == plain["metrics"]["dead_fraction"]
+
+
+def test_rows_of_another_width_are_a_clear_error(tmp_path):
+    data = DataConfig()
+    data.synthetic.d = 16
+    save_sae(build_sae(SAEConfig(k=2, num_latents=32), 8), tmp_path / "s", data=dataclasses.asdict(data))
+    with pytest.raises(ValueError, match=r"rows have d_in, d_out = \(16, 16\) but the SAE has \(8, 8\).*eval.source"):
+        run_eval(EvalConfig(sae_path=str(tmp_path / "s"), max_tokens=512, batch_size=256, device="cpu"))
