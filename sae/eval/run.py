@@ -211,7 +211,7 @@ def score_rows(sae: SparseCoder, rows: EvalSet, device: torch.device, dead_windo
     try:
         for b in rows:
             if b.x.shape[1] != sae.d_in or (b.y is not None and b.y.shape[1] != sae.d_out):
-                got = (b.x.shape[1], sae.d_in if b.y is None else b.y.shape[1])
+                got = (b.x.shape[1], b.x.shape[1] if b.y is None else b.y.shape[1])
                 raise ValueError(f"the {rows.source} rows have d_in, d_out = {got} but the SAE has "
                                  f"{(sae.d_in, sae.d_out)} ({rows.info.get('hookpoint', '')}); evaluate it on the data "
                                  "it was trained on (eval.source, eval.buffer_path)")
