@@ -212,9 +212,10 @@ def score_rows(sae: SparseCoder, rows: EvalSet, device: torch.device, dead_windo
         for b in rows:
             if b.x.shape[1] != sae.d_in or (b.y is not None and b.y.shape[1] != sae.d_out):
                 got = (b.x.shape[1], b.x.shape[1] if b.y is None else b.y.shape[1])
-                raise ValueError(f"the {rows.source} rows have d_in, d_out = {got} but the SAE has "
-                                 f"{(sae.d_in, sae.d_out)} ({rows.info.get('hookpoint', '')}); evaluate it on the data "
-                                 "it was trained on (eval.source, eval.buffer_path)")
+                where = f" at hook point {rows.info['hookpoint']!r}" if rows.info.get("hookpoint") else ""
+                raise ValueError(f"the {rows.source} rows{where} have d_in, d_out = {got} but the SAE has "
+                                 f"{(sae.d_in, sae.d_out)}; evaluate it on the data it was trained on (eval.source, "
+                                 "eval.buffer_path)")
             x = b.x.to(device)
             codes = sae.encode(x)
             rec.update(sae.reconstruct(x, codes), b.y.to(device) if b.y is not None else x)
