@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from .export import DTYPES, export_checkpoint
+from .hub import MissingTokenError
 from .load import FORMATS
 
 
@@ -35,9 +37,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = export_checkpoint(args.checkpoint, args.out_dir, args.format, hookpoint=args.hookpoint,
-                               model_name=args.model_name, dtype=args.dtype, push_to_hub=args.push_to_hub,
-                               private=args.private, revision=args.revision)
+    try:
+        result = export_checkpoint(args.checkpoint, args.out_dir, args.format, hookpoint=args.hookpoint,
+                                   model_name=args.model_name, dtype=args.dtype, push_to_hub=args.push_to_hub,
+                                   private=args.private, revision=args.revision)
+    except (MissingTokenError, FileNotFoundError, ValueError) as e:  # user errors: the message says the fix
+        sys.exit(f"sae-export: error: {e}")
     for name, folder in result.folders.items():
         print(f"{name} -> {folder} ({result.format})")
     if args.push_to_hub:

@@ -109,6 +109,10 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, fmt: str = "saelens
         push_to_hub: repo id to upload ``out_dir`` to ("" : no upload).
     """
     check_options(fmt, dtype)
+    if push_to_hub:  # fail before any work when the upload cannot happen
+        from .hub import resolve_token
+
+        resolve_token()
     items = collect(path, hookpoint)
     if hookpoint:
         if len(items) > 1:

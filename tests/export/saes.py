@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from sae.models import SAEConfig, SparseCodes, SparseCoder, build_sae
+from sae.models import SAEConfig, SparseCoder, SparseCodes, build_sae
 
 D, L, K = 12, 48, 4
 
