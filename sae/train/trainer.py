@@ -29,7 +29,7 @@ from .config import TrainConfig
 from .dead import DeadLatentTracker
 from .logger import MetricLogger, NullLogger
 from .schedule import build_optimizer, build_scheduler, default_lr
-from .strategy import SingleProcess, global_token_variance
+from .strategy import SingleProcess
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +201,12 @@ class Trainer:
         kw: dict[str, Any] = {"dead_mask": tracker.dead_mask,
                               "sparsity_scale": min(1.0, (self.step + 1) / warm) if warm > 0 else 1.0}
         outs, total = [], 0.0 if need_loss else math.nan
-        base_var = global_token_variance if self.strategy.name == "data" else None
-        full_var = (base_var or token_variance)(y if y is not None else x) if n > 1 else None
+        base_var = self.strategy.variance_fn or token_variance
+        full_var = base_var(y if y is not None else x) if n > 1 else None
         for xc, yc in zip(x.chunk(n), y.chunk(n) if y is not None else [None] * n):
-            if n > 1 and self.strategy.name != "latent":
+            if n > 1:
                 target = yc if yc is not None else xc
-                kw["variance_fn"] = _ChunkVariance(target, full_var, base_var or token_variance)
+                kw["variance_fn"] = _ChunkVariance(target, full_var, base_var)
             with self.autocast():
                 out = self.strategy.forward(sae, xc, yc, **kw)
             (out.losses["loss"] / n).backward()
