@@ -23,6 +23,7 @@ from sae.eval.config import EvalConfig
 from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
 from sae.models.config import SAEConfig
 from sae.train.config import TrainConfig
+from sae.train.wandb_logger import WandbConfig
 
 CONF_MODULE = "sae_conf"
 
@@ -34,6 +35,8 @@ class TrainRunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     # Extra SAEs trained on the same batches: name -> overrides of ``sae`` (e.g. {k16: {k: 16}}).
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Weights & Biases tracking (wandb.enabled=true wandb.project=...); see sae/train/wandb_logger.py.
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

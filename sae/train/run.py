@@ -30,6 +30,7 @@ from .logger import JsonlLogger, MultiLogger, NullLogger, StdoutLogger
 from .reshard import consolidate_sae
 from .strategy import build_strategy
 from .trainer import Trainer, validate_train_config
+from .wandb_logger import WandbLogger, validate_wandb
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ def write_resolved_config(run: TrainRunConfig, out_dir: Path) -> None:
 
 def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
     validate_train_config(run.train)
+    validate_wandb(run.wandb)
     cfgs = sae_configs(run)
     strategy = build_strategy(run.train.parallel)
     device = dist.init_from_env()  # None unless launched by torchrun / accelerate with WORLD_SIZE > 1
@@ -112,11 +114,14 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
     saes = {name: build_sae(c, source.d_in, source.d_out, seed=run.train.seed + i)
             for i, (name, c) in enumerate(cfgs.items())}
     out_dir = Path(run.train.out_dir)
-    logger = NullLogger()
+    logger, wandb_logger = NullLogger(), None
     if dist.is_main():  # only rank 0 writes the config and logs
         write_resolved_config(run, out_dir)
         # The progress bar shows the live figures; log lines only when it is off.
         loggers = [JsonlLogger(out_dir / "metrics.jsonl")] + ([] if run.train.progress else [StdoutLogger()])
+        if run.wandb.enabled:
+            wandb_logger = WandbLogger(run.wandb, OmegaConf.to_container(OmegaConf.structured(run)), out_dir)
+            loggers.append(wandb_logger)
         logger = MultiLogger(*loggers)
     meta = {"data": dataclasses.asdict(run.data)}
     if hasattr(source, "normalization"):
@@ -128,6 +133,10 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
         else:
             batches = heldout_batches(source, run.train.eval_batches)
             trainer.step_hooks.append(PeriodicEval(batches, run.train.eval_every))
+    histogram_every = run.wandb.histogram_every or run.train.eval_every
+    if wandb_logger is not None and histogram_every > 0 and strategy.name != "latent":
+        hist_batches = heldout_batches(source, run.train.eval_batches)
+        trainer.step_hooks.append(wandb_logger.density_hook(hist_batches, histogram_every))
     train_metrics = trainer.fit()
     final_dirs = trainer.final_dirs
     if strategy.name == "latent":  # join the shards once; rank 0 scores the full SAE
@@ -152,6 +161,9 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
                                    "reports": {n: str(r.report_json) for n, r in reports.items()},
                                    "world_size": dist.world_size(), "parallel": strategy.name}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if wandb_logger is not None:
+        wandb_logger.finish(eval_metrics, final_dirs, saes=full, batches=batches, step=trainer.step,
+                            device=trainer.device, reports={n: r.report for n, r in reports.items()})
     return RunResult(out_dir, final_dirs, train_metrics, eval_metrics, reports)
 
 
