@@ -1,4 +1,4 @@
-"""Command-line entry points (Hydra): ``sae-harvest``, ``sae-train``, ``sae-eval`` (``sae-export`` to come).
+"""Command-line entry points: ``sae-harvest``, ``sae-train``, ``sae-eval`` (Hydra) and ``sae-export`` (argparse).
 
 Each entry point composes its config from ``conf/`` (installed as ``sae_conf``), converts it once
 to its dataclass, and hands it to the stage's ``run_*`` function.
@@ -11,7 +11,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from sae.config import HarvestRunConfig, TrainRunConfig, register_configs, to_object
+from sae.config import HarvestRunConfig, TrainRunConfig, per_job_out_dir, register_configs, to_object
 from sae.eval.config import EvalConfig
 
 register_configs()
@@ -23,6 +23,7 @@ def _train(cfg: DictConfig) -> None:
     from sae.train.run import format_summary, run_training
 
     logging.getLogger("sae").setLevel(logging.INFO)
+    per_job_out_dir(cfg)
     try:
         result = run_training(to_object(cfg, TrainRunConfig))
         if dist.is_main():

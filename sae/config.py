@@ -99,6 +99,20 @@ def to_object(cfg: DictConfig, schema: type) -> Any:
     return obj
 
 
+def per_job_out_dir(cfg: DictConfig) -> None:
+    """In a Hydra multirun, point ``train.out_dir`` at the job's own folder (``hydra.sweep.dir/<job
+    number>``) unless the command line or the sweep sets it: jobs sharing an out_dir would resume
+    each other's checkpoints. No-op outside ``@hydra.main`` and for single runs."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hc = HydraConfig.get()
+    if "train.out_dir" not in {o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task}:
+        cfg.train.out_dir = hc.runtime.output_dir
+
+
 def sae_configs(run: TrainRunConfig) -> dict[str, SAEConfig]:
     """The base SAE plus every variant, by name. Variants with unknown keys are errors."""
     fields = {f.name for f in dataclasses.fields(SAEConfig)}
