@@ -25,6 +25,8 @@ _BASE_KEYS = ("architecture", "d_in", "d_out", "num_latents", "sae", "shard")
 def write_native(item: ExportItem, folder: Path, dtype: torch.dtype = torch.float32) -> None:
     """Write ``item`` in our format into ``folder`` (created)."""
     extra: dict[str, Any] = {k: v for k, v in item.meta.items() if k not in _BASE_KEYS}
+    if "data" not in extra and item.hookpoint:  # a converted SAE: sae-eval then finds its hook points in a buffer
+        extra["data"] = {"source": "buffer", "hookpoint": item.hookpoint, "target_hookpoint": item.target_hookpoint}
     extra["provenance"] = {"name": item.name, "hookpoint": item.hookpoint, "target_hookpoint": item.target_hookpoint,
                            "model": item.model_name, "tokens": item.tokens, "steps": item.steps,
                            "metrics": item.metrics}

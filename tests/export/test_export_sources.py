@@ -96,6 +96,10 @@ def test_a_foreign_folder_converts_to_our_format(tmp_path):
     assert folder == tmp_path / "ours" / "layers.2"
     loaded = load_pretrained_with_info(folder)
     assert loaded.format == "ours" and loaded.hookpoint == "layers.2" and loaded.model_name == "m"
+    from sae.eval.run import data_config
+
+    data = data_config(loaded.cfg)  # what sae-eval reads: evaluate it on a buffer of that hook point
+    assert (data.source, data.hookpoint) == ("buffer", "layers.2")
     x = activations()
     for a, b in zip(outputs(sae, x), outputs(loaded.sae, x)):
         assert torch.equal(a, b)
