@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from .export import DTYPES, export_checkpoint
@@ -36,7 +35,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         result = export_checkpoint(args.checkpoint, args.out_dir, args.format, hookpoint=args.hookpoint,
                                    model_name=args.model_name, dtype=args.dtype, push_to_hub=args.push_to_hub,
