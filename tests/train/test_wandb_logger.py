@@ -7,6 +7,7 @@ import socket
 
 import pytest
 import torch.multiprocessing as mp
+import wandb
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 from wandb_records import read_offline_run
@@ -34,6 +35,7 @@ def test_offline_run_records_config_metrics_histograms_summary_and_artifact(tmp_
                                        "wandb.name=tiny-topk", "wandb.group=k-sweep", "wandb.tags=[tiny,cpu]",
                                        "wandb.log_artifact=true"])
     result = run_training(cfg, heldout=1)
+    wandb.teardown()  # the W&B service writes the .wandb file asynchronously; this waits until it is complete
     (run_dir,) = offline_runs(out)  # default dir: train.out_dir
     run = read_offline_run(run_dir)
     assert (run.run.display_name, run.run.run_group, list(run.run.tags)) == ("tiny-topk", "k-sweep", ["tiny", "cpu"])
