@@ -14,9 +14,17 @@ from .export import DTYPES, export_checkpoint
 from .hub import MissingTokenError
 from .load import FORMATS
 
+DESCRIPTION = """Write trained SAEs as Hugging Face folders (one per hook point: weights, cfg.json, README.md
+model card) in our format, SAELens' or sparsify's, and optionally upload them to the Hub.
+
+examples:
+    sae-export runs/x/final/topk runs/x/hf --format saelens
+    sae-export runs/x runs/x/hf --format sparsify --push-to-hub me/sae-pythia-70m --private
+    sae-export EleutherAI/sae-pythia-70m-32k out --hookpoint layers.3 --format ours   # convert"""
+
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sae-export", description=__doc__,
+    p = argparse.ArgumentParser(prog="sae-export", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="SAE folder (final/<name>, checkpoints/step_N/<name>, latent-parallel "
                                       "shards), a checkpoint step, final/ or run folder, or a SAELens/sparsify "

@@ -130,3 +130,13 @@ def test_several_saes_in_a_folder_need_a_hookpoint(tmp_path):
         load_pretrained(tmp_path / "out")
     back = load_pretrained(tmp_path / "out", hookpoint="layers.2/k4b")
     assert torch.equal(back.W_enc, items[1].sae.W_enc)
+
+
+@pytest.mark.parametrize("fmt", ["ours", "saelens", "sparsify"])
+def test_bfloat16_export_loads_back_as_rounded_float32(tmp_path, fmt):
+    sae = make_sae("topk")
+    result = export_items([ExportItem("s", sae, hookpoint="layers.0")], tmp_path / fmt, fmt, dtype="bfloat16")
+    back = load_pretrained(result.folders["s"])
+    assert back.W_enc.dtype == torch.float32
+    assert torch.equal(back.W_enc, sae.W_enc.detach().bfloat16().float())
+    assert not torch.equal(back.W_enc, sae.W_enc.detach())  # the rounding happened
