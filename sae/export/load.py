@@ -14,6 +14,7 @@ evaluated or trained further. Weights are read with safetensors only, never unpi
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from sae.models import SparseCoder
 from . import native, saelens, sparsify
 
 FORMATS = ("ours", "saelens", "sparsify")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 @dataclass
@@ -101,6 +103,8 @@ def read_folder(folder: str | Path) -> Pretrained:
 def _resolve(path_or_repo: str | Path, hookpoint: str | None, revision: str | None) -> Path:
     p = Path(path_or_repo)
     if not p.exists():
+        if not _REPO_ID.fullmatch(str(path_or_repo)):
+            raise FileNotFoundError(f"{path_or_repo} does not exist, and is not a Hub repo id (owner/name)")
         from .hub import download
 
         p = download(str(path_or_repo), hookpoint, revision=revision)
@@ -109,7 +113,7 @@ def _resolve(path_or_repo: str | Path, hookpoint: str | None, revision: str | No
         subs = sae_subfolders(p)
         raise FileNotFoundError(f"hookpoint={hookpoint!r} is not a folder of {path_or_repo}; it holds "
                                 f"{', '.join(subs) or 'no SAE'}")
-    if not hookpoint and not any((folder / f).is_file() for f in ("cfg.json",)):
+    if not hookpoint and not (folder / "cfg.json").is_file():
         subs = sae_subfolders(folder)
         if len(subs) == 1:
             return folder / subs[0]

@@ -189,12 +189,13 @@ def collect(path: str | Path, hookpoint: str | None = None) -> list[ExportItem]:
         FileNotFoundError: nothing exportable at ``path``.
     """
     p = Path(path)
+    if not p.exists():
+        return _foreign(path, hookpoint)  # a Hub repo id
     try:
-        return [read_trained(d) for d in find_sae_folders(p)] if p.exists() else _foreign(path, hookpoint)
+        folders = find_sae_folders(p)
     except FileNotFoundError:
-        if not p.exists():
-            raise
-        return _foreign(path, hookpoint)
+        return _foreign(path, hookpoint)  # a SAELens or sparsify folder (or nothing: its error says so)
+    return [read_trained(d) for d in folders]
 
 
 def _foreign(path: str | Path, hookpoint: str | None) -> list[ExportItem]:

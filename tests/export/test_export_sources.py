@@ -113,6 +113,7 @@ def test_bad_inputs_fail_with_the_fix_in_the_message(tmp_path, run_dir, capsys):
     with pytest.raises(SystemExit) as err:
         export_main([str(tmp_path / "nothing"), str(tmp_path / "out")])
     assert "sae-export: error:" in str(err.value) and "nothing" in str(err.value)
+    assert "is not a Hub repo id" in str(err.value)  # a mistyped path is not sent to the Hub
     relu = make_sae("relu")
     save_sae(relu, tmp_path / "relu_run" / "final" / "relu")
     with pytest.raises(SystemExit) as err:
