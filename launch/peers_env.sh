@@ -3,6 +3,7 @@
 # .venv because their dependency pins may clash with ours. The interop tests (pytest -m peers) run
 # small scripts inside it. Idempotent: re-installs only when launch/constraints-peers.txt changes.
 # Usage: bash launch/peers_env.sh        (prints the venv's python on success)
+#        SAE_PEERS_VENV=/path/venv bash launch/peers_env.sh    (elsewhere; tests read SAE_PEERS_PYTHON)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -18,4 +19,4 @@ if [ ! -f "$STAMP" ]; then
   rm -f "$VENV"/.installed-*
   touch "$STAMP"
 fi
-echo "$ROOT/$VENV/bin/python"
+echo "$(cd "$VENV" && pwd)/bin/python"

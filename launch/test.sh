@@ -8,7 +8,9 @@ ruff check sae kernels tests
 # SAELens and sparsify for the interop tests (pytest -m peers), in their own venv (.venv-peers, created
 # once; a few minutes). If it cannot be built, those tests skip and say why; everything else still runs.
 PEERS_LOG="$(mktemp)"
-if ! bash launch/peers_env.sh >"$PEERS_LOG" 2>&1; then
+if bash launch/peers_env.sh >"$PEERS_LOG" 2>&1; then
+  export SAE_PEERS_PYTHON="$(tail -n 1 "$PEERS_LOG")"
+else
   tail -n 20 "$PEERS_LOG" >&2
   export SAE_PEERS_UNAVAILABLE="launch/peers_env.sh failed (pip could not install sae-lens/eai-sparsify; its output is above)"
 fi
