@@ -30,6 +30,11 @@ class TrainConfig:
     # Dead latents: not fired in this many tokens (Gao et al.: 10M).
     dead_tokens_threshold: int = 10_000_000
     b_dec_init_samples: int = 4096
+    # Fine-tune a published SAE instead of a fresh one: a folder or Hub repo id in our, SAELens' or
+    # sparsify's format (``sae.export.load_pretrained``); its architecture and sizes replace ``sae.*``,
+    # and no data-dependent init runs. ``init_hookpoint`` picks one SAE of a multi-SAE repo.
+    init_from: str = ""
+    init_hookpoint: str = ""
     # Checkpoints: every N steps (0: only at the end), keeping the newest ``keep_checkpoints``.
     checkpoint_every: int = 0
     keep_checkpoints: int = 2

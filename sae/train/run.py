@@ -111,8 +111,11 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
     if run.train.resume:
         check_checkpoint_sizes(Path(run.train.out_dir), source)
     # Build every SAE before writing anything, so bad sizes fail with nothing on disk.
-    saes = {name: build_sae(c, source.d_in, source.d_out, seed=run.train.seed + i)
-            for i, (name, c) in enumerate(cfgs.items())}
+    if run.train.init_from:
+        saes = {"finetune": load_init_sae(run)}
+    else:
+        saes = {name: build_sae(c, source.d_in, source.d_out, seed=run.train.seed + i)
+                for i, (name, c) in enumerate(cfgs.items())}
     out_dir = Path(run.train.out_dir)
     logger, wandb_logger = NullLogger(), None
     if dist.is_main():  # only rank 0 writes the config and logs
@@ -126,7 +129,8 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
     meta = {"data": dataclasses.asdict(run.data)}
     if hasattr(source, "normalization"):
         meta["normalization"] = source.normalization
-    trainer = Trainer(run.train, saes, source, logger=logger, sae_meta=meta, strategy=strategy, device=device)
+    trainer = Trainer(run.train, saes, source, logger=logger, sae_meta=meta, strategy=strategy, device=device,
+                      data_init=not run.train.init_from)
     if run.train.eval_every > 0 and dist.is_main():
         if strategy.name == "latent":  # each rank holds a slice of the latents: nothing whole to score
             log.info("train.parallel=latent: no periodic held-out evaluation (the final one still runs)")
@@ -165,6 +169,16 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
         wandb_logger.finish(eval_metrics, final_dirs, saes=full, batches=batches, step=trainer.step,
                             device=trainer.device, reports={n: r.report for n, r in reports.items()})
     return RunResult(out_dir, final_dirs, train_metrics, eval_metrics, reports)
+
+
+def load_init_sae(run: TrainRunConfig):
+    """The published SAE named by ``train.init_from``, ready to fine-tune."""
+    from sae.export import load_pretrained
+
+    if run.variants:
+        raise ValueError("train.init_from fine-tunes one published SAE; remove the variants")
+    sae = load_pretrained(run.train.init_from, hookpoint=run.train.init_hookpoint or None)
+    return sae.train()
 
 
 def final_reports(final_dirs: dict[str, Path], device: str) -> dict[str, Any]:

@@ -82,11 +82,13 @@ class _ChunkVariance:
 class Trainer:
     def __init__(self, cfg: TrainConfig, saes: dict[str, SparseCoder], source: ActivationSource, *,
                  logger: MetricLogger | None = None, sae_meta: dict[str, Any] | None = None,
-                 strategy: SingleProcess | None = None, device: torch.device | None = None):
+                 strategy: SingleProcess | None = None, device: torch.device | None = None,
+                 data_init: bool = True):
         validate_train_config(cfg)
         if not saes:
             raise ValueError("no SAE to train")
         self.cfg, self.source = cfg, source
+        self.data_init = data_init  # False for pretrained SAEs: keep their b_dec and thresholds
         self.strategy = strategy or SingleProcess()
         self.logger = logger if logger is not None and dist.is_main() else NullLogger()
         self.sae_meta = sae_meta or {}
@@ -127,7 +129,7 @@ class Trainer:
                 except StopIteration:
                     log.warning("activation source exhausted after %d steps", self.step)
                     break
-                if self.step == 0:
+                if self.step == 0 and self.data_init:
                     self.init_from_data(batch)
                 metrics = self.train_step(batch)
                 bar.update(1)
