@@ -159,8 +159,9 @@ def _harvest_locked(folder: Path, model: ModelConfig, text: TextConfig, harvest:
     t0 = time.perf_counter()
     bar = tqdm(total=budget or None, initial=sw.tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
                disable=not harvest.progress, desc=f"harvest {','.join(harvester.names)[:40]}")
+    chunks = harvester.chunks(ds, start_context=start_context) if not budget or sw.tokens < budget else iter(())
     try:
-        for chunk in harvester.chunks(ds, start_context=start_context) if not budget or sw.tokens < budget else ():
+        for chunk in chunks:
             if resume is not None:
                 chunk, resume = _skip_written(chunk, *resume), None
             if budget:

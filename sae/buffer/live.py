@@ -23,7 +23,7 @@ from sae.harvest.model import load_model
 from sae.harvest.text import load_text_dataset
 
 from .config import DataConfig, LiveConfig
-from .mixing import Block, Position, batches_from_blocks, seeded_perm
+from .mixing import Block, Position, assemble, plan_batches, seeded_perm
 from .normalize import Normalizer, activation_sums
 from .prefetch import prefetched
 from .source import Batch
@@ -118,8 +118,8 @@ class LiveSource:
 
     def __iter__(self) -> Iterator[Batch]:
         start = self.position
-        make = lambda: batches_from_blocks(self._blocks(start), self.batch_size, self._normalize)
-        for batch, end in prefetched(make, self.prefetch):
+        for plan, end in prefetched(lambda: plan_batches(self._blocks(start), self.batch_size), self.prefetch):
+            batch = assemble(plan, self._normalize)
             self.position = end
             yield batch
 

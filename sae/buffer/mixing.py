@@ -4,9 +4,10 @@ A *block* is the unit of mixing: the shards of one reader window, or one live ha
 Its rows are the concatenation of its parts, emitted in the order of a seeded permutation.
 Batches are consecutive slices of the stream of blocks (a batch may span two blocks), and each
 batch comes with the position just after it, ``(*block.key, offset)``, from which the stream
-restarts exactly. Rows of a batch are gathered in sorted order (the set of rows is what the
-permutation chose; sorting only improves locality, and row order inside a batch is irrelevant to
-the losses).
+restarts exactly. A batch is first *planned* (which rows) and later *assembled* (rows copied).
+Rows of a batch are gathered in sorted order: the set of rows is what the permutation chose;
+sorting groups them by part (one copy call per shard) and improves locality, and row order inside
+a batch is irrelevant to the losses.
 """
 
 from __future__ import annotations
@@ -54,13 +55,18 @@ def gather_rows(parts: list[Tensor], starts: Tensor, idx: Tensor, out: Tensor) -
             torch.index_select(part, 0, idx[a:b] - starts[j], out=out[a:b])
 
 
-def _assemble(pieces: list[tuple[Block, Tensor]], n: int, transform: Callable[[Batch], Batch]) -> Batch:
-    first = pieces[0][0]
+Plan = list[tuple[Block, Tensor]]
+"""A batch before its rows are copied: (block, sorted row indices into the block) pieces."""
+
+
+def assemble(plan: Plan, transform: Callable[[Batch], Batch] = lambda b: b) -> Batch:
+    """Copy a planned batch's rows out of its blocks (float32), then apply ``transform``."""
+    n = sum(idx.numel() for _, idx in plan)
+    first = plan[0][0]
     x = torch.empty(n, first.x[0].shape[1], dtype=first.x[0].dtype)
     y = None if first.y is None else torch.empty(n, first.y[0].shape[1], dtype=first.y[0].dtype)
     at = 0
-    for block, idx in pieces:
-        idx = idx.sort().values
+    for block, idx in plan:
         gather_rows(block.x, block.starts, idx, x[at:at + idx.numel()])
         if y is not None:
             gather_rows(block.y, block.starts, idx, y[at:at + idx.numel()])
@@ -68,23 +74,26 @@ def _assemble(pieces: list[tuple[Block, Tensor]], n: int, transform: Callable[[B
     return transform(Batch(x.float(), None if y is None else y.float()))
 
 
-def batches_from_blocks(blocks: Iterator[tuple[Block, int]], batch_size: int,
-                        transform: Callable[[Batch], Batch] = lambda b: b) -> Iterator[tuple[Batch, Position]]:
-    """Cut the stream of ``(block, first offset to emit)`` into batches of ``batch_size`` rows.
+def plan_batches(blocks: Iterator[tuple[Block, int]], batch_size: int) -> Iterator[tuple[Plan, Position]]:
+    """Cut the stream of ``(block, first offset to emit)`` into plans of ``batch_size`` rows.
 
-    The final batch of a finite stream may be smaller. Yields ``(batch, position after it)``.
+    The final plan of a finite stream may be smaller. Yields ``(plan, position after it)``.
+    Planning (opening blocks: mmap, checksums, or a harvest) is the slow part and runs in the
+    prefetch thread; :func:`assemble` copies the rows in the consumer's thread, which keeps
+    batch memory in the consumer's allocator (fresh pages in a helper thread's malloc arena cost
+    page faults on every batch) and means no buffer is ever reused under the consumer's feet.
     """
-    pieces: list[tuple[Block, Tensor]] = []
+    plan: Plan = []
     have = 0
     block, i = None, 0
     for block, start in blocks:
         n, i = block.perm.numel(), start
         while i < n:
             take = min(batch_size - have, n - i)
-            pieces.append((block, block.perm[i:i + take]))
+            plan.append((block, block.perm[i:i + take].sort().values))
             have, i = have + take, i + take
             if have == batch_size:
-                yield _assemble(pieces, have, transform), (*block.key, i)
-                pieces, have = [], 0
-    if pieces and block is not None:
-        yield _assemble(pieces, have, transform), (*block.key, i)
+                yield plan, (*block.key, i)
+                plan, have = [], 0
+    if plan and block is not None:
+        yield plan, (*block.key, i)

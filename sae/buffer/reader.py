@@ -4,7 +4,8 @@ Per epoch the training shards are shuffled with the seed; rank r of w takes ever
 that order (every row is read exactly once per epoch across ranks); each rank's shards are
 grouped into windows of ``mixing_shards`` and a window's rows are emitted in a seeded random
 order, cut into batches (see ``mixing``). Shards are memory-mapped (the page cache is the only
-copy) and gathered straight into the batch; a background thread prepares ``prefetch`` batches.
+copy) and rows are gathered straight into the batch; a background thread opens and verifies
+windows and plans ``prefetch`` batches ahead.
 Sizes are checked on open; checksums on first use of each shard (``verify=lazy``), all at
 start (``open``) or never (``none``). The position (epoch, window, offset) is the state.
 """
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from .config import DataConfig
 from .manifest import CHECKSUM, activation_slot, read_manifest
-from .mixing import Block, Position, batches_from_blocks, seeded_perm
+from .mixing import Block, Position, assemble, plan_batches, seeded_perm
 from .normalize import Normalizer
 from .prefetch import prefetched
 from .source import Batch
@@ -35,23 +36,33 @@ log = logging.getLogger(__name__)
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
 
+def check_size(path: Path, entry: dict[str, Any], size: int | None = None) -> None:
+    """Raise ``ValueError`` naming ``path`` if it is missing or its size differs from the manifest's."""
+    if size is None:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError as e:
+            raise ValueError(f"shard {path} listed in the manifest is missing; re-harvest the buffer") from e
+    if size != entry["bytes"]:
+        what = "truncated" if size < entry["bytes"] else "longer than written"
+        raise ValueError(f"shard {path} is {what}: {size} bytes, the manifest says {entry['bytes']}; "
+                         "re-harvest the buffer (writer.overwrite=true)")
+
+
 def map_shard(path: Path, entry: dict[str, Any], verify: bool) -> Tensor:
     """Memory-map the activations [N, D] of one shard file, checking size (and checksum).
 
+    The mapping is populated up front (MAP_POPULATE): the rows are all about to be read.
+
     Raises:
-        ValueError: the file is truncated, has the wrong size, or fails its checksum; the
-            message names the file.
+        ValueError: the file is missing, truncated, has the wrong size, or fails its checksum;
+            the message names the file.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError as e:
-        raise ValueError(f"shard {path} listed in the manifest is missing; re-harvest the buffer") from e
+    check_size(path, entry)
+    fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        if size != entry["bytes"]:
-            what = "truncated" if size < entry["bytes"] else "longer than written"
-            raise ValueError(f"shard {path} is {what}: {size} bytes, the manifest says {entry['bytes']}; "
-                             "re-harvest the buffer (writer.overwrite=true)")
+        check_size(path, entry, size)
         mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
     finally:
         os.close(fd)
@@ -101,6 +112,11 @@ class ShardReader:
             raise ValueError(f"buffer {self.folder} has {n} shard(s): too few for heldout_shards={heldout_shards} "
                              f"plus one training shard per rank (world size {world_size}); harvest more tokens or a "
                              "smaller writer.shard_tokens, or lower data.buffer.heldout_shards")
+        if epochs > 0 and world_size > 1 and (n - heldout_shards) % world_size:
+            # Ranks would get different numbers of batches and a collective would wait forever.
+            raise ValueError(f"data.buffer.epochs={epochs} with {n - heldout_shards} training shards over "
+                             f"{world_size} ranks gives ranks unequal epochs; use data.buffer.epochs=0 (the "
+                             "trainer's budget decides) or a heldout_shards that leaves a multiple of the world size")
         self.train_shards = list(range(n - heldout_shards))
         self.heldout_shards = list(range(n - heldout_shards, n))
         self.batch_size, self.seed, self.mixing_shards, self.epochs = batch_size, seed, mixing_shards, epochs
@@ -110,7 +126,10 @@ class ShardReader:
         for s in range(n):  # sizes now (cheap), so a truncated shard fails before training starts
             for hp in self._hookpoints():
                 entry = m["shards"][s]["files"][hp]
-                self._file(entry, verify=verify == "open")
+                if verify == "open":
+                    self._file(entry, verify=True)
+                else:
+                    check_size(self.folder / entry["path"], entry)
         norms = {hp: Normalizer.from_sums(normalize, m["stats"].get(hp), f"{self.folder}:{hp}")
                  for hp in self._hookpoints()}
         self.x_norm, self.y_norm = norms[self.hookpoint], norms.get(self.target_hookpoint)
@@ -183,8 +202,8 @@ class ShardReader:
 
     def __iter__(self) -> Iterator[Batch]:
         start = self.position
-        make = lambda: batches_from_blocks(self._blocks(start), self.batch_size, self._normalize)
-        for batch, end in prefetched(make, self.prefetch):
+        for plan, end in prefetched(lambda: plan_batches(self._blocks(start), self.batch_size), self.prefetch):
+            batch = assemble(plan, self._normalize)
             self.position = end
             yield batch
 
@@ -217,8 +236,8 @@ class ShardReader:
                 yield Block((s,), xs, ys, torch.arange(xs[0].shape[0])), 0
 
         out = []
-        for batch, _ in batches_from_blocks(blocks(), self.batch_size, self._normalize):
-            out.append(batch)
+        for plan, _ in plan_batches(blocks(), self.batch_size):
+            out.append(assemble(plan, self._normalize))
             if len(out) == n_batches:
                 break
         return out

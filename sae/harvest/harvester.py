@@ -10,6 +10,7 @@ index of every row. Consumers: ``sae.buffer.fill`` (to disk) and ``sae.buffer.li
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -62,6 +63,7 @@ class Harvester:
         specials = set(getattr(lm.tokenizer, "all_special_ids", [])) | {i for i in (bos, eos) if i is not None}
         specials.discard(lm.tokenizer.unk_token_id)
         self.special_ids = torch.tensor(sorted(specials), dtype=torch.long)
+        self._lock = threading.Lock()  # hooks live on the shared model: one capture at a time
         self._forward_kwargs = {}
         if "use_cache" in inspect.signature(lm.model.forward).parameters:
             self._forward_kwargs["use_cache"] = False
@@ -91,6 +93,10 @@ class Harvester:
 
     def _capture(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         """Forward until every hook point has fired; return name -> [B, T, D] on the model device."""
+        with self._lock:
+            return self._capture_locked(input_ids, attention_mask)
+
+    def _capture_locked(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         model, dev = self.lm.model, self.lm.device
         store: dict[str, Tensor] = {}
         modules = dict(model.named_modules())
