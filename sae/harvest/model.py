@@ -39,6 +39,13 @@ class LoadedModel:
     """name, path (resolved folder or hub id), revision, class, model_type, dtype."""
 
 
+def _transformers_version() -> tuple[int, int]:
+    import transformers
+
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,10 +94,13 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     path = resolve_model_path(cfg.name, cfg.revision)
     device = resolve_device(cfg.device)
     kw: dict[str, Any] = {"revision": cfg.revision or None, "trust_remote_code": cfg.trust_remote_code}
+    # transformers renamed ``torch_dtype`` to ``dtype`` in 4.56; older versions would silently
+    # store an unknown ``dtype`` kwarg on the config and load float32.
+    dtype_kw = "dtype" if _transformers_version() >= (4, 56) else "torch_dtype"
     try:
         hf_config = AutoConfig.from_pretrained(path, **kw)
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-        model = AutoModel.from_pretrained(path, config=hf_config, dtype=TORCH_DTYPES[cfg.dtype], **kw)
+        model = AutoModel.from_pretrained(path, config=hf_config, **{dtype_kw: TORCH_DTYPES[cfg.dtype]}, **kw)
     except OSError as e:
         raise ValueError(
             f"could not load model.name={cfg.name!r} (resolved to {path!r}): {e}. Offline, use a local "

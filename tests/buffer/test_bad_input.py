@@ -122,3 +122,16 @@ def test_d_mismatch_between_buffer_and_sae_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="d_out=12 differs from d_in=16; set sae.transcode=true"):
         run(tmp_path / "narrow", tmp_path / "run2", "data.hookpoint=x", "data.target_hookpoint=y")
     assert not (tmp_path / "run2").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.buffer.verify=sometimes", "data.buffer.verify='sometimes' must be one of lazy, open, none"),
+    ("data.normalize=zscore", "data.normalize='zscore' must be one of none, scale, center_scale"),
+    ("data.hookpoint=''", "data.hookpoint='' must name a hook point for data=live"),
+])
+def test_bad_data_settings_name_the_field(override, message):
+    from sae.buffer.config import validate_data
+
+    source = "data=live" if "hookpoint" in override else "data=buffer"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        validate_data(compose_train_config([source, override]).data)

@@ -150,3 +150,10 @@ def test_wrong_hookpoint_names_are_clear_errors(buffer):
         ShardReader(buffer, 64, hookpoint="a", target_hookpoint="c")
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         ShardReader(buffer / "a", 64)
+
+
+def test_finite_epochs_need_equal_shares_across_ranks(buffer):
+    with pytest.raises(ValueError, match="10 training shards over 3 ranks gives ranks unequal epochs"):
+        ShardReader(buffer, 32, hookpoint="a", epochs=1, rank=0, world_size=3)
+    endless = [ShardReader(buffer, 32, hookpoint="a", rank=r, world_size=3) for r in range(3)]
+    assert sorted(s for r in endless for w in r.windows(0) for s in w) == list(range(10))

@@ -100,3 +100,18 @@ def test_glob_harvest_of_every_residual_point(tiny, tmp_path):
     assert m["hookpoint_order"] == ["layers.0", "layers.1", "layers.2"] and m["dtype"] == "bfloat16"
     acts = load_file(str(tmp_path / "buf" / m["shards"][0]["files"]["layers.2"]["path"]))["activations"]
     assert acts.dtype == torch.bfloat16 and acts.shape == (300, 48)
+
+
+def test_model_loads_in_the_dtype_asked_for(tiny):
+    from datasets import Dataset
+
+    from sae.harvest.config import HarvestConfig, ModelConfig
+    from sae.harvest.harvester import Harvester
+    from sae.harvest.model import load_model
+
+    _, folder = tiny
+    lm = load_model(ModelConfig(name=str(folder), dtype="bfloat16", device="cpu"))
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16} and lm.info["dtype"] == "bfloat16"
+    h = Harvester(lm, ["layers.0"], TextConfig(context_length=8), HarvestConfig(progress=False))
+    (chunk,) = list(h.chunks(Dataset.from_dict({"text": ["dtype check for a tiny model"]})))
+    assert chunk.acts["layers.0"].dtype == torch.bfloat16 and len(chunk) > 0
