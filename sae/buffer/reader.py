@@ -4,8 +4,9 @@ Per epoch the training shards are shuffled with the seed; rank r of w takes ever
 that order (every row is read exactly once per epoch across ranks); each rank's shards are
 grouped into windows of ``mixing_shards`` and a window's rows are emitted in a seeded random
 order, cut into batches (see ``mixing``). Shards are memory-mapped (the page cache is the only
-copy) and rows are gathered straight into the batch; a background thread opens and verifies
-windows and plans ``prefetch`` batches ahead.
+copy) and rows are gathered straight into the batch; a background thread opens, populates and
+verifies windows and plans ``prefetch`` batches ahead, the consumer's thread copies the rows.
+
 Sizes are checked on open; checksums on first use of each shard (``verify=lazy``), all at
 start (``open``) or never (``none``). The position (epoch, window, offset) is the state.
 """
