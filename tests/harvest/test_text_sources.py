@@ -84,3 +84,24 @@ def test_unpacked_contexts_truncate_each_document(tokenizer):
     assert len(contexts) == 3  # the empty document is skipped
     for c, r in zip(contexts, [r for r in ROWS if r]):
         assert c.ids == [tokenizer.cls_token_id] + tokenizer(r, add_special_tokens=False)["input_ids"][:4]
+
+
+def test_hub_names_go_to_load_dataset_with_config_split_and_revision(monkeypatch, tokenizer):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        ds = Dataset.from_dict({"text": ROWS})
+        return ds.to_iterable_dataset() if kwargs.get("streaming") else ds
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = TextConfig(name="org/corpus", config_name="en", split="validation", revision="v2", streaming=True,
+                     context_length=8)
+    ds = load_text_dataset(cfg)
+    assert calls == [(("org/corpus", "en"), {"split": "validation", "revision": "v2", "streaming": True})]
+    assert [c.ids for c in iter_contexts(ds, tokenizer, cfg)] == [
+        c.ids for c in iter_contexts(Dataset.from_dict({"text": ROWS}), tokenizer, cfg)]
+    with pytest.raises(ValueError, match="has no column 'body'"):
+        load_text_dataset(TextConfig(name="org/corpus", column="body", streaming=True))
