@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Triton reads TRITON_INTERPRET when it is first imported (its own tl helpers are jit functions),
+# and some libraries the tests import (torch._dynamo through transformers) import triton early:
+# set it before anything else so the kernel tests (tests/kernels) run in the interpreter on CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests run the eager kernels unless a test forces Triton (see tests/kernels).
 os.environ.setdefault("SAE_KERNEL_BACKEND", "eager")
