@@ -92,7 +92,9 @@ def test_sae_parallel_trains_each_sae_as_one_process_would(tmp_path):
 
 
 def _torchrun(out: Path, steps: int, kill_at: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
+    # One restart is what the SIGKILL needs; a second one is spare: under heavy load gloo's
+    # full-mesh connect on the restarted round was once refused (seen in a full-suite run).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=2",
            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-backend=c10d",
            str(Path(W.__file__)), str(out), str(steps), str(kill_at)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
@@ -106,7 +108,7 @@ def test_sigkilled_rank_restarts_and_resumes_to_the_same_weights(tmp_path):
     assert clean.returncode == 0, clean.stderr[-3000:]
     killed = _torchrun(tmp_path / "killed", steps, kill_at=8)  # checkpoint at 5; steps 6-8 redone
     assert killed.returncode == 0, killed.stderr[-3000:]
-    assert (tmp_path / "killed" / "attempts").read_text() == "1"  # it really restarted
+    assert (tmp_path / "killed" / "attempts").read_text() in ("1", "2")  # it really restarted
     a = load_file(str(tmp_path / "clean" / "final.safetensors"))
     b = load_file(str(tmp_path / "killed" / "final.safetensors"))
     assert_close_state(a, b, atol=0, rtol=0)
