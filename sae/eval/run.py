@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from sae.buffer.atomic import write_json_atomic
 from sae.buffer.config import DataConfig
 from sae.buffer.manifest import read_manifest
 from sae.buffer.normalize import Normalizer
@@ -29,7 +30,7 @@ from sae.harvest.harvester import Harvester
 from sae.harvest.model import LoadedModel, resolve_device
 from sae.harvest.text import load_text_dataset
 from sae.models import SparseCoder
-from sae.train.artifact import CFG, load_sae, read_sae_cfg, write_json_atomic
+from sae.train.artifact import CFG, load_sae, read_sae_cfg
 
 from . import plots
 from .config import EvalConfig, validate_eval

@@ -15,29 +15,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae.buffer.atomic import write_json_atomic
 from sae.models import SAEConfig, SparseCoder, build_sae
 
 WEIGHTS = "sae.safetensors"
 CFG = "cfg.json"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary name, fsync, and rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def sae_metadata(sae: SparseCoder, **extra: Any) -> dict[str, Any]:

@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
+from sae.buffer.atomic import fsync_dir, write_json_atomic
+
 from . import dist
-from .artifact import fsync_dir, write_json_atomic
 
 MANIFEST = "checkpoint.json"
 LATEST = "latest"

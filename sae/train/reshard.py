@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
+from sae.buffer.atomic import write_json_atomic
 from sae.models import SAEConfig, SparseCoder, build_sae
 
-from .artifact import read_sae_cfg, save_sae, write_json_atomic
+from .artifact import read_sae_cfg, save_sae
 from .checkpoint import LATEST, MANIFEST, load_trainer_state, read_manifest, shard_dir, state_file
 from .strategy import Shard
 
