@@ -1,0 +1,138 @@
+"""Runner of the peer benchmark for EleutherAI sparsify: its own ``Trainer.fit`` and ``SparseCoder``.
+
+    <peers venv>/bin/python sae/bench/peer_sparsify.py JOB.json   (started by ``python -m sae.bench.peers``)
+
+Runs in the sparsify virtual environment and never imports sae-forge (only its sibling
+``peer_runtime.py``). sparsify's ``Trainer`` reads activations only from forward hooks on a
+language model it runs itself; it cannot take precomputed activations. Instead of
+re-implementing its step, this runner hands it a stand-in model (:class:`ActivationModel`)
+whose ``layers.0`` outputs the next rows of the shared activation file, and a dataset of row
+indices in place of token ids. Everything else is sparsify's own code, unmodified: the hook
+(``b_dec`` from the first batch's mean, decoder rows renormalised before each forward,
+``SparseCoder.forward`` with its fused encoder, AuxK), removing the decoder-gradient component
+parallel to the rows, ``torch.optim.Adam`` (bitsandbytes' 8-bit Adam when it is installed,
+as sparsify chooses), its linear warm-up/decay schedule and its dead-latent counters. The
+trained coder is saved by sparsify's own checkpoint code (``save_to_disk``).
+
+A batch is ``batch / context`` sequences of ``context`` rows (4096 = 32 x 128), matching how
+sparsify counts batches. sparsify's ``Trainer.fit`` sets ``torch.set_float32_matmul_precision
+("high")``; it is kept (it is sparsify's choice).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's Triton decoder fails on CPU tensors
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def _load_runtime():
+    """``peer_runtime.py`` from this file's folder, by path. The folder itself is taken off
+    ``sys.path``: its other modules (``kernels.py``, ``harvest.py``) would shadow packages of the
+    same name that transformers looks for."""
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    spec = importlib.util.spec_from_file_location("peer_runtime", here / "peer_runtime.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+rt = _load_runtime()
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+CONTEXT = 128
+
+
+class ActivationModel(nn.Module):
+    """Stands in for the language model: ``forward(input_ids)`` returns the activation rows whose
+    indices ``input_ids`` holds ([sequences, context] -> [sequences, context, d]) through
+    ``layers.0``, the hook point sparsify trains on."""
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+        self.layers = nn.ModuleList([nn.Identity()])
+        self.config = SimpleNamespace(num_hidden_layers=1)
+        self.dummy_inputs = {"input_ids": torch.zeros(1, CONTEXT, dtype=torch.long)}
+        self.training_started = False
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n = input_ids.numel()
+        if not self.training_started:  # sparsify's width probe (resolve_widths): no batch consumed
+            x = self.batches.data.rows("train", 0, n)
+        else:
+            if n != self.batches.batch:
+                raise ValueError(f"sparsify asked for {n} rows per batch; the job's batch is {self.batches.batch}")
+            x = self.batches.get(int(input_ids[0, 0]) // n)
+        return self.layers[0](x.view(*input_ids.shape, -1))
+
+
+class RowIndexDataset:
+    """``steps * batch / context`` items of ``context`` consecutive row indices (``input_ids``)."""
+
+    def __init__(self, steps: int, batch: int):
+        self.n = steps * batch // CONTEXT
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return {"input_ids": torch.arange(i * CONTEXT, (i + 1) * CONTEXT)}
+
+
+def main() -> None:
+    job = rt.read_job()
+    rt.set_threads(job["threads"])
+    if job["arch"] != "topk":
+        raise SystemExit(f"sparsify runner: sparsify trains TopK sparse coders only, not {job['arch']!r}")
+    if job["batch"] % CONTEXT:
+        raise SystemExit(f"sparsify runner: batch {job['batch']} must be a multiple of {CONTEXT} rows")
+    try:
+        import sparsify
+        from sparsify import SparseCoderConfig, TrainConfig, Trainer
+    except ImportError as e:
+        rt.write_result(job, {"skipped": f"sparsify is not importable by {sys.executable}: {e}"})
+        sys.exit(3)
+    from importlib.metadata import version
+
+    data = rt.ActivationFile(job["data"])
+    batches = rt.TimedBatches(data, job["batch"], job["steps"])
+    model = ActivationModel(batches)
+    rss_start = rt.baseline_rss_mib()
+    cfg = TrainConfig(
+        SparseCoderConfig(activation="topk", num_latents=job["num_latents"], k=job["k"]),
+        batch_size=job["batch"] // CONTEXT, optimizer="adam", lr=job["lr"], lr_warmup_steps=job["warmup_steps"],
+        auxk_alpha=job["auxk_alpha"], dead_feature_threshold=job["dead_tokens"], hookpoints=["layers.0"],
+        init_seeds=[job["seed"]], log_to_wandb=False, save_every=10**9, save_dir=job["out_dir"], run_name="run",
+    )
+    trainer = Trainer(cfg, RowIndexDataset(job["steps"], job["batch"]), model)
+    model.training_started = True
+    trainer.fit()
+    folder = Path(job["out_dir"]) / "run" / "layers.0"
+    rt.write_result(job, rt.summarize(job, batches, rss_start, library=f"eai-sparsify {version('eai-sparsify')}",
+                                      weights=str(folder), sparsify_module=sparsify.__file__,
+                                      notes=["sparsify's Trainer.fit on a stand-in model that outputs the shared "
+                                             "activations at layers.0 (it cannot read precomputed activations)"]))
+
+
+if __name__ == "__main__":
+    main()
