@@ -80,7 +80,7 @@ def _ratio(a: float | None, b: float | None) -> float | str:
 
 
 def main_table(rows: list[dict[str, Any]]) -> str:
-    headers = ["system", "arch", "FVU", "L0", "dead frac", "step ms", "tokens/s", "peak RSS MiB",
+    headers = ["system", "arch", "FVU", "L0", "dead frac", "step ms", "fastest step ms", "tokens/s", "peak RSS MiB",
                "RSS growth MiB", "ours/peer step time", "ours/peer peak RSS"]
     body = []
     for r in rows:
@@ -88,7 +88,8 @@ def main_table(rows: list[dict[str, Any]]) -> str:
             continue
         ours = _ok(rows, "ours", r["arch"]) if r["system"] != "ours" else None
         body.append([r["system"], r["arch"], r["fvu"], r["l0"], r["dead_fraction"], 1e3 * r["median_step_s"],
-                     r["tokens_per_s"], r["peak_rss_mib"], r["peak_rss_mib"] - r["rss_start_mib"],
+                     1e3 * min(r["step_seconds"], default=float("nan")), r["tokens_per_s"], r["peak_rss_mib"],
+                     r["peak_rss_mib"] - r["rss_start_mib"],
                      _ratio(ours and ours["median_step_s"], r["median_step_s"]) if ours else "-",
                      _ratio(ours and ours["peak_rss_mib"], r["peak_rss_mib"]) if ours else "-"])
     return markdown_table(headers, body)

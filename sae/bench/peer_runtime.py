@@ -35,13 +35,17 @@ _DTYPES = {"F32": (torch.float32, 4)}
 
 
 class ActivationFile:
-    """Row-range reads from a safetensors file of 2-D fp32 tensors, without mmap."""
+    """Row-range reads from a safetensors file of 2-D fp32 tensors, without mmap.
+
+    The file stays open from construction on, so replacing it on disk (a new harvest) does not
+    change what an open reader sees.
+    """
 
     def __init__(self, path: str | Path):
         self.path = str(path)
-        with open(self.path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+        self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 (held for the reader's lifetime)
+        (n,) = struct.unpack("<Q", os.pread(self._fh.fileno(), 8, 0))
+        header = json.loads(os.pread(self._fh.fileno(), n, 8))
         self.base = 8 + n
         meta = header.pop("__metadata__", {}) or {}
         self.info: dict[str, Any] = json.loads(meta.get("info", "{}"))
@@ -67,12 +71,11 @@ class ActivationFile:
         offset = self.base + self.tensors[name]["data_offsets"][0] + start * d * size
         buf = bytearray(n * d * size)
         view, done = memoryview(buf), 0
-        with open(self.path, "rb", buffering=0) as fh:
-            while done < len(buf):
-                got = os.preadv(fh.fileno(), [view[done:]], offset + done)
-                if got <= 0:
-                    raise OSError(f"{self.path}: short read at byte {offset + done}")
-                done += got
+        while done < len(buf):
+            got = os.preadv(self._fh.fileno(), [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"{self.path}: short read at byte {offset + done}")
+            done += got
         return torch.frombuffer(buf, dtype=dtype).view(n, d)
 
 

@@ -132,8 +132,9 @@ def run_system(setup: Setup, system: str, arch: str, num_latents: int, steps: in
     return {**base, **result, "status": "ok", "process_s": time.perf_counter() - t0}
 
 
-def heldout_batches(data: ActivationFile, batch: int) -> list[Batch]:
-    n, _ = data.shape("heldout")
+def heldout_batches(data: ActivationFile, batch: int, limit: int) -> list[Batch]:
+    """The first ``limit`` held-out rows in batches."""
+    n = min(data.shape("heldout")[0], limit)
     return [Batch(data.rows("heldout", s, min(batch, n - s))) for s in range(0, n, batch)]
 
 
@@ -159,9 +160,11 @@ def prepare_data(args: argparse.Namespace, out: Path) -> Path:
     want = {"hookpoint": args.hookpoint, "heldout_every": args.heldout_every, "seed": args.seed}
     if path.is_file():
         info = ActivationFile(path).info
-        rows_ok = info.get("train_rows") == args.train_tokens // args.batch * args.batch or \
-            info.get("train_rows") == info.get("train_rows_available", -1) // args.batch * args.batch
-        if all(info.get(k) == v for k, v in want.items()) and rows_ok and info.get("heldout_rows", 0) > 0:
+        rows = info.get("train_rows", 0)  # a larger file serves a smaller budget: runners read its first batches
+        enough = rows >= args.train_tokens // args.batch * args.batch or rows > info.get("train_rows_available", 0) - \
+            args.batch
+        if all(info.get(k) == v for k, v in want.items()) and enough and info.get("heldout_rows", 0) >= \
+                args.heldout_tokens:
             log.info("reusing %s (%d train rows)", path, info["train_rows"])
             return path
     t0 = time.perf_counter()
@@ -213,7 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--systems: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
     archs = [a for a in args.archs.split(",") if a]
     steps = max(1, args.train_tokens // args.batch)
-    held = heldout_batches(data, args.batch)
+    held = heldout_batches(data, args.batch, args.heldout_tokens)
     main_rows = []
     for arch in archs:
         for system in systems:
