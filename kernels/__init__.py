@@ -8,12 +8,13 @@ Public ops (autograd-aware, backend chosen by :mod:`dispatch`):
 - :func:`sparse_decode` ``x_hat_BD = sum_k vals_BK * W_dec_LD[idx_BK]``
 - :func:`gather_encode` gradient-carrying gather of pre-activations at the top-k indices, whose
   backward is the sparse-transpose product ``grad_W_enc_LD = S_LB^T x_BD``.
+- :func:`gather_pre_activations` exact pre-activations at given indices (no autograd).
 
 Shape legend: B tokens, D d_in, L latents, K k.
 """
 
 from .dispatch import Backend, resolve_backend
 from .sparse_decode import sparse_decode
-from .sparse_encode import gather_encode
+from .sparse_encode import gather_encode, gather_pre_activations
 
-__all__ = ["Backend", "resolve_backend", "sparse_decode", "gather_encode"]
+__all__ = ["Backend", "resolve_backend", "sparse_decode", "gather_encode", "gather_pre_activations"]

@@ -65,6 +65,19 @@ def gather_encode(x_BD: torch.Tensor, W_enc_LD: torch.Tensor, b_enc_L: torch.Ten
     return GatherEncode.apply(x_BD, W_enc_LD, b_enc_L, idx_BK, vals_BK)
 
 
+@torch.no_grad()
+def gather_pre_activations(x_BD: torch.Tensor, W_enc_LD: torch.Tensor, b_enc_L: torch.Tensor,
+                           idx_BK: torch.Tensor) -> torch.Tensor:
+    """``(x W_enc^T + b_enc)[b, idx[b, j]]`` in fp32 at O(B K D) cost, without autograd.
+
+    Recomputes exact values for latents selected from lower-precision pre-activations.
+    """
+    if x_BD.shape[-1] != W_enc_LD.shape[1]:
+        raise ValueError(f"x has d={x_BD.shape[-1]} but W_enc has d={W_enc_LD.shape[1]}")
+    vals = _ops(W_enc_LD.device).gather_dot(x_BD, W_enc_LD, idx_BK)
+    return vals.float() + b_enc_L.float()[idx_BK.long()]
+
+
 def reference_gather_encode(x_BD: torch.Tensor, W_enc_LD: torch.Tensor, b_enc_L: torch.Tensor,
                             idx_BK: torch.Tensor) -> torch.Tensor:
     """Dense reference: full pre-activations with autograd, then gather. For tests only."""

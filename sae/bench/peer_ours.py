@@ -8,10 +8,8 @@ renormalisation, AuxK with dead-latent tracking) on the batches of the train spl
 then leaves the trained SAE in our folder format under ``<out_dir>/final/<arch>`` and writes
 ``result.json`` (see :mod:`sae.bench.peer_runtime`).
 
-``encoder_init: "lsq"`` in the job is a proposal measured by the benchmark, not (yet) our
-default: after the usual data init, the encoder (W_enc, b_enc) of a TopK-family SAE is scaled by
-the least-squares factor that fits its initial reconstruction of the first batch to the batch,
-as our JumpReLU's init already does. A positive scale leaves the selected latents unchanged.
+``selection_dtype`` in the job (``ours+bf16-select``) sets ``sae.selection_dtype``: latents are
+chosen from bf16 pre-activations, everything else stays fp32.
 """
 
 from __future__ import annotations
@@ -19,12 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-
 from sae.bench import peer_runtime as rt
 from sae.buffer.source import Batch
-from sae.models import SAEConfig, SparseCodes, build_sae
-from sae.models.topk import TopKSAE
+from sae.models import SAEConfig, build_sae
 from sae.train.config import TrainConfig
 from sae.train.trainer import Trainer
 
@@ -61,25 +56,8 @@ def sae_config(job: dict[str, Any]) -> SAEConfig:
     return SAEConfig(architecture=job["arch"], num_latents=job["num_latents"], k=job["k"],
                      auxk_alpha=job["auxk_alpha"], l0_coefficient=job["l0_coefficient"],
                      jumprelu_bandwidth=job["jumprelu_bandwidth"],
-                     sparsity_warmup_steps=job["sparsity_warmup_steps"])
-
-
-@torch.no_grad()
-def fit_encoder_scale(sae: TopKSAE, x_BD: torch.Tensor) -> float:
-    """Scale W_enc and b_enc by argmin_s ||s * (x_hat - b_dec) - (x - b_dec)||^2 over ``x``; returns s.
-
-    Codes are the per-token top-k (also for BatchTopK, whose batch selection would move its
-    threshold estimate).
-    """
-    pre = sae.pre_activations(sae.encoder_input(x_BD))
-    vals, idx = pre.topk(sae.k, dim=1, sorted=False)
-    x_hat = sae.decode(SparseCodes(vals.relu(), idx)) - sae.b_dec
-    y = x_BD - sae.b_dec
-    scale = float((x_hat * y).sum() / (x_hat * x_hat).sum().clamp_min(1e-12))
-    if scale > 0:
-        sae.W_enc.mul_(scale)
-        sae.b_enc.mul_(scale)
-    return scale
+                     sparsity_warmup_steps=job["sparsity_warmup_steps"],
+                     selection_dtype=job.get("selection_dtype", "float32"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,19 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     rss_start = rt.baseline_rss_mib()
     sae = build_sae(sae_config(job), batches.d, seed=job["seed"])
     trainer = Trainer(train_config(job), {job["arch"]: sae}, _FileSource(batches))
-    notes, extra = [], {}
-    if job.get("encoder_init", "default") == "lsq":
-        if not isinstance(sae, TopKSAE):
-            raise SystemExit(f"encoder_init=lsq applies to the TopK family, not {job['arch']!r}")
-        first = Batch(data.rows("train", 0, job["batch"]))
-        trainer.init_from_data(first)  # what fit() would do on the same first batch
-        extra["encoder_scale"] = fit_encoder_scale(sae, first.x)
-        trainer.data_init = False
-        notes.append("ours+lsq-init: our Trainer after a least-squares rescaling of the initial encoder "
-                     "(a proposed init, not the current default)")
+    notes = []
+    if job.get("selection_dtype", "float32") != "float32":
+        notes.append(f"ours+bf16-select: our Trainer with sae.selection_dtype={job['selection_dtype']} (latents "
+                     "chosen from bf16 pre-activations; values, gradients, weights and Adam in fp32)")
     trainer.fit()
     rt.write_result(job, rt.summarize(job, batches, rss_start, library="sae-forge",
-                                      weights=str(trainer.final_dirs[job["arch"]]), notes=notes, **extra))
+                                      weights=str(trainer.final_dirs[job["arch"]]), notes=notes))
 
 
 if __name__ == "__main__":

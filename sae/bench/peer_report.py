@@ -54,7 +54,7 @@ def targets(results: dict[str, Any], expansion: int, system: str = "ours") -> li
         "no peer measured"))
     wide = next((s for s in results["scaling"] if s["expansion"] == 64), None)
     if wide is not None:
-        o = wide["systems"].get("ours", {})
+        o = wide["systems"].get(system, {})
         ps = [wide["systems"][p] for p in PEERS if wide["systems"].get(p, {}).get("status") == "ok"]
         f = max(ps, key=lambda r: r["tokens_per_s"], default=None)
         out.append(_check("tokens/s >= 3x the faster peer at 64x", o["tokens_per_s"] / f["tokens_per_s"]

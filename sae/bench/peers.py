@@ -14,7 +14,9 @@ with a message.
    training classes (runners :mod:`.peer_ours`, ``peer_saelens.py``, ``peer_sparsify.py``) on the
    same batches in the same order: same width, k, batch, token budget, Adam, lr and schedule
    (linear warm-up, linear decay to 0), AuxK weight, dead-latent window and thread count.
-   TopK for all three; BatchTopK and JumpReLU for ours and SAELens.
+   TopK for all three; BatchTopK and JumpReLU for ours and SAELens. ``ours+bf16-select`` is our
+   trainer with ``sae.selection_dtype=bfloat16`` (latents chosen from bf16 pre-activations, values,
+   gradients, weights and Adam in fp32).
 3. Evaluation: each system's saved weights are loaded into our classes by our importer
    (:func:`sae.export.load.load_pretrained_with_info`) and scored by one evaluator
    (:func:`sae.eval.quick.evaluate_batches`) on the held-out split: FVU, L0, dead fraction
@@ -59,7 +61,7 @@ PEER_SCRIPTS = {"saelens": HERE / "peer_saelens.py", "sparsify": HERE / "peer_sp
 # system -> (runner, extra job settings, architectures it trains)
 SYSTEMS = {
     "ours": ("ours", {}, ("topk", "batchtopk", "jumprelu")),
-    "ours+lsq-init": ("ours", {"encoder_init": "lsq"}, ("topk", "batchtopk")),
+    "ours+bf16-select": ("ours", {"selection_dtype": "bfloat16"}, ("topk", "batchtopk")),
     "saelens": ("saelens", {}, ("topk", "batchtopk", "jumprelu")),
     "sparsify": ("sparsify", {}, ("topk",)),
 }
@@ -231,7 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for mult in [int(m) for m in args.scaling.split(",") if m]:
         entry: dict[str, Any] = {"expansion": mult, "num_latents": mult * d,
                                  "matmul_ms": encoder_matmul_ms(first, mult * d), "systems": {}}
-        for system in [s for s in systems if s in ("ours", "saelens", "sparsify")]:
+        for system in [s for s in systems if "topk" in SYSTEMS[s][2]]:
             same = next((r for r in main_rows if r["system"] == system and r["arch"] == "topk"), None)
             entry["systems"][system] = same if mult == args.expansion and same else run_system(
                 setup, system, "topk", mult * d, args.scaling_steps, out, peers)
@@ -239,7 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = {"setup": asdict(setup), "data": data.info, "train_tokens": steps * args.batch, "steps": steps,
                "epochs": steps * args.batch / rows, "peers_python": peers[0], "main": main_rows,
                "scaling": scaling, "machine": {**peer_report.machine_info(), "load_avg_start": load_start}}
-    results["targets"] = {s: peer_report.targets(results, args.expansion, s) for s in ("ours", "ours+lsq-init")
+    results["targets"] = {s: peer_report.targets(results, args.expansion, s) for s in ("ours", "ours+bf16-select")
                           if s in systems and "topk" in archs}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     text = peer_report.render(results)

@@ -42,11 +42,12 @@ class _FixedSource:
 
 
 def run(d: int, expansion: int, k: int, batch: int, arch: str, device: str, repeats: int,
-        dead_fraction: float) -> dict[str, float]:
+        dead_fraction: float, selection_dtype: str = "float32") -> dict[str, float]:
     dev = torch.device(device)
     torch.manual_seed(0)
     x = torch.randn(batch, d, device=dev)
-    sae = build_sae(SAEConfig(architecture=arch, expansion_factor=expansion, k=k), d, seed=0).to(dev)
+    cfg_sae = SAEConfig(architecture=arch, expansion_factor=expansion, k=k, selection_dtype=selection_dtype)
+    sae = build_sae(cfg_sae, d, seed=0).to(dev)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(batch_size=batch, steps=10**9, lr=1e-4, lr_warmup_steps=0, device=device,
                           progress=False, log_every=10**9, out_dir=tmp, dead_tokens_threshold=10_000_000)
@@ -78,11 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--dead-fraction", type=float, default=0.0, help="fraction of latents marked dead (AuxK cost)")
+    p.add_argument("--selection-dtype", default="float32", help="sae.selection_dtype (float32 | bfloat16)")
     p.add_argument("--json", help="also write the figures to this file")
     a = p.parse_args(argv)
-    r = run(a.d, a.expansion, a.k, a.batch, a.arch, a.device, a.repeats, a.dead_fraction)
+    r = run(a.d, a.expansion, a.k, a.batch, a.arch, a.device, a.repeats, a.dead_fraction, a.selection_dtype)
     print(f"{a.arch} SAE, d={a.d}, latents={a.d * a.expansion}, k={a.k}, batch={a.batch}, "
-          f"device={a.device}, threads={torch.get_num_threads()}, dead fraction={a.dead_fraction}")
+          f"device={a.device}, threads={torch.get_num_threads()}, dead fraction={a.dead_fraction}, "
+          f"selection dtype={a.selection_dtype}")
     print(markdown_table(
         ["step ms", "tokens/s", "x@W_enc ms", "x@W_enc (prealloc) ms", "step / matmul", "step / matmul (prealloc)",
          "peak RSS MiB"],

@@ -209,7 +209,8 @@ class SparseCoder(nn.Module):
         if not self.normalize_decoder or self.W_dec.grad is None:
             return
         g, W = self.W_dec.grad, self.W_dec
-        g -= (g * W).sum(dim=1, keepdim=True) * W
+        # In place, without an [L, D] temporary (fresh large buffers are page-faulted on every step).
+        g.addcmul_(torch.einsum("ld,ld->l", g, W).unsqueeze(1), W, value=-1)
 
     def reconstruct(self, x_BD: Tensor, codes: Codes) -> Tensor:
         """Decoder output plus the skip path (skip transcoders)."""

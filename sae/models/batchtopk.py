@@ -35,15 +35,25 @@ class BatchTopKSAE(TopKSAE):
 
     def select(self, pre_BL: Tensor) -> tuple[Tensor, Tensor]:
         cand_vals, cand_idx = pre_BL.topk(self.num_candidates, dim=1, sorted=True)
+        return self._batch_select(cand_vals, cand_idx, pre_BL.shape[1])
+
+    def select_latents(self, x_in_BD: Tensor, scores_BL: Tensor) -> tuple[Tensor, Tensor]:
+        # With approximate scores only the per-token candidates come from them: the batch-level
+        # cut runs on exact values (bf16 scores tie often at the batch threshold).
+        cand_vals, cand_idx = scores_BL.topk(self.num_candidates, dim=1, sorted=True)
+        cand_vals = self.exact_values(x_in_BD, cand_idx, cand_vals)
+        return self._batch_select(cand_vals, cand_idx, scores_BL.shape[1])
+
+    def _batch_select(self, cand_vals: Tensor, cand_idx: Tensor, num_latents: int) -> tuple[Tensor, Tensor]:
         cand_vals = cand_vals.relu()
         if self.training:
-            n_keep = min(self.k * pre_BL.shape[0], cand_vals.numel())
+            n_keep = min(self.k * cand_vals.shape[0], cand_vals.numel())
             kth = cand_vals.flatten().topk(n_keep, sorted=False).values.min()
             keep = cand_vals >= kth
             kept_pos = cand_vals[keep & (cand_vals > 0)]
             if kept_pos.numel() > 0:
                 self._update_threshold(kept_pos.min())
-            self.last_cap_hit = keep[:, -1].float().mean().item() if self.num_candidates < pre_BL.shape[1] else 0.0
+            self.last_cap_hit = keep[:, -1].float().mean().item() if self.num_candidates < num_latents else 0.0
         else:
             thr = self.threshold.clamp_min(0.0)
             keep = cand_vals > thr

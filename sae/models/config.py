@@ -19,6 +19,16 @@ class SAEConfig:
     # AuxK (Gao et al. 2024, sec. A.2): k_aux dead latents reconstruct the residual.
     k_aux: int = 0  # 0 -> d_in // 2
     auxk_alpha: float = 1.0 / 32.0
+    # TopK family: after the data init of b_dec, scale W_enc and b_enc by the least-squares factor
+    # that best fits the initial reconstruction of the sample to it (the top-k set is unchanged).
+    # Without it, training starts with k unit-norm directions summed on every token and spends its
+    # first steps shrinking the encoder.
+    fit_encoder_scale: bool = True
+    # TopK family: dtype of the dense pre-activations that only *select* latents (float32 |
+    # bfloat16). Selected values are recomputed in fp32 and gradients stay exact; bfloat16 halves
+    # the encoder GEMM on GPUs and on CPUs with AVX512-BF16/AMX, at the price of near-ties at the
+    # k-th place being broken by bf16 rounding. Ignored under autocast (already low precision).
+    selection_dtype: str = "float32"
     # BatchTopK: candidates per token considered by the batch-level selection (cap * k).
     batch_topk_cap: int = 4
     threshold_momentum: float = 0.99

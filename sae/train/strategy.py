@@ -189,6 +189,19 @@ class LatentParallel(SingleProcess):
             out[name] = shard_topk(sae, dist.rank(), dist.world_size())
         return out
 
+    @torch.no_grad()
+    def init_from_data(self, sae: SparseCoder, x: Tensor, y: Tensor | None) -> None:
+        # Every rank holds the same batch: b_dec is the same everywhere; the encoder scale is fitted
+        # to the global reconstruction, as the unsharded SAE does.
+        if not isinstance(sae, TopKSAE) or not sae.cfg.fit_encoder_scale:
+            sae.init_from_data(x, y)
+            return
+        SparseCoder.init_from_data(sae, x, y)  # b_dec (TopK's own init adds only the encoder scale)
+        x_in = sae.encoder_input(x.float())
+        idx, vals = _global_topk(sae.pre_activations(x_in), sae.k, sae.shard)
+        decoded = dist.all_reduce_(sparse_decode(idx, vals.relu(), sae.W_dec))
+        sae.scale_encoder_(decoded, (x if y is None else y).float() - sae.b_dec)
+
     def full_num_latents(self, sae: SparseCoder) -> int:
         return sae.shard.full_num_latents
 
@@ -202,8 +215,9 @@ class LatentParallel(SingleProcess):
                 sparsity_scale: float = 1.0, variance_fn: VarianceFn | None = None) -> ForwardOutput:
         y = sae.check_input(x, y)
         x_in = dist.copy_to_parallel(sae.encoder_input(x))
-        pre = sae.pre_activations(x_in)
+        pre = sae.selection_scores(x_in)
         idx, pre_vals = _global_topk(pre, sae.k, sae.shard)
+        pre_vals = sae.exact_values(x_in, idx, pre_vals)
         vals = gather_encode(x_in, sae.W_enc, sae.b_enc, idx, pre_vals).relu()
         codes = SparseCodes(vals, idx)
         x_hat = dist.reduce_from_parallel(sparse_decode(idx, vals, sae.W_dec)) + sae.b_dec
@@ -249,6 +263,7 @@ def _global_topk(pre_BL: Tensor, k: int, shard: Shard, exclude: Tensor | None = 
     """
     k_local = min(k, pre_BL.shape[1])
     lv, li = pre_BL.topk(k_local, dim=1, sorted=False)
+    lv = lv.float()  # bf16 selection scores travel as fp32
     gv = dist.all_gather_stack(lv)  # [W, B, k]
     gi = dist.all_gather_stack(li + shard.offset)
     W, B = gv.shape[0], gv.shape[1]
@@ -274,7 +289,7 @@ def _auxk(sae: TopKSAE, x_in: Tensor, pre_BL: Tensor, dead_mask_L: Tensor, resid
     with torch.no_grad():
         masked = pre_BL.masked_fill(~dead_mask_L, -math.inf)
     idx, vals = _global_topk(masked, k_aux, sae.shard)
-    vals = torch.where(torch.isinf(vals), torch.zeros_like(vals), vals)
+    vals = sae.exact_values(x_in, idx, torch.where(torch.isinf(vals), torch.zeros_like(vals), vals))
     aux_vals = gather_encode(x_in, sae.W_enc, sae.b_enc, idx, vals).relu()
     e_hat = dist.reduce_from_parallel(sparse_decode(idx, aux_vals, sae.W_dec))
     scale = min(n_dead / sae.k_aux, 1.0)
