@@ -55,6 +55,9 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     hookpoint: str = ""  # buffer: "" picks the buffer's only hook point; live: required
     target_hookpoint: str = ""  # transcoders: the hook point to reconstruct (same tokens)
+    # Several hook points, one SAE each (with train.parallel=sae, spread across ranks); when set it
+    # replaces ``hookpoint``, and excludes ``target_hookpoint``. Globs allowed for data=live.
+    hookpoints: list[str] = field(default_factory=list)
     # none | scale (x * sqrt(d) / E||x||, SAELens) | center_scale ((x - mean) * sqrt(d / E||x - mean||^2))
     normalize: str = "none"
     seed: int = 0
@@ -75,8 +78,12 @@ def validate_data(cfg: DataConfig) -> None:
         (cfg.buffer.verify in VERIFY, "buffer.verify", cfg.buffer.verify, f"must be one of {', '.join(VERIFY)}"),
         (cfg.live.mixing_tokens > 0, "live.mixing_tokens", cfg.live.mixing_tokens, "must be > 0"),
         (cfg.live.heldout_contexts >= 0, "live.heldout_contexts", cfg.live.heldout_contexts, "must be >= 0"),
-        (cfg.source != "live" or bool(cfg.hookpoint), "hookpoint", cfg.hookpoint,
+        (cfg.source != "live" or bool(cfg.hookpoint) or bool(cfg.hookpoints), "hookpoint", cfg.hookpoint,
          "must name a hook point for data=live (e.g. data.hookpoint=layers.3)"),
+        (not cfg.hookpoints or not cfg.target_hookpoint, "hookpoints", cfg.hookpoints,
+         "excludes data.target_hookpoint (one SAE per listed hook point; transcoders take one pair)"),
+        (not cfg.hookpoints or cfg.source != "synthetic", "hookpoints", cfg.hookpoints,
+         "needs data=buffer or data=live"),
     ]
     for ok, name, value, msg in checks:
         if not ok:

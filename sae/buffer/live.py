@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from sae.harvest.config import validate_harvest
 from sae.harvest.harvester import Chunk, Harvester
@@ -32,20 +33,31 @@ from .source import Batch
 class LiveSource:
     """ActivationSource harvesting ``hookpoint`` (and ``target_hookpoint``) on the fly."""
 
-    def __init__(self, cfg: LiveConfig, batch_size: int, *, hookpoint: str, target_hookpoint: str = "",
-                 seed: int = 0, normalize: str = "none", prefetch: int = 4, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: LiveConfig, batch_size: int, *, hookpoint: str = "", target_hookpoint: str = "",
+                 hookpoints: list[str] | None = None, seed: int = 0, normalize: str = "none", prefetch: int = 4,
+                 rank: int = 0, world_size: int = 1):
         validate_harvest(cfg.model, cfg.text, cfg.harvest)
         if batch_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"batch_size={batch_size}, rank={rank}, world_size={world_size}: need batch_size > 0 "
                              "and 0 <= rank < world_size")
-        wanted = [hookpoint] + ([target_hookpoint] if target_hookpoint else [])
+        if hookpoints and target_hookpoint:
+            raise ValueError("data.hookpoints (one SAE per hook point) excludes data.target_hookpoint")
+        wanted = list(hookpoints) if hookpoints else [hookpoint] + ([target_hookpoint] if target_hookpoint else [])
         self.harvester = Harvester(load_model(cfg.model), wanted, cfg.text, cfg.harvest)
-        if len(self.harvester.names) != len(wanted):
+        if not hookpoints and len(self.harvester.names) != len(wanted):
             raise ValueError(f"data.hookpoint={hookpoint!r} / data.target_hookpoint={target_hookpoint!r} must each "
                              f"name one hook point; they resolve to {self.harvester.names}")
-        self.hookpoint = self.harvester.names[0]
+        # Several hook points: rows carry every hook point's activations side by side in ``x``
+        # (``columns``), so mixing and resume work as for one; :meth:`split` cuts them apart.
+        self.hookpoints = list(self.harvester.names) if hookpoints else [self.harvester.names[0]]
+        self.hookpoint = self.hookpoints[0]
         self.target_hookpoint = self.harvester.names[1] if target_hookpoint else ""
-        self.d_in = self.harvester.dims[self.hookpoint]
+        self.dims = {hp: self.harvester.dims[hp] for hp in self.hookpoints}
+        self.columns, start = {}, 0
+        for hp in self.hookpoints:
+            self.columns[hp] = slice(start, start + self.dims[hp])
+            start += self.dims[hp]
+        self.d_in = start
         self.d_out = self.harvester.dims[self.target_hookpoint] if target_hookpoint else self.d_in
         self.ds = load_text_dataset(cfg.text)
         self.cfg, self.batch_size, self.seed, self.prefetch = cfg, batch_size, seed, prefetch
@@ -54,10 +66,12 @@ class LiveSource:
         self.block_contexts = math.ceil(per_block / cfg.harvest.batch_size) * cfg.harvest.batch_size
         self._heldout: Chunk | None = None
         self.x_norm = self.y_norm = Normalizer("none")
+        self.norms = {hp: Normalizer("none") for hp in self.hookpoints}
         if normalize != "none":
             held = self._heldout_rows()
-            self.x_norm = Normalizer.from_sums(normalize, activation_sums(held.acts[self.hookpoint]),
-                                               f"held-out contexts at {self.hookpoint}")
+            self.norms = {hp: Normalizer.from_sums(normalize, activation_sums(held.acts[hp]),
+                                                   f"held-out contexts at {hp}") for hp in self.hookpoints}
+            self.x_norm = self.norms[self.hookpoint]
             if self.target_hookpoint:
                 self.y_norm = Normalizer.from_sums(normalize, activation_sums(held.acts[self.target_hookpoint]),
                                                    f"held-out contexts at {self.target_hookpoint}")
@@ -66,8 +80,8 @@ class LiveSource:
     @classmethod
     def from_config(cls, data: DataConfig, batch_size: int, *, rank: int = 0, world_size: int = 1) -> LiveSource:
         return cls(data.live, batch_size, hookpoint=data.hookpoint, target_hookpoint=data.target_hookpoint,
-                   seed=data.seed, normalize=data.normalize, prefetch=data.prefetch_batches, rank=rank,
-                   world_size=world_size)
+                   hookpoints=list(data.hookpoints) or None, seed=data.seed, normalize=data.normalize,
+                   prefetch=data.prefetch_batches, rank=rank, world_size=world_size)
 
     @property
     def normalization(self) -> dict[str, Any]:
@@ -75,6 +89,10 @@ class LiveSource:
         if self.target_hookpoint:
             out["y"] = self.y_norm.as_dict()
         return out
+
+    def split(self, x_BD: Tensor) -> dict[str, Tensor]:
+        """Each hook point's columns of a (normalised) row block: views, no copy."""
+        return {hp: x_BD[:, sl] for hp, sl in self.columns.items()}
 
     def _heldout_rows(self) -> Chunk:
         if self._heldout is None:
@@ -104,7 +122,8 @@ class LiveSource:
             parts = [c for _, c in zip(range(per_block), chunks)]
             if not parts:
                 return
-            xs = [c.acts[self.hookpoint] for c in parts]
+            xs = [c.acts[self.hookpoint] if len(self.hookpoints) == 1 else
+                  torch.cat([c.acts[hp] for hp in self.hookpoints], dim=1) for c in parts]
             ys = [c.acts[self.target_hookpoint] for c in parts] if self.target_hookpoint else None
             n = sum(x.shape[0] for x in xs)
             perm = seeded_perm(n, self.seed, self.rank, block)
@@ -114,6 +133,10 @@ class LiveSource:
             block, rows_before, offset = block + 1, rows_before + perm.numel(), 0
 
     def _normalize(self, batch: Batch) -> Batch:
+        if len(self.hookpoints) > 1:
+            for hp, part in self.split(batch.x).items():
+                self.norms[hp](part)  # in place on the column view
+            return batch
         return Batch(self.x_norm(batch.x), None if batch.y is None else self.y_norm(batch.y))
 
     def __iter__(self) -> Iterator[Batch]:
@@ -139,11 +162,12 @@ class LiveSource:
     def heldout_batches(self, n_batches: int) -> list[Batch]:
         """Up to ``n_batches`` batches of the held-out contexts, in order."""
         held = self._heldout_rows()
-        x = held.acts[self.hookpoint]
+        x = held.acts[self.hookpoint] if len(self.hookpoints) == 1 else \
+            torch.cat([held.acts[hp] for hp in self.hookpoints], dim=1)
         y = held.acts[self.target_hookpoint] if self.target_hookpoint else None
         out = []
         for a in range(0, min(x.shape[0], n_batches * self.batch_size), self.batch_size):
-            xb = self.x_norm(x[a:a + self.batch_size].float().clone())
+            xb = self._normalize(Batch(x[a:a + self.batch_size].float().clone())).x
             yb = None if y is None else self.y_norm(y[a:a + self.batch_size].float().clone())
             out.append(Batch(xb, yb))
         return out

@@ -44,6 +44,11 @@ def evaluate_batches(sae: SparseCoder, batches: Iterable[Batch], device: torch.d
     return {**rec.as_dict(), **spa.as_dict(dense_threshold), "tokens": float(rec.n_tokens)}
 
 
+def batches_of(batches: Sequence[Batch] | dict[str, Sequence[Batch]], name: str) -> Sequence[Batch]:
+    """SAE ``name``'s held-out batches: its own entry of a per-SAE dict, else the shared list."""
+    return batches[name] if isinstance(batches, dict) else batches
+
+
 class PeriodicEval:
     """A trainer step hook: every ``every`` steps, score each SAE on the same held-out batches and
     log ``eval/<metric>/<sae name>`` (fvu, mse, cosine, l0, dead_fraction, ...) at that step.
@@ -52,17 +57,19 @@ class PeriodicEval:
     ``train/dead_fraction`` uses its token window.
     """
 
-    def __init__(self, batches: Sequence[Batch], every: int):
+    def __init__(self, batches: Sequence[Batch] | dict[str, Sequence[Batch]], every: int):
+        """``batches``: one list for every SAE, or a list per SAE name (SAEs of different hook points)."""
         if every <= 0:
             raise ValueError(f"train.eval_every={every} must be > 0 for a periodic evaluation")
-        if not batches:
+        if not batches or (isinstance(batches, dict) and not all(batches.values())):
             raise ValueError("no held-out batches for the periodic evaluation; set train.eval_every=0 or provide "
                              "a held-out split")
-        self.batches, self.every = list(batches), every
+        self.batches = {n: list(b) for n, b in batches.items()} if isinstance(batches, dict) else list(batches)
+        self.every = every
 
     def __call__(self, trainer: Any) -> None:
         if trainer.step % self.every:
             return
         metrics = {f"eval/{k}/{name}": v for name, sae in trainer.saes.items()
-                   for k, v in evaluate_batches(sae, self.batches, trainer.device).items()}
+                   for k, v in evaluate_batches(sae, batches_of(self.batches, name), trainer.device).items()}
         trainer.logger.log(metrics, trainer.step)

@@ -60,8 +60,28 @@ def init_from_env(backend: str = "auto", timeout_s: int = 600) -> torch.device |
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            dist.init_process_group(backend=backend, timeout=timeout, store=_elastic_store(timeout),
+                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     return device or torch.device("cpu")
+
+
+def _elastic_store(timeout: datetime.timedelta) -> dist.Store:
+    """The store of a torchrun worker, with keys private to this restart attempt.
+
+    torchrun's workers reach the agent's TCPStore, which outlives restarts; without a per-attempt
+    prefix the process group of a restarted round finds the previous round's keys (the dead
+    ranks' gloo addresses) and a rank that reads them before its peer overwrites them connects
+    to a closed port ("Connection refused" in connectFullMesh).
+    """
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_hosts and rank == 0, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"sae-forge/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}/", store)
 
 
 def destroy() -> None:
@@ -75,18 +95,32 @@ def barrier() -> None:
 
 
 def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
-    """In-place all-reduce (sum, avg via sum/world, or max)."""
+    """In-place all-reduce (sum, avg via sum/world, max or min)."""
     if not is_distributed():
         return t
     W = world_size()
     STATS.add(t, 2 * (W - 1) / W)  # ring all-reduce traffic per rank
-    if op == "max":
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if op in ("max", "min"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
     else:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         if op == "avg":
             t /= W
     return t
+
+
+def all_to_all(tensors: list[Tensor]) -> list[Tensor]:
+    """Send ``tensors[s]`` to rank ``s``; returns the tensors every rank sent here, by rank.
+    All tensors must have one shape (gloo's all-to-all needs it)."""
+    if not is_distributed():
+        return list(tensors)
+    W = world_size()
+    if len(tensors) != W:
+        raise ValueError(f"all_to_all needs one tensor per rank ({W}), got {len(tensors)}")
+    out = [torch.empty_like(t) for t in tensors]
+    STATS.add(tensors[0], W - 1)
+    dist.all_to_all(out, [t.contiguous() for t in tensors])
+    return out
 
 
 def all_gather_stack(t: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from sae.buffer.config import DataConfig, validate_data
 from sae.buffer.source import ActivationSource, Batch
 from sae.buffer.synthetic import SyntheticSource, feature_recovery
 from sae.config import TrainRunConfig, sae_configs
-from sae.eval.quick import PeriodicEval, evaluate_batches
+from sae.eval.quick import PeriodicEval, batches_of, evaluate_batches
 from sae.models import build_sae
 
 from . import dist
@@ -58,6 +58,65 @@ def build_source(data: DataConfig, batch_size: int, *, rank: int = 0, world_size
     return LiveSource.from_config(data, batch_size, rank=rank, world_size=world_size)
 
 
+def hookpoint_saes(cfg_names: list[str], hookpoints: list[str]) -> dict[str, tuple[str, str]]:
+    """``data.hookpoints``: one SAE per configured SAE and hook point, named ``<sae>@<hook point>``
+    -> (config name, hook point)."""
+    return {f"{n}@{hp}": (n, hp) for hp in hookpoints for n in cfg_names}
+
+
+def hookpoints_needed(strategy, hookpoint_of: dict[str, str], order: list[str]) -> list[list[str]]:
+    """Per rank, the hook points of the SAEs that ``strategy`` places on it (SAE parallel)."""
+    names = list(hookpoint_of)
+    out: list[list[str]] = [[] for _ in range(dist.world_size())]
+    for name, hp in hookpoint_of.items():
+        r = strategy.owner(names, name)
+        if hp not in out[r]:
+            out[r].append(hp)
+    return [sorted(hps, key=order.index) for hps in out]
+
+
+def build_hookpoint_source(run: TrainRunConfig, strategy, cfg_names: list[str]):
+    """Source of ``{hook point: Batch}`` for ``data.hookpoints`` and the SAEs it feeds, as
+    (source, {SAE name: (config name, hook point)}). Under ``train.parallel=sae`` a rank reads
+    (buffer) or receives (live, after an all-to-all) only the hook points of its own SAEs."""
+    from .hookpoints import LiveHookpoints, ZippedSource
+
+    data, B = run.data, run.train.batch_size
+    validate_data(data)
+    exchange = strategy.name == "sae" and dist.world_size() > 1
+    rank, world = strategy.data_split()
+    if data.source == "live":
+        from sae.buffer.live import LiveSource
+
+        if exchange:
+            W = dist.world_size()
+            if B % W:
+                raise ValueError(f"train.batch_size={B} must be a multiple of the {W} processes: with data.hookpoints, "
+                                 "data=live and train.parallel=sae every rank harvests batch_size / world rows a step")
+            live = LiveSource.from_config(data, B // W, rank=dist.rank(), world_size=W)
+        else:
+            live = LiveSource.from_config(data, B, rank=rank, world_size=world)
+        saes = hookpoint_saes(cfg_names, live.hookpoints)
+        hp_of = {n: hp for n, (_, hp) in saes.items()}
+        needs = hookpoints_needed(strategy, hp_of, live.hookpoints) if exchange else None
+        return LiveHookpoints(live, needs), saes
+    from sae.buffer.manifest import read_manifest
+    from sae.buffer.reader import ShardReader
+
+    hps = list(dict.fromkeys(data.hookpoints))
+    held = read_manifest(data.buffer.path)["hookpoints"]
+    missing = [hp for hp in hps if hp not in held]
+    if missing:
+        raise ValueError(f"data.hookpoints: {missing} not in buffer {data.buffer.path}; it holds {list(held)}")
+    saes = hookpoint_saes(cfg_names, hps)
+    hp_of = {n: hp for n, (_, hp) in saes.items()}
+    mine = hookpoints_needed(strategy, hp_of, hps)[dist.rank()] if strategy.name == "sae" else hps
+    one = dataclasses.replace(data, hookpoints=[])
+    readers = {hp: ShardReader.from_config(dataclasses.replace(one, hookpoint=hp), B, rank=rank, world_size=world)
+               for hp in mine}
+    return ZippedSource(readers, all_dims={hp: int(held[hp]["d"]) for hp in hps}), saes
+
+
 def heldout_batches(source: ActivationSource, n_batches: int) -> list[Batch]:
     """Batches the trainer never sees (synthetic: indices beyond any training run; buffer: the
     held-out shards; live: the held-out contexts)."""
@@ -68,7 +127,7 @@ def heldout_batches(source: ActivationSource, n_batches: int) -> list[Batch]:
     raise ValueError(f"no held-out split defined for {type(source).__name__}")
 
 
-def check_checkpoint_sizes(out_dir: Path, source: ActivationSource) -> None:
+def check_checkpoint_sizes(out_dir: Path, source: ActivationSource, hookpoint_of: dict[str, str] | None = None) -> None:
     """Fail before training when ``out_dir`` holds checkpoints of SAEs of another width.
 
     Resuming would otherwise die deep inside ``load_state_dict`` with a shape error.
@@ -76,10 +135,16 @@ def check_checkpoint_sizes(out_dir: Path, source: ActivationSource) -> None:
     ckpt = latest_checkpoint(out_dir)
     for cfg_path in sorted(ckpt.glob("*/cfg.json")) if ckpt is not None else []:
         meta = json.loads(cfg_path.read_text())
-        if (meta.get("d_in"), meta.get("d_out")) != (source.d_in, source.d_out):
+        hp = (hookpoint_of or {}).get(cfg_path.parent.name)
+        if hookpoint_of is not None and hp is None:
+            raise ValueError(f"{cfg_path.parent} is not one of this run's SAEs {sorted(hookpoint_of)}; "
+                             "use a fresh train.out_dir")
+        want = (source.all_dims[hp],) * 2 if hp else (source.d_in, source.d_out)
+        if (meta.get("d_in"), meta.get("d_out")) != want:
+            where = f"hook point {hp}" if hp else describe_source(source)
             raise ValueError(
                 f"{cfg_path.parent} was trained with d_in={meta.get('d_in')}, d_out={meta.get('d_out')}, but the "
-                f"activations have d_in={source.d_in}, d_out={source.d_out} ({describe_source(source)}); "
+                f"activations have d_in={want[0]}, d_out={want[1]} ({where}); "
                 "use a fresh train.out_dir or the data it was trained on"
             )
 
@@ -107,12 +172,24 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
                          "set train.parallel=data, latent or sae")
     torch.manual_seed(run.train.seed)
     rank, world = strategy.data_split()
-    source = build_source(run.data, run.train.batch_size, rank=rank, world_size=world)
+    hp_of: dict[str, str] | None = None  # data.hookpoints: SAE name -> its hook point
+    if run.data.hookpoints:
+        if run.train.init_from:
+            raise ValueError("train.init_from fine-tunes one published SAE; it does not combine with data.hookpoints")
+        source, by_name = build_hookpoint_source(run, strategy, list(cfgs))
+        hp_of = {n: hp for n, (_, hp) in by_name.items()}
+    else:
+        source = build_source(run.data, run.train.batch_size, rank=rank, world_size=world)
     if run.train.resume:
-        check_checkpoint_sizes(Path(run.train.out_dir), source)
+        check_checkpoint_sizes(Path(run.train.out_dir), source, hp_of)
     # Build every SAE before writing anything, so bad sizes fail with nothing on disk.
     if run.train.init_from:
         saes = {"finetune": load_init_sae(run)}
+    elif hp_of is not None:
+        # Every rank builds every SAE (same seeds everywhere); the strategy keeps this rank's own.
+        dims = source.all_dims
+        saes = {name: build_sae(cfgs[c], dims[hp], dims[hp], seed=run.train.seed + i)
+                for i, (name, (c, hp)) in enumerate(by_name.items())}
     else:
         saes = {name: build_sae(c, source.d_in, source.d_out, seed=run.train.seed + i)
                 for i, (name, c) in enumerate(cfgs.items())}
@@ -127,19 +204,29 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
             loggers.append(wandb_logger)
         logger = MultiLogger(*loggers)
     meta = {"data": dataclasses.asdict(run.data)}
-    if hasattr(source, "normalization"):
+    meta_by_name: dict[str, dict[str, Any]] = {}
+    if hp_of is not None:  # each SAE's cfg.json names its own hook point, as if trained alone
+        one = dataclasses.asdict(dataclasses.replace(run.data, hookpoints=[]))
+        meta_by_name = {n: {"data": {**one, "hookpoint": hp}, "normalization": source.normalization_of(hp)}
+                        for n, hp in hp_of.items() if hp in source.dims}
+    elif hasattr(source, "normalization"):
         meta["normalization"] = source.normalization
     trainer = Trainer(run.train, saes, source, logger=logger, sae_meta=meta, strategy=strategy, device=device,
-                      data_init=not run.train.init_from)
+                      data_init=not run.train.init_from, hookpoints=hp_of, sae_meta_by_name=meta_by_name)
+
+    def held(n_batches: int, names) -> list[Batch] | dict[str, list[Batch]]:
+        """Held-out batches: one list, or per SAE name (data.hookpoints)."""
+        b = heldout_batches(source, n_batches)
+        return {n: b[hp_of[n]] for n in names} if hp_of is not None else b
+
     if run.train.eval_every > 0 and dist.is_main():
         if strategy.name == "latent":  # each rank holds a slice of the latents: nothing whole to score
             log.info("train.parallel=latent: no periodic held-out evaluation (the final one still runs)")
         else:
-            batches = heldout_batches(source, run.train.eval_batches)
-            trainer.step_hooks.append(PeriodicEval(batches, run.train.eval_every))
+            trainer.step_hooks.append(PeriodicEval(held(run.train.eval_batches, trainer.saes), run.train.eval_every))
     histogram_every = run.wandb.histogram_every or run.train.eval_every
     if wandb_logger is not None and histogram_every > 0 and strategy.name != "latent":
-        hist_batches = heldout_batches(source, run.train.eval_batches)
+        hist_batches = held(run.train.eval_batches, trainer.saes)
         trainer.step_hooks.append(wandb_logger.density_hook(hist_batches, histogram_every))
     train_metrics = trainer.fit()
     final_dirs = trainer.final_dirs
@@ -148,10 +235,10 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
         full = {n: consolidate_sae(out_dir / "final" / n) for n in final_dirs}
     else:
         full = trainer.saes
-    batches = heldout_batches(source, heldout)
+    batches = held(heldout, full)
     eval_metrics: dict[str, dict[str, float]] = {}
     for name, sae in full.items():
-        m = evaluate_batches(sae.to(trainer.device), batches, trainer.device)
+        m = evaluate_batches(sae.to(trainer.device), batches_of(batches, name), trainer.device)
         if isinstance(source, SyntheticSource):
             m["feature_recovery"] = feature_recovery(source.features, sae.W_dec.cpu()).item()
         eval_metrics[name] = m

@@ -83,7 +83,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, saes: dict[str, SparseCoder], source: ActivationSource, *,
                  logger: MetricLogger | None = None, sae_meta: dict[str, Any] | None = None,
                  strategy: SingleProcess | None = None, device: torch.device | None = None,
-                 data_init: bool = True):
+                 data_init: bool = True, hookpoints: dict[str, str] | None = None,
+                 sae_meta_by_name: dict[str, dict[str, Any]] | None = None):
+        """``hookpoints`` maps each SAE name to its hook point when ``source`` yields
+        ``{hook point: Batch}`` (several hook points, one SAE each); without it every SAE trains on
+        the same ``Batch``."""
         validate_train_config(cfg)
         if not saes:
             raise ValueError("no SAE to train")
@@ -92,15 +96,24 @@ class Trainer:
         self.strategy = strategy or SingleProcess()
         self.logger = logger if logger is not None and dist.is_main() else NullLogger()
         self.sae_meta = sae_meta or {}
+        self.sae_meta_by_name = sae_meta_by_name or {}  # merged over sae_meta for that SAE's cfg.json
         self.device = device or resolve_device(cfg.device)
         self.out_dir = Path(cfg.out_dir)
-        for name, sae in saes.items():
-            if sae.d_in != source.d_in or sae.d_out != source.d_out:
-                raise ValueError(
-                    f"SAE {name!r} expects d_in={sae.d_in}, d_out={sae.d_out} but the activations have "
-                    f"d_in={source.d_in}, d_out={source.d_out}"
-                )
         self.saes = self.strategy.prepare({name: sae.to(self.device) for name, sae in saes.items()})
+        self.hookpoints = hookpoints
+        if hookpoints is not None:
+            missing = sorted(set(self.saes) - set(hookpoints))
+            if missing:
+                raise ValueError(f"no hook point given for SAE(s) {missing}")
+        for name, sae in self.saes.items():
+            d_in, d_out = (source.dims[hookpoints[name]], source.dims[hookpoints[name]]) if hookpoints else \
+                (source.d_in, source.d_out)
+            if sae.d_in != d_in or sae.d_out != d_out:
+                where = f" at {hookpoints[name]}" if hookpoints else ""
+                raise ValueError(
+                    f"SAE {name!r} expects d_in={sae.d_in}, d_out={sae.d_out} but the activations{where} have "
+                    f"d_in={d_in}, d_out={d_out}"
+                )
         self.total_steps = cfg.steps if cfg.steps > 0 else cfg.max_tokens // cfg.batch_size
         self.optimizers, self.schedulers, self.trackers = {}, {}, {}
         for name, sae in self.saes.items():
@@ -147,12 +160,21 @@ class Trainer:
         self.logger.close()
         return self.last_metrics
 
-    def init_from_data(self, batch: Batch) -> None:
+    def batch_for(self, batch: Batch | dict[str, Batch], name: str) -> Batch:
+        """SAE ``name``'s part of a step's batch."""
+        if isinstance(batch, dict):
+            if self.hookpoints is None:
+                raise TypeError("the source yields batches per hook point; pass Trainer(hookpoints=...)")
+            return batch[self.hookpoints[name]]
+        return batch
+
+    def init_from_data(self, batch: Batch | dict[str, Batch]) -> None:
         """Data-dependent init (b_dec, JumpReLU thresholds) from the first batch, before the first step."""
         n = self.cfg.b_dec_init_samples
-        x = batch.x[:n].to(self.device).float()
-        y = batch.y[:n].to(self.device).float() if batch.y is not None else None
-        for sae in self.saes.values():
+        for name, sae in self.saes.items():
+            b = self.batch_for(batch, name)
+            x = b.x[:n].to(self.device).float()
+            y = b.y[:n].to(self.device).float() if b.y is not None else None
             self.strategy.init_from_data(sae, x, y)
 
     def autocast(self):
@@ -160,15 +182,23 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self, batch: Batch) -> dict[str, float]:
+    def _device_batch(self, batch: Batch, where: str) -> tuple[Tensor, Tensor | None]:
         x = batch.x.to(self.device, non_blocking=True).float()
         y = batch.y.to(self.device, non_blocking=True).float() if batch.y is not None else None
-        check_finite(x, f"activation batch at step {self.step}")
+        check_finite(x, f"activation batch{where} at step {self.step}")
         if y is not None:
-            check_finite(y, f"target batch at step {self.step}")
+            check_finite(y, f"target batch{where} at step {self.step}")
+        return x, y
+
+    def train_step(self, batch: Batch | dict[str, Batch]) -> dict[str, float]:
         log_now = self.step % self.cfg.log_every == 0 or self.step == self.total_steps - 1
         metrics: dict[str, float] = {}
+        on_device: dict[int, tuple[Tensor, Tensor | None]] = {}
         for name, sae in self.saes.items():
+            b = self.batch_for(batch, name)
+            if id(b) not in on_device:
+                on_device[id(b)] = self._device_batch(b, f" at {self.hookpoints[name]}" if self.hookpoints else "")
+            x, y = on_device[id(b)]
             out, loss = self._forward_backward(sae, self.trackers[name], x, y, log_now)
             self.strategy.after_backward(sae)
             sae.remove_parallel_grad_()
@@ -246,10 +276,13 @@ class Trainer:
         shard = getattr(sae, "shard", None)
         return folder / name / shard_dir(shard.rank, shard.world_size) if shard else folder / name
 
+    def _meta(self, name: str) -> dict[str, Any]:
+        return {**self.sae_meta, **self.sae_meta_by_name.get(name, {})}
+
     def _write_parts(self, folder: Path) -> None:
         for name, sae in self.saes.items():
             if self.strategy.writes_sae(name):
-                save_sae(sae, self._sae_dir(folder, name, sae), **self.sae_meta, **self.strategy.shard_meta(sae))
+                save_sae(sae, self._sae_dir(folder, name, sae), **self._meta(name), **self.strategy.shard_meta(sae))
 
     def save_checkpoint(self) -> Path:
         meta = {"strategy": self.strategy.name, "saes": sorted(self.saes)}
@@ -290,7 +323,7 @@ class Trainer:
         out = {}
         for name, sae in self.saes.items():
             if self.strategy.writes_sae(name):
-                out[name] = save_sae(sae, self._sae_dir(self.out_dir / "final", name, sae), **self.sae_meta,
+                out[name] = save_sae(sae, self._sae_dir(self.out_dir / "final", name, sae), **self._meta(name),
                                      **self.strategy.shard_meta(sae))
         dist.barrier()
         return out

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from sae.buffer.source import Batch
+from sae.eval.quick import batches_of
 from sae.models import SparseCoder
 
 log = logging.getLogger(__name__)
@@ -108,23 +109,24 @@ class WandbLogger:
         pass
 
     # --- run-level extras --------------------------------------------------------------------
-    def log_density(self, saes: dict[str, SparseCoder], batches: Sequence[Batch], step: int,
+    def log_density(self, saes: dict[str, SparseCoder], batches: Sequence[Batch] | dict[str, Sequence[Batch]],
+                    step: int,
                     device: torch.device | str = "cpu", prefix: str = "eval") -> None:
         """Log ``<prefix>/feature_density/<sae>`` histograms of log10 firing frequency at ``step``."""
         from sae.eval.metrics import log10_density_histogram
 
         out = {}
         for name, sae in saes.items():
-            freq, n = firing_frequencies(sae, batches, device)
+            freq, n = firing_frequencies(sae, batches_of(batches, name), device)
             hist = log10_density_histogram(freq, n_tokens=n)
             out[f"{prefix}/feature_density/{name}"] = self._wandb.Histogram(np_histogram=(hist.counts, hist.edges))
         self.run.log(out, step=step)
 
-    def density_hook(self, batches: Sequence[Batch], every: int):
+    def density_hook(self, batches: Sequence[Batch] | dict[str, Sequence[Batch]], every: int):
         """A trainer step hook logging the feature-density histograms every ``every`` steps."""
         if every <= 0:
             raise ValueError(f"wandb.histogram_every={every} must be > 0 for periodic histograms")
-        batches = list(batches)
+        batches = {n: list(b) for n, b in batches.items()} if isinstance(batches, dict) else list(batches)
 
         def hook(trainer) -> None:
             if trainer.step % every == 0:
@@ -133,7 +135,8 @@ class WandbLogger:
         return hook
 
     def finish(self, final_metrics: dict[str, dict[str, float]], final_dirs: dict[str, Path], *,
-               saes: dict[str, SparseCoder] | None = None, batches: Sequence[Batch] = (), step: int | None = None,
+               saes: dict[str, SparseCoder] | None = None,
+               batches: Sequence[Batch] | dict[str, Sequence[Batch]] = (), step: int | None = None,
                device: torch.device | str = "cpu", reports: dict[str, dict[str, Any]] | None = None) -> None:
         """Record the final held-out metrics (summary), the final densities, the artifact; end the run.
 

@@ -51,3 +51,27 @@ def test_accelerate_launch_with_the_repo_config(tmp_path):
     assert s["world_size"] == 2 and s["parallel"] == "latent"
     assert sorted(p.name for p in (out / "final" / "topk").iterdir()) == ["shard_00_of_02", "shard_01_of_02"]
     assert s["eval"]["topk"]["l0"] <= 8
+
+
+def test_torchrun_hookpoint_parallel_on_a_live_harvest(tmp_path):
+    from sae.harvest.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", "gpt2", layers=2, hidden=32)
+    docs = tmp_path / "docs.txt"
+    docs.write_text("".join(f"Line {i}: a dict maps {i % 9} keys.\n" for i in range(300)))
+    out = tmp_path / "hp"
+    env = {**_env(), "NPROC": "2", "OUT": str(out), "PARALLEL": "sae"}
+    args = ["data=live", f"data.live.model.name={model}", f"data.live.text.name={docs}",
+            "data.live.text.context_length=32", "data.live.heldout_contexts=16", "data.hookpoints=[layers.0,layers.1]",
+            "train=smoke", "train.steps=5", "train.batch_size=128", "train.progress=false", "sae.k=4",
+            "sae.expansion_factor=2", "train.final_report=false"]
+    proc = subprocess.run(["bash", str(ROOT / "launch/torchrun_single_node.sh"), *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = _summary(out)
+    assert s["world_size"] == 2 and s["parallel"] == "sae" and s["steps"] == 5
+    assert set(s["final"]) == {"topk@layers.0", "topk@layers.1"}
+    for name, folder in s["final"].items():
+        cfg = json.loads((Path(folder) / "cfg.json").read_text())
+        assert cfg["data"]["hookpoint"] == name.split("@")[1] and cfg["d_in"] == 32
+        assert s["eval"][name]["l0"] <= 4 + 1e-6 and s["eval"][name]["tokens"] > 0

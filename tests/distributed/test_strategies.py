@@ -93,9 +93,7 @@ def test_sae_parallel_trains_each_sae_as_one_process_would(tmp_path):
 
 
 def _torchrun(out: Path, steps: int, kill_at: int) -> subprocess.CompletedProcess:
-    # One restart is what the SIGKILL needs; a second one is spare: under heavy load gloo's
-    # full-mesh connect on the restarted round was once refused (seen in a full-suite run).
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-backend=c10d",
            str(Path(W.__file__)), str(out), str(steps), str(kill_at)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
@@ -103,12 +101,14 @@ def _torchrun(out: Path, steps: int, kill_at: int) -> subprocess.CompletedProces
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=240)
+        stdout, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 240 s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        # torchrun starts each worker in a session of its own: find them by their output folder.
+        subprocess.run(["pkill", "-9", "-f", str(out)], check=False)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 240 s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 @pytest.mark.slow
@@ -118,7 +118,7 @@ def test_sigkilled_rank_restarts_and_resumes_to_the_same_weights(tmp_path):
     assert clean.returncode == 0, clean.stderr[-3000:]
     killed = _torchrun(tmp_path / "killed", steps, kill_at=8)  # checkpoint at 5; steps 6-8 redone
     assert killed.returncode == 0, killed.stderr[-3000:]
-    assert (tmp_path / "killed" / "attempts").read_text() in ("1", "2")  # it really restarted
+    assert (tmp_path / "killed" / "attempts").read_text() == "1"  # it really restarted, once
     a = load_file(str(tmp_path / "clean" / "final.safetensors"))
     b = load_file(str(tmp_path / "killed" / "final.safetensors"))
     assert_close_state(a, b, atol=0, rtol=0)
@@ -175,3 +175,14 @@ def test_bf16_autocast_under_strategies_tracks_single_process(tmp_path, strategy
         print(f"held-out fvu: latent-parallel {fvu_lp:.4f}, single process {fvu_ref:.4f}")
         assert abs(fvu_lp - fvu_ref) < 0.05 * fvu_ref
         assert diff < 0.5 * moved
+
+
+def test_hookpoint_parallel_live_harvest_scatters_each_ranks_hookpoints(tmp_path):
+    from sae.harvest.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", "gpt2", layers=2, hidden=32)
+    docs = tmp_path / "docs.txt"
+    docs.write_text("".join(f"Line {i}: a tuple holds {i % 7} items.\n" for i in range(200)))
+    spawn(W.live_exchange_check, str(tmp_path), str(model), str(docs))
+    # 3 steps x 32 rows x 32 floats sent to the other rank (the own part stays put), each way.
+    assert [int((tmp_path / f"ok{r}").read_text()) >= 3 * 32 * 32 * 4 for r in range(2)] == [True, True]

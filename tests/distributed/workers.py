@@ -128,6 +128,35 @@ def latent_forward_check(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy()
 
 
+def live_exchange_check(rank: int, world: int, port: int, out: str, model: str, docs: str) -> None:
+    """Hook-point parallel, live: each rank harvests its half of the contexts for both hook points;
+    after the all-to-all, rank r holds both ranks' rows of hook point ``layers.r``, in rank order."""
+    from sae.buffer.config import LiveConfig
+    from sae.buffer.live import LiveSource
+    from sae.train.hookpoints import LiveHookpoints
+
+    _init(rank, world, port)
+    try:
+        cfg = LiveConfig()
+        cfg.model.name, cfg.text.name, cfg.text.context_length, cfg.heldout_contexts = model, docs, 32, 8
+        hps = ["layers.0", "layers.1"]
+
+        def live(r):
+            return LiveSource(cfg, 32, hookpoints=hps, rank=r, world_size=world, normalize="scale")
+
+        got = [b for _, b in zip(range(3), LiveHookpoints(live(rank), needs=[["layers.0"], ["layers.1"]]))]
+        sources = [live(r) for r in range(world)]  # what each rank harvested, rebuilt here alone
+        per_rank = [[b for _, b in zip(range(3), src)] for src in sources]
+        mine = hps[rank]
+        for step, batch in enumerate(got):
+            assert list(batch) == [mine]
+            want = torch.cat([sources[0].split(per_rank[r][step].x)[mine] for r in range(world)])
+            torch.testing.assert_close(batch[mine].x, want, rtol=0, atol=0)
+        Path(out, f"ok{rank}").write_text(str(dist.STATS.bytes))
+    finally:
+        dist.destroy()
+
+
 def _shard_of(full, rank, world):
     Lr = full.num_latents // world
     sl = slice(rank * Lr, (rank + 1) * Lr)

@@ -1,0 +1,130 @@
+"""Several hook points at once, one SAE each: batches as ``{hook point: Batch}``.
+
+- :class:`ZippedSource` (``data=buffer``): one :class:`~sae.buffer.reader.ShardReader` per hook
+  point, stepped together. Under ``train.parallel=sae`` a rank opens only the hook points whose
+  SAEs it owns, so each rank reads its own hook points.
+- :class:`LiveHookpoints` (``data=live``): one harvest of every hook point (a
+  :class:`~sae.buffer.live.LiveSource` whose rows hold all hook points side by side). Under
+  ``train.parallel=sae`` with W ranks, every rank harvests its own 1/W share of the contexts (the
+  model's forward passes are spread, not repeated) and an all-to-all after each step scatters the
+  columns: rank r receives every rank's rows of the hook points it owns, so its SAEs see batches
+  of ``train.batch_size`` rows. Per step each rank sends and receives ``(W - 1)/W`` of its
+  batch's rows of the other ranks' hook points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from sae.buffer.live import LiveSource
+from sae.buffer.source import Batch
+
+from . import dist
+
+
+class ZippedSource:
+    """One source per hook point, stepped together; stops when any of them ends."""
+
+    def __init__(self, sources: dict[str, Any], all_dims: dict[str, int] | None = None):
+        """``all_dims``: widths of every hook point of the run, also those other ranks read."""
+        if not sources:
+            raise ValueError("no hook point to read")
+        self.sources = sources
+        self.dims = {hp: s.d_in for hp, s in sources.items()}
+        self.all_dims = dict(all_dims or self.dims)
+        self.hookpoints = list(sources)
+
+    def __iter__(self) -> Iterator[dict[str, Batch]]:
+        iters = {hp: iter(s) for hp, s in self.sources.items()}
+        while True:
+            try:
+                yield {hp: next(it) for hp, it in iters.items()}
+            except StopIteration:
+                return
+
+    def state_dict(self) -> dict[str, Any]:
+        return {hp: s.state_dict() for hp, s in self.sources.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = sorted(set(self.sources) - set(state))
+        if missing:
+            raise ValueError(f"the checkpoint's data state has no position for hook point(s) {missing}")
+        for hp, s in self.sources.items():
+            s.load_state_dict(state[hp])
+
+    def heldout_batches(self, n_batches: int) -> dict[str, list[Batch]]:
+        return {hp: s.heldout_batches(n_batches) for hp, s in self.sources.items()}
+
+    def normalization_of(self, hp: str) -> dict[str, Any]:
+        return getattr(self.sources[hp], "normalization", {})
+
+
+class LiveHookpoints:
+    """Live harvest of several hook points; with ``exchange`` (SAE parallel), rows are
+    all-to-all'ed so this rank gets all ranks' rows of the hook points in ``needs[rank]``."""
+
+    def __init__(self, live: LiveSource, needs: list[list[str]] | None = None):
+        self.live = live
+        self.dims = dict(live.dims)
+        self.all_dims = self.dims
+        self.hookpoints = list(live.hookpoints)
+        self.needs = needs  # per rank: hook points it trains on; None: this process keeps all, no exchange
+        if needs is not None:
+            if len(needs) != dist.world_size():
+                raise ValueError(f"hook point owners given for {len(needs)} ranks, world size is {dist.world_size()}")
+            unknown = sorted({hp for n in needs for hp in n} - set(self.hookpoints))
+            if unknown:
+                raise ValueError(f"hook points {unknown} are not harvested ({self.hookpoints})")
+        self.own = self.hookpoints if needs is None else needs[dist.rank()]
+
+    def __iter__(self) -> Iterator[dict[str, Batch]]:
+        it = iter(self.live)
+        while True:
+            batch = next(it, None)
+            if self.needs is None:
+                if batch is None:
+                    return
+                yield {hp: Batch(x.contiguous()) for hp, x in self.live.split(batch.x).items()}
+                continue
+            # Every rank must take part in every exchange: agree on whether all have a batch, and
+            # on its rows (the last batch of a finite budget may be short on some rank).
+            n = batch.x.shape[0] if batch is not None else 0
+            n_min = int(dist.all_reduce_(torch.tensor([n], dtype=torch.float64), "min").item())
+            if n_min == 0:
+                return
+            yield self._exchange(self.live.split(batch.x[:n_min]))
+
+    def _exchange(self, parts: dict[str, torch.Tensor]) -> dict[str, Batch]:
+        W, me = dist.world_size(), dist.rank()
+        widths = [sum(self.dims[hp] for hp in hps) for hps in self.needs]
+        n, wmax = next(iter(parts.values())).shape[0], max(widths)
+        send = []
+        for hps in self.needs:
+            buf = torch.zeros(n, wmax)  # gloo's all-to-all wants equal shapes: pad to the widest
+            if hps:
+                torch.cat([parts[hp] for hp in hps], dim=1, out=buf[:, : sum(self.dims[hp] for hp in hps)])
+            send.append(buf)
+        got = dist.all_to_all(send)
+        rows = torch.cat([g[:, : widths[me]] for g in got]) if W > 1 else send[0][:, : widths[me]]
+        out, start = {}, 0
+        for hp in self.own:
+            out[hp] = Batch(rows[:, start:start + self.dims[hp]].contiguous())
+            start += self.dims[hp]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.live.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.live.load_state_dict(state)
+
+    def heldout_batches(self, n_batches: int) -> dict[str, list[Batch]]:
+        """The held-out contexts (harvested alike on every rank) of this rank's hook points."""
+        split = [self.live.split(b.x) for b in self.live.heldout_batches(n_batches)]
+        return {hp: [Batch(s[hp].contiguous()) for s in split] for hp in self.own}
+
+    def normalization_of(self, hp: str) -> dict[str, Any]:
+        return {"x": self.live.norms[hp].as_dict()}
