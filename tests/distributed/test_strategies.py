@@ -186,3 +186,32 @@ def test_hookpoint_parallel_live_harvest_scatters_each_ranks_hookpoints(tmp_path
     spawn(W.live_exchange_check, str(tmp_path), str(model), str(docs))
     # 3 steps x 32 rows x 32 floats sent to the other rank (the own part stays put), each way.
     assert [int((tmp_path / f"ok{r}").read_text()) >= 3 * 32 * 32 * 4 for r in range(2)] == [True, True]
+
+
+def test_hookpoint_parallel_from_a_buffer_equals_one_process(tmp_path):
+    """Each rank opens only its hook point's shards and trains that SAE exactly as one process
+    training every hook point's SAE does."""
+    from sae.buffer.fill import harvest_to_buffer
+    from sae.config import compose_harvest_config, compose_train_config
+    from sae.harvest.tiny import save_tiny_model
+    from sae.train.artifact import load_sae
+    from sae.train.run import run_training
+
+    model = save_tiny_model(tmp_path / "model", "gpt2", layers=2, hidden=32)
+    docs = tmp_path / "docs.txt"
+    docs.write_text("".join(f"Line {i}: a frozenset holds {i % 5} items.\n" for i in range(300)))
+    h = compose_harvest_config([f"model.name={model}", f"text.name={docs}", "text.context_length=32",
+                                "harvest.progress=false", f"writer.out_dir={tmp_path / 'buf'}",
+                                "writer.shard_tokens=1024", "hookpoints=[layers.0,layers.1]"])
+    harvest_to_buffer(h.model, h.text, h.harvest, h.writer, h.hookpoints)
+    common = ["data=buffer", f"data.buffer.path={tmp_path / 'buf'}", "data.hookpoints=[layers.0,layers.1]",
+              "train=smoke", "train.steps=6", "train.batch_size=128", "train.progress=false", "sae.k=4",
+              "sae.expansion_factor=2", "train.final_report=false"]
+    single = run_training(compose_train_config([*common, f"train.out_dir={tmp_path / 'one'}"]))
+    spawn(W.hookpoint_parallel_run, str(tmp_path), [*common, f"train.out_dir={tmp_path / 'two'}"])
+    # Names are dealt round-robin in sorted order: rank 0 trains layers.0, rank 1 layers.1.
+    assert [(tmp_path / f"ok{r}").read_text() for r in range(2)] == ["topk@layers.0,topk@layers.1"] * 2
+    for name in ("topk@layers.0", "topk@layers.1"):
+        a = load_sae(single.final_dirs[name]).state_dict()
+        b = load_sae(tmp_path / "two" / "final" / name).state_dict()
+        assert_close_state(a, b, atol=0, rtol=0)

@@ -157,6 +157,19 @@ def live_exchange_check(rank: int, world: int, port: int, out: str, model: str, 
         dist.destroy()
 
 
+def hookpoint_parallel_run(rank: int, world: int, port: int, out: str, overrides: list) -> None:
+    """``sae-train``'s run with train.parallel=sae on 2 ranks (each rank trains its hook points' SAEs)."""
+    from sae.config import compose_train_config
+    from sae.train.run import run_training
+
+    _init(rank, world, port)
+    try:
+        result = run_training(compose_train_config([*overrides, "train.parallel=sae"]))
+        Path(out, f"ok{rank}").write_text(",".join(sorted(result.final_dirs)))
+    finally:
+        dist.destroy()
+
+
 def _shard_of(full, rank, world):
     Lr = full.num_latents // world
     sl = slice(rank * Lr, (rank + 1) * Lr)
