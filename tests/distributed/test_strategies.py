@@ -215,3 +215,12 @@ def test_hookpoint_parallel_from_a_buffer_equals_one_process(tmp_path):
         a = load_sae(single.final_dirs[name]).state_dict()
         b = load_sae(tmp_path / "two" / "final" / name).state_dict()
         assert_close_state(a, b, atol=0, rtol=0)
+
+
+def test_latent_parallel_with_grad_accumulation_matches_single_process(tmp_path):
+    steps, batch = 6, 64
+    extra = {"grad_accum_steps": 2}
+    spawn(W.run_strategy, str(tmp_path), "latent", "topk", steps, batch, extra)
+    full = consolidate_sae(tmp_path / "run" / "final" / "a")
+    ref = single({"a": W.make_sae("topk", 0)}, SyntheticSource(W.SYN, batch), tmp_path / "ref", steps, batch, **extra)
+    assert_close_state(full.state_dict(), ref.saes["a"].state_dict())
