@@ -7,7 +7,7 @@ the same accumulators and metric names.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -57,19 +57,24 @@ class PeriodicEval:
     ``train/dead_fraction`` uses its token window.
     """
 
-    def __init__(self, batches: Sequence[Batch] | dict[str, Sequence[Batch]], every: int):
-        """``batches``: one list for every SAE, or a list per SAE name (SAEs of different hook points)."""
+    def __init__(self, batches: Sequence[Batch] | dict[str, Sequence[Batch]], every: int,
+                 gather: Callable[[dict[str, float]], list[dict[str, float]]] | None = None):
+        """``batches``: one list for every SAE, or a list per SAE name (SAEs of different hook points).
+        ``gather``: with SAEs spread across ranks, every rank scores its own and this collective
+        (e.g. ``dist.all_gather_objects``) brings all figures to the rank that logs them."""
         if every <= 0:
             raise ValueError(f"train.eval_every={every} must be > 0 for a periodic evaluation")
         if not batches or (isinstance(batches, dict) and not all(batches.values())):
             raise ValueError("no held-out batches for the periodic evaluation; set train.eval_every=0 or provide "
                              "a held-out split")
         self.batches = {n: list(b) for n, b in batches.items()} if isinstance(batches, dict) else list(batches)
-        self.every = every
+        self.every, self.gather = every, gather
 
     def __call__(self, trainer: Any) -> None:
         if trainer.step % self.every:
             return
         metrics = {f"eval/{k}/{name}": v for name, sae in trainer.saes.items()
                    for k, v in evaluate_batches(sae, batches_of(self.batches, name), trainer.device).items()}
+        if self.gather is not None:
+            metrics = {k: v for part in self.gather(metrics) for k, v in part.items()}
         trainer.logger.log(metrics, trainer.step)

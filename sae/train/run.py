@@ -219,7 +219,10 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
         b = heldout_batches(source, n_batches)
         return {n: b[hp_of[n]] for n in names} if hp_of is not None else b
 
-    if run.train.eval_every > 0 and dist.is_main():
+    if run.train.eval_every > 0 and strategy.name == "sae":  # every rank scores its own SAEs; rank 0 logs all
+        trainer.step_hooks.append(PeriodicEval(held(run.train.eval_batches, trainer.saes), run.train.eval_every,
+                                               gather=dist.all_gather_objects))
+    elif run.train.eval_every > 0 and dist.is_main():
         if strategy.name == "latent":  # each rank holds a slice of the latents: nothing whole to score
             log.info("train.parallel=latent: no periodic held-out evaluation (the final one still runs)")
         else:

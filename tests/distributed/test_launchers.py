@@ -64,7 +64,7 @@ def test_torchrun_hookpoint_parallel_on_a_live_harvest(tmp_path):
     args = ["data=live", f"data.live.model.name={model}", f"data.live.text.name={docs}",
             "data.live.text.context_length=32", "data.live.heldout_contexts=16", "data.hookpoints=[layers.0,layers.1]",
             "train=smoke", "train.steps=5", "train.batch_size=128", "train.progress=false", "sae.k=4",
-            "sae.expansion_factor=2", "train.final_report=false"]
+            "sae.expansion_factor=2", "train.final_report=false", "train.eval_every=2"]
     proc = subprocess.run(["bash", str(ROOT / "launch/torchrun_single_node.sh"), *args], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,3 +75,8 @@ def test_torchrun_hookpoint_parallel_on_a_live_harvest(tmp_path):
         cfg = json.loads((Path(folder) / "cfg.json").read_text())
         assert cfg["data"]["hookpoint"] == name.split("@")[1] and cfg["d_in"] == 32
         assert s["eval"][name]["l0"] <= 4 + 1e-6 and s["eval"][name]["tokens"] > 0
+    # Periodic held-out evaluation: each rank scores its own SAE, rank 0 logs both.
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in logged if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all({"eval/fvu/topk@layers.0", "eval/fvu/topk@layers.1"} <= set(r) for r in evals)
