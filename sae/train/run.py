@@ -30,7 +30,7 @@ from .logger import JsonlLogger, MultiLogger, NullLogger, StdoutLogger
 from .reshard import consolidate_sae
 from .strategy import build_strategy
 from .trainer import Trainer, validate_train_config
-from .wandb_logger import WandbLogger, validate_wandb
+from .wandb_logger import WandbLogger, all_frequencies, density_hook, validate_wandb
 
 log = logging.getLogger(__name__)
 
@@ -228,9 +228,12 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
         else:
             trainer.step_hooks.append(PeriodicEval(held(run.train.eval_batches, trainer.saes), run.train.eval_every))
     histogram_every = run.wandb.histogram_every or run.train.eval_every
-    if wandb_logger is not None and histogram_every > 0 and strategy.name != "latent":
+    spread = strategy.name == "sae" and dist.world_size() > 1  # every rank holds SAEs of its own
+    local_hist = wandb_logger is not None and strategy.name != "latent"
+    if run.wandb.enabled and histogram_every > 0 and (spread or local_hist):
         hist_batches = held(run.train.eval_batches, trainer.saes)
-        trainer.step_hooks.append(wandb_logger.density_hook(hist_batches, histogram_every))
+        trainer.step_hooks.append(density_hook(wandb_logger, hist_batches, histogram_every,
+                                               gather=dist.all_gather_objects if spread else None))
     train_metrics = trainer.fit()
     final_dirs = trainer.final_dirs
     if strategy.name == "latent":  # join the shards once; rank 0 scores the full SAE
@@ -248,6 +251,10 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
     for part in dist.all_gather_objects((eval_metrics, {n: str(p) for n, p in final_dirs.items()})):
         eval_metrics.update(part[0])
         final_dirs.update({n: Path(p) for n, p in part[1].items()})
+    final_freqs = None
+    if spread and run.wandb.enabled:  # final densities of every rank's SAEs, for rank 0's W&B run
+        own = all_frequencies(full, batches, trainer.device)
+        final_freqs = {k: v for part in dist.all_gather_objects(own) for k, v in part.items()}
     reports = final_reports(final_dirs, str(trainer.device)) if run.train.final_report and dist.is_main() else {}
     if dist.is_main():
         summary: dict[str, Any] = {"steps": trainer.step, "tokens": trainer.tokens, "eval": eval_metrics,
@@ -257,6 +264,7 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if wandb_logger is not None:
         wandb_logger.finish(eval_metrics, final_dirs, saes=full, batches=batches, step=trainer.step,
+                            frequencies=final_freqs,
                             device=trainer.device, reports={n: r.report for n, r in reports.items()})
     return RunResult(out_dir, final_dirs, train_metrics, eval_metrics, reports)
 

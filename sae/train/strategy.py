@@ -69,6 +69,10 @@ class SingleProcess:
     def init_from_data(self, sae: SparseCoder, x: Tensor, y: Tensor | None) -> None:
         sae.init_from_data(x, y)
 
+    def gather_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The step's metrics of every SAE, for the logging rank (SAEs on other ranks included)."""
+        return metrics
+
     def forward(self, sae: SparseCoder, x: Tensor, y: Tensor | None, **kw: Any) -> ForwardOutput:
         return sae(x, y, **kw)
 
@@ -314,6 +318,9 @@ class SAEParallel(SingleProcess):
 
     def writes_sae(self, name: str) -> bool:
         return True
+
+    def gather_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {k: v for part in dist.all_gather_objects(metrics) for k, v in part.items()}
 
 
 def build_strategy(name: str) -> SingleProcess:

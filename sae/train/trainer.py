@@ -220,6 +220,7 @@ class Trainer:
         self.step += 1
         self.tokens += self.strategy.tokens_per_step(x.shape[0])
         if log_now:
+            metrics = self.strategy.gather_metrics(metrics)
             metrics["train/tokens"] = float(self.tokens)
             self.logger.log(metrics, self.step)
             self.last_metrics = metrics

@@ -21,7 +21,7 @@ network; ``wandb sync`` uploads it later. W&B sweeps work unchanged: the agent's
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,40 @@ def firing_frequencies(sae: SparseCoder, batches: Sequence[Batch], device: torch
     return stats.frequencies, stats.n_tokens
 
 
+def all_frequencies(saes: dict[str, SparseCoder], batches: Sequence[Batch] | dict[str, Sequence[Batch]],
+                    device: torch.device | str) -> dict[str, tuple[Any, int]]:
+    """:func:`firing_frequencies` of every SAE on its held-out batches (on CPU, ready to gather)."""
+    out = {}
+    for name, sae in saes.items():
+        freq, n = firing_frequencies(sae, batches_of(batches, name), device)
+        out[name] = (freq.cpu(), n)
+    return out
+
+
+def density_hook(logger: WandbLogger | None, batches: Sequence[Batch] | dict[str, Sequence[Batch]], every: int,
+                 gather: Callable[[Any], list[Any]] | None = None):
+    """A trainer step hook logging feature-density histograms every ``every`` steps.
+
+    With SAEs spread across ranks (``train.parallel=sae``) every rank installs it with ``gather``
+    (a collective such as ``dist.all_gather_objects``): each scores its own SAEs and the rank
+    holding the W&B run (``logger`` not None) logs all of them.
+    """
+    if every <= 0:
+        raise ValueError(f"wandb.histogram_every={every} must be > 0 for periodic histograms")
+    batches = {n: list(b) for n, b in batches.items()} if isinstance(batches, dict) else list(batches)
+
+    def hook(trainer) -> None:
+        if trainer.step % every:
+            return
+        freqs = all_frequencies(trainer.saes, batches, trainer.device)
+        if gather is not None:
+            freqs = {k: v for part in gather(freqs) for k, v in part.items()}
+        if logger is not None:
+            logger.log_frequencies(freqs, trainer.step)
+
+    return hook
+
+
 class WandbLogger:
     """A W&B run that the trainer logs into; ``finish`` ends it after the final evaluation.
 
@@ -110,41 +144,41 @@ class WandbLogger:
 
     # --- run-level extras --------------------------------------------------------------------
     def log_density(self, saes: dict[str, SparseCoder], batches: Sequence[Batch] | dict[str, Sequence[Batch]],
-                    step: int,
-                    device: torch.device | str = "cpu", prefix: str = "eval") -> None:
+                    step: int, device: torch.device | str = "cpu", prefix: str = "eval") -> None:
         """Log ``<prefix>/feature_density/<sae>`` histograms of log10 firing frequency at ``step``."""
+        self.log_frequencies(all_frequencies(saes, batches, device), step, prefix)
+
+    def log_frequencies(self, freqs: dict[str, tuple[Any, int]], step: int, prefix: str = "eval") -> None:
+        """Log histograms from precomputed ``{sae: (per-latent firing frequency, tokens)}``."""
         from sae.eval.metrics import log10_density_histogram
 
         out = {}
-        for name, sae in saes.items():
-            freq, n = firing_frequencies(sae, batches_of(batches, name), device)
+        for name, (freq, n) in freqs.items():
             hist = log10_density_histogram(freq, n_tokens=n)
             out[f"{prefix}/feature_density/{name}"] = self._wandb.Histogram(np_histogram=(hist.counts, hist.edges))
         self.run.log(out, step=step)
 
     def density_hook(self, batches: Sequence[Batch] | dict[str, Sequence[Batch]], every: int):
         """A trainer step hook logging the feature-density histograms every ``every`` steps."""
-        if every <= 0:
-            raise ValueError(f"wandb.histogram_every={every} must be > 0 for periodic histograms")
-        batches = {n: list(b) for n, b in batches.items()} if isinstance(batches, dict) else list(batches)
-
-        def hook(trainer) -> None:
-            if trainer.step % every == 0:
-                self.log_density(trainer.saes, batches, trainer.step, trainer.device)
-
-        return hook
+        return density_hook(self, batches, every)
 
     def finish(self, final_metrics: dict[str, dict[str, float]], final_dirs: dict[str, Path], *,
                saes: dict[str, SparseCoder] | None = None,
                batches: Sequence[Batch] | dict[str, Sequence[Batch]] = (), step: int | None = None,
-               device: torch.device | str = "cpu", reports: dict[str, dict[str, Any]] | None = None) -> None:
+               device: torch.device | str = "cpu", reports: dict[str, dict[str, Any]] | None = None,
+               frequencies: dict[str, tuple[Any, int]] | None = None) -> None:
         """Record the final held-out metrics (summary), the final densities, the artifact; end the run.
 
-        ``reports`` (SAE name -> sae-eval report.json content) adds the full evaluation's metrics
-        as ``final_eval/<metric>/<sae>`` and its spliced-model metrics as ``final_eval/splice_<metric>/<sae>``.
+        ``frequencies`` (SAE name -> (firing frequency, tokens)) replaces computing the final
+        densities from ``saes``/``batches``. ``reports`` (SAE name -> sae-eval report.json content)
+        adds the full evaluation's metrics as ``final_eval/<metric>/<sae>`` and its spliced-model
+        metrics as ``final_eval/splice_<metric>/<sae>``.
         """
-        if saes and batches:
-            self.log_density(saes, batches, step if step is not None else self.run.step, device, prefix="final")
+        at = step if step is not None else self.run.step
+        if frequencies:  # precomputed (gathered from the ranks that hold the SAEs)
+            self.log_frequencies(frequencies, at, prefix="final")
+        elif saes and batches:
+            self.log_density(saes, batches, at, device, prefix="final")
         summary = {f"final/{k}/{name}": v for name, m in final_metrics.items() for k, v in m.items()}
         for name, report in (reports or {}).items():
             splice = (report.get("splice") or {}).get("metrics") or {}

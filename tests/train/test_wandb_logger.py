@@ -100,3 +100,18 @@ def test_only_rank0_logs_in_a_two_process_run(tmp_path):
     tokens = sorted({row["train/tokens"] for row in run.history if "train/tokens" in row})
     assert tokens == [128, 256, 384, 512]  # both ranks' batches counted once, by the one logging rank
     assert set(TRAIN_KEYS) <= run.history_keys()
+
+
+@pytest.mark.distributed
+def test_sae_parallel_run_logs_every_ranks_saes(tmp_path):
+    """train.parallel=sae: each rank holds one SAE; rank 0's W&B run gets both SAEs' periodic
+    evaluation and feature-density histograms (gathered), not only its own."""
+    out = tmp_path / "run"
+    overrides = TINY + ["train.parallel=sae", "+variants={k1: {k: 1}}", f"train.out_dir={out}", "wandb.enabled=true",
+                        f"wandb.dir={tmp_path / 'wb'}", "wandb.name=sweep"]
+    mp.spawn(run_data_parallel, args=(2, free_port(), str(tmp_path), overrides), nprocs=2, join=True)
+    (run_dir,) = offline_runs(tmp_path / "wb")
+    keys = read_offline_run(run_dir).history_keys()
+    for name in ("topk", "k1"):  # sorted names dealt round-robin: k1 on rank 0, topk on rank 1
+        assert {f"eval/fvu/{name}", f"eval/feature_density/{name}/_type", f"final/feature_density/{name}/_type",
+                f"train/fvu/{name}"} <= keys, (name, sorted(k for k in keys if name in k))
