@@ -99,21 +99,22 @@ class Trainer:
         self.sae_meta_by_name = sae_meta_by_name or {}  # merged over sae_meta for that SAE's cfg.json
         self.device = device or resolve_device(cfg.device)
         self.out_dir = Path(cfg.out_dir)
-        self.saes = self.strategy.prepare({name: sae.to(self.device) for name, sae in saes.items()})
         self.hookpoints = hookpoints
         if hookpoints is not None:
-            missing = sorted(set(self.saes) - set(hookpoints))
+            missing = sorted(set(saes) - set(hookpoints))
             if missing:
                 raise ValueError(f"no hook point given for SAE(s) {missing}")
-        for name, sae in self.saes.items():
-            d_in, d_out = (source.dims[hookpoints[name]], source.dims[hookpoints[name]]) if hookpoints else \
-                (source.d_in, source.d_out)
+            dims = getattr(source, "all_dims", source.dims)  # every rank checks every SAE, owned or not
+        # Before the strategy drops other ranks' SAEs, so every rank fails alike on a bad size.
+        for name, sae in saes.items():
+            d_in, d_out = (dims[hookpoints[name]],) * 2 if hookpoints else (source.d_in, source.d_out)
             if sae.d_in != d_in or sae.d_out != d_out:
                 where = f" at {hookpoints[name]}" if hookpoints else ""
                 raise ValueError(
                     f"SAE {name!r} expects d_in={sae.d_in}, d_out={sae.d_out} but the activations{where} have "
                     f"d_in={d_in}, d_out={d_out}"
                 )
+        self.saes = self.strategy.prepare({name: sae.to(self.device) for name, sae in saes.items()})
         self.total_steps = cfg.steps if cfg.steps > 0 else cfg.max_tokens // cfg.batch_size
         self.optimizers, self.schedulers, self.trackers = {}, {}, {}
         for name, sae in self.saes.items():
