@@ -20,7 +20,6 @@ steps. Everything else keeps SAELens' defaults (decoder init norm 0.1, zero ``b_
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -28,19 +27,9 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-def _load_runtime():
-    """``peer_runtime.py`` from this file's folder, by path. The folder itself is taken off
-    ``sys.path``: its other modules (``kernels.py``, ``harvest.py``) would shadow packages of the
-    same name that transformers looks for."""
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-    spec = importlib.util.spec_from_file_location("peer_runtime", here / "peer_runtime.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import peer_runtime as rt  # noqa: E402  (the sibling file: this script's folder is first on sys.path)
 
-
-rt = _load_runtime()
+rt.leave_script_folder(__file__)
 
 
 def build(job: dict, d: int):
