@@ -98,7 +98,7 @@ class LiveHookpoints:
             yield self._exchange(self.live.split(batch.x[:n_min]))
 
     def _exchange(self, parts: dict[str, torch.Tensor]) -> dict[str, Batch]:
-        W, me = dist.world_size(), dist.rank()
+        me = dist.rank()
         widths = [sum(self.dims[hp] for hp in hps) for hps in self.needs]
         n, wmax = next(iter(parts.values())).shape[0], max(widths)
         send = []
@@ -108,7 +108,7 @@ class LiveHookpoints:
                 torch.cat([parts[hp] for hp in hps], dim=1, out=buf[:, : sum(self.dims[hp] for hp in hps)])
             send.append(buf)
         got = dist.all_to_all(send)
-        rows = torch.cat([g[:, : widths[me]] for g in got]) if W > 1 else send[0][:, : widths[me]]
+        rows = torch.cat([g[:, : widths[me]] for g in got])  # by sending rank
         out, start = {}, 0
         for hp in self.own:
             out[hp] = Batch(rows[:, start:start + self.dims[hp]].contiguous())
