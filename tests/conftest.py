@@ -22,3 +22,11 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture
 def tmp_out(tmp_path):
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """A 2-layer, hidden-32 GPT-2 with random weights saved as a local HF folder (one per session)."""
+    from sae.harvest.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_gpt2") / "model", "gpt2", layers=2, hidden=32)

@@ -14,18 +14,15 @@ import torch
 from sae.buffer.fill import harvest_to_buffer
 from sae.buffer.live import LiveSource
 from sae.config import compose_harvest_config, compose_train_config
-from sae.harvest.tiny import save_tiny_model
 from sae.train.hookpoints import LiveHookpoints
 from sae.train.run import run_training
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hp")
-    model = save_tiny_model(root / "model", "gpt2", layers=2, hidden=32)
-    docs = root / "docs.txt"
+def assets(tmp_path_factory, tiny_gpt2):
+    docs = tmp_path_factory.mktemp("hp") / "docs.txt"
     docs.write_text("".join(f"Line {i}: a list keeps {i % 13} items in order.\n" for i in range(300)))
-    return model, docs
+    return tiny_gpt2, docs
 
 
 def _live(model, docs, **kw) -> LiveSource:

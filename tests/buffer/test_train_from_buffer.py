@@ -11,17 +11,14 @@ import pytest
 
 from sae.buffer.fill import harvest_to_buffer
 from sae.config import compose_harvest_config, compose_train_config
-from sae.harvest.tiny import save_tiny_model
 from sae.train.run import run_training
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    model = save_tiny_model(root / "model", "gpt2", layers=2, hidden=32)
-    docs = root / "docs.txt"
+def assets(tmp_path_factory, tiny_gpt2):
+    docs = tmp_path_factory.mktemp("e2e") / "docs.txt"
     docs.write_text("".join(f"Line {i}: a set keeps {i % 11} unique items in no order.\n" for i in range(400)))
-    return model, docs
+    return tiny_gpt2, docs
 
 
 def test_harvest_then_train_on_buffer_with_normalisation(assets, tmp_path):

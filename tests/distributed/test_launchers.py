@@ -53,10 +53,8 @@ def test_accelerate_launch_with_the_repo_config(tmp_path):
     assert s["eval"]["topk"]["l0"] <= 8
 
 
-def test_torchrun_hookpoint_parallel_on_a_live_harvest(tmp_path):
-    from sae.harvest.tiny import save_tiny_model
-
-    model = save_tiny_model(tmp_path / "model", "gpt2", layers=2, hidden=32)
+def test_torchrun_hookpoint_parallel_on_a_live_harvest(tmp_path, tiny_gpt2):
+    model = tiny_gpt2
     docs = tmp_path / "docs.txt"
     docs.write_text("".join(f"Line {i}: a dict maps {i % 9} keys.\n" for i in range(300)))
     out = tmp_path / "hp"

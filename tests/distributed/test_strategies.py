@@ -177,10 +177,8 @@ def test_bf16_autocast_under_strategies_tracks_single_process(tmp_path, strategy
         assert diff < 0.5 * moved
 
 
-def test_hookpoint_parallel_live_harvest_scatters_each_ranks_hookpoints(tmp_path):
-    from sae.harvest.tiny import save_tiny_model
-
-    model = save_tiny_model(tmp_path / "model", "gpt2", layers=2, hidden=32)
+def test_hookpoint_parallel_live_harvest_scatters_each_ranks_hookpoints(tmp_path, tiny_gpt2):
+    model = tiny_gpt2
     docs = tmp_path / "docs.txt"
     docs.write_text("".join(f"Line {i}: a tuple holds {i % 7} items.\n" for i in range(200)))
     spawn(W.live_exchange_check, str(tmp_path), str(model), str(docs))
@@ -188,16 +186,15 @@ def test_hookpoint_parallel_live_harvest_scatters_each_ranks_hookpoints(tmp_path
     assert [int((tmp_path / f"ok{r}").read_text()) >= 3 * 32 * 32 * 4 for r in range(2)] == [True, True]
 
 
-def test_hookpoint_parallel_from_a_buffer_equals_one_process(tmp_path):
+def test_hookpoint_parallel_from_a_buffer_equals_one_process(tmp_path, tiny_gpt2):
     """Each rank opens only its hook point's shards and trains that SAE exactly as one process
     training every hook point's SAE does."""
     from sae.buffer.fill import harvest_to_buffer
     from sae.config import compose_harvest_config, compose_train_config
-    from sae.harvest.tiny import save_tiny_model
     from sae.train.artifact import load_sae
     from sae.train.run import run_training
 
-    model = save_tiny_model(tmp_path / "model", "gpt2", layers=2, hidden=32)
+    model = tiny_gpt2
     docs = tmp_path / "docs.txt"
     docs.write_text("".join(f"Line {i}: a frozenset holds {i % 5} items.\n" for i in range(300)))
     h = compose_harvest_config([f"model.name={model}", f"text.name={docs}", "text.context_length=32",
