@@ -14,6 +14,10 @@ import torch  # noqa: E402
 
 # Tests run the eager kernels unless a test forces Triton (see tests/kernels).
 os.environ.setdefault("SAE_KERNEL_BACKEND", "eager")
+# sae.selection_dtype=auto means fp32 in tests whatever the CI machine's CPU (AVX2-only or with
+# bf16 units), so figures and tolerances do not change with the machine; tests/models/test_precision.py
+# covers the hardware decision itself.
+os.environ.setdefault("SAE_AUTO_DTYPE", "float32")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -8,6 +8,7 @@ from .base import (
     VarianceFn,
     fired_counts,
     fvu,
+    fvu_from_error,
     l0_per_token,
     token_variance,
 )
@@ -18,5 +19,5 @@ architectures()  # import every family so the registry is complete
 
 __all__ = [
     "Codes", "ForwardOutput", "SparseCodes", "SparseCoder", "SAEConfig", "architectures", "build_sae",
-    "fired_counts", "fvu", "l0_per_token", "sae_class", "token_variance", "VarianceFn",
+    "fired_counts", "fvu", "fvu_from_error", "l0_per_token", "sae_class", "token_variance", "VarianceFn",
 ]

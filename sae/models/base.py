@@ -60,9 +60,13 @@ def token_variance(y_BE: Tensor) -> Tensor:
 
 def fvu(y_hat_BE: Tensor, y_BE: Tensor, variance_fn: VarianceFn | None = None) -> Tensor:
     """Fraction of variance unexplained: sum of squared error over total variance about the batch mean."""
-    err = (y_hat_BE.float() - y_BE.float()).pow(2).sum()
+    return fvu_from_error((y_hat_BE.float() - y_BE.float()).pow(2).sum(), y_BE, variance_fn)
+
+
+def fvu_from_error(err_sq: Tensor, y_BE: Tensor, variance_fn: VarianceFn | None = None) -> Tensor:
+    """:func:`fvu` from an already summed squared error ``sum ||y_hat - y||^2``."""
     var = (variance_fn or token_variance)(y_BE)
-    return err / (y_BE.shape[0] * var).clamp_min(torch.finfo(torch.float32).tiny)
+    return err_sq / (y_BE.shape[0] * var).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def fired_counts(codes: Codes, num_latents: int) -> Tensor:

@@ -24,11 +24,12 @@ class SAEConfig:
     # Without it, training starts with k unit-norm directions summed on every token and spends its
     # first steps shrinking the encoder.
     fit_encoder_scale: bool = True
-    # TopK family: dtype of the dense pre-activations that only *select* latents (float32 |
+    # TopK family: dtype of the dense pre-activations that only *select* latents (auto | float32 |
     # bfloat16). Selected values are recomputed in fp32 and gradients stay exact; bfloat16 halves
     # the encoder GEMM on GPUs and on CPUs with AVX512-BF16/AMX, at the price of near-ties at the
-    # k-th place being broken by bf16 rounding. Ignored under autocast (already low precision).
-    selection_dtype: str = "float32"
+    # k-th place being broken by bf16 rounding. ``auto``: bfloat16 where the hardware multiplies
+    # bf16 natively, else float32 (sae.models.precision). Ignored under autocast.
+    selection_dtype: str = "auto"
     # BatchTopK: candidates per token considered by the batch-level selection (cap * k).
     batch_topk_cap: int = 4
     threshold_momentum: float = 0.99

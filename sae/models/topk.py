@@ -4,9 +4,13 @@
 
 Loss: FVU + auxk_alpha * AuxK, where AuxK (sec. A.2) reconstructs the residual ``y - x_hat``
 with the k_aux largest pre-activations among dead latents, normalised like FVU and scaled by
-min(1, n_dead / k_aux). Dense pre-activations are computed without autograd; gradients reach
-W_enc/b_enc through :func:`sae_kernels.gather_encode` and W_dec through
-:func:`sae_kernels.sparse_decode`, so no [B, L] tensor lies on the gradient path.
+min(1, n_dead / k_aux). Dense pre-activations are computed without autograd; codes, reconstruction
+and squared error come from :func:`sae_kernels.sparse_autoencode`, whose backward is sparse, so no
+[B, L] tensor lies on the gradient path.
+
+Selection precision (``sae.selection_dtype``): latents may be chosen from bf16 pre-activations
+(``auto`` does so where the hardware multiplies bf16 natively, see :mod:`.precision`); the chosen
+values are then recomputed in fp32 (O(B K D)), so codes and gradients stay exact for the choice.
 """
 
 from __future__ import annotations
@@ -14,14 +18,14 @@ from __future__ import annotations
 import math
 
 import torch
-from sae_kernels import gather_encode, gather_pre_activations, sparse_decode
+from sae_kernels import gather_pre_activations, sparse_decode
+from sae_kernels.autoencode import sparse_autoencode
 from torch import Tensor
 
-from .base import Codes, ForwardOutput, SparseCoder, SparseCodes, VarianceFn, fvu
+from .base import Codes, ForwardOutput, SparseCoder, SparseCodes, VarianceFn, fvu_from_error
 from .config import SAEConfig
+from .precision import WeightCopy, resolve_selection_dtype, validate_selection_dtype
 from .registry import register
-
-_SELECTION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @register("topk")
@@ -32,8 +36,9 @@ class TopKSAE(SparseCoder):
             raise ValueError(f"sae.k={cfg.k} must be in [1, num_latents={self.num_latents})")
         self.k = cfg.k
         self.k_aux = cfg.k_aux if cfg.k_aux > 0 else max(1, d_in // 2)
-        if cfg.selection_dtype not in _SELECTION_DTYPES:
-            raise ValueError(f"sae.selection_dtype={cfg.selection_dtype!r}; use one of {', '.join(_SELECTION_DTYPES)}")
+        validate_selection_dtype(cfg.selection_dtype)
+        # bf16 copy of W_enc for the selection GEMM, cast only when W_enc changed (see WeightCopy).
+        self.__dict__["_W_enc_lowp"] = WeightCopy(torch.bfloat16)
 
     @torch.no_grad()
     def init_from_data(self, x_sample_ND: Tensor, y_sample_NE: Tensor | None = None) -> None:
@@ -69,7 +74,8 @@ class TopKSAE(SparseCoder):
         a quarter of the matmul itself. The result is only valid until the next call.
         """
         if dtype is not None and dtype != x_in_BD.dtype:
-            W, b, x_in_BD = self.W_enc.to(dtype), self.b_enc.to(dtype), x_in_BD.to(dtype)
+            W = self.lowp_copies()[self.W_enc].get(self.W_enc) if dtype == torch.bfloat16 else self.W_enc.to(dtype)
+            b, x_in_BD = self.b_enc.to(dtype), x_in_BD.to(dtype)
         else:
             W, b = self.W_enc, self.b_enc
         if x_in_BD.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
@@ -81,18 +87,27 @@ class TopKSAE(SparseCoder):
             self.__dict__["_pre_workspace"] = ws
         return torch.addmm(b, x_in_BD, W.T, out=ws)
 
+    def lowp_copies(self) -> dict[Tensor, WeightCopy]:
+        """Parameters the selection reads in lower precision, with their cached copies (a fused
+        optimiser step refreshes them as it writes the parameters)."""
+        return {self.W_enc: self.__dict__["_W_enc_lowp"]}
+
+    def selection_dtype(self, device: torch.device) -> torch.dtype:
+        """``sae.selection_dtype`` resolved for ``device`` (``auto``: bf16 where native)."""
+        return resolve_selection_dtype(self.cfg.selection_dtype, device)
+
     def approximate_selection(self, x_in_BD: Tensor) -> bool:
         """Whether latents are selected from lower-precision pre-activations (``sae.selection_dtype``)."""
-        dtype = _SELECTION_DTYPES[self.cfg.selection_dtype]
-        return dtype != x_in_BD.dtype and x_in_BD.dtype == torch.float32 and \
-            not torch.is_autocast_enabled(x_in_BD.device.type)
+        if x_in_BD.dtype != torch.float32 or torch.is_autocast_enabled(x_in_BD.device.type):
+            return False
+        return self.selection_dtype(x_in_BD.device) != torch.float32
 
     @torch.no_grad()
     def selection_scores(self, x_in_BD: Tensor) -> Tensor:
         """The dense [B, L] scores that latents are selected from: exact pre-activations, or
         their ``sae.selection_dtype`` approximation (see :meth:`exact_values`)."""
         approx = self.approximate_selection(x_in_BD)
-        return self.pre_activations(x_in_BD, _SELECTION_DTYPES[self.cfg.selection_dtype] if approx else None)
+        return self.pre_activations(x_in_BD, self.selection_dtype(x_in_BD.device) if approx else None)
 
     def select_latents(self, x_in_BD: Tensor, scores_BL: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`select` on the selection scores, with full-precision values (no autograd)."""
@@ -127,22 +142,27 @@ class TopKSAE(SparseCoder):
         pre = self.selection_scores(x_in)
         with torch.no_grad():
             pre_vals, idx = self.select_latents(x_in, pre)
-        vals = gather_encode(x_in, self.W_enc, self.b_enc, idx, pre_vals).relu()
+        vals, x_hat, err_sq = sparse_autoencode(
+            x_BD, idx, pre_vals, self.W_enc, self.b_enc, self.W_dec, self.b_dec, b_pre_D=self.pre_encoder_bias(),
+            x_in_BD=x_in, offset_BE=self.skip(x_BD), y_BE=y_BE)
         codes = SparseCodes(vals, idx)
-        x_hat = self.reconstruct(x_BD, codes)
-        losses = {"fvu": fvu(x_hat, y_BE, variance_fn)}
+        losses = {"fvu": fvu_from_error(err_sq, y_BE, variance_fn)}
         loss = losses["fvu"]
         if dead_mask is not None and self.cfg.auxk_alpha > 0:
-            auxk = self.auxk_loss(x_in, pre, dead_mask, (y_BE - x_hat).detach(), variance_fn)
+            auxk = self.auxk_loss(x_BD, x_in, pre, dead_mask, (y_BE - x_hat).detach(), variance_fn)
             if auxk is not None:
                 losses["auxk"] = auxk
                 loss = loss + self.cfg.auxk_alpha * auxk
         losses["loss"] = loss
         return ForwardOutput(x_hat, codes, losses)
 
-    def auxk_loss(self, x_in_BD: Tensor, pre_BL: Tensor, dead_mask_L: Tensor, residual_BE: Tensor,
+    def pre_encoder_bias(self) -> Tensor | None:
+        """``b_dec`` when it is subtracted from the input before encoding (SAEs), else None."""
+        return self.b_dec if self.apply_b_dec_to_input else None
+
+    def auxk_loss(self, x_BD: Tensor, x_in_BD: Tensor, pre_BL: Tensor, dead_mask_L: Tensor, residual_BE: Tensor,
                   variance_fn: VarianceFn | None = None) -> Tensor | None:
-        """AuxK loss, or None when no latent is dead."""
+        """AuxK loss, or None when no latent is dead. ``x_in`` is the encoder input of ``x``."""
         dead_idx = dead_mask_L.nonzero().squeeze(1)
         num_dead = dead_idx.numel()
         if num_dead == 0:
@@ -153,7 +173,7 @@ class TopKSAE(SparseCoder):
             aux_pre, aux_pos = pre_BL.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False)
             aux_idx = dead_idx[aux_pos]
             aux_pre = self.exact_values(x_in_BD, aux_idx, aux_pre)
-        aux_vals = gather_encode(x_in_BD, self.W_enc, self.b_enc, aux_idx, aux_pre).relu()
-        e_hat = sparse_decode(aux_idx, aux_vals, self.W_dec)
+        _, _, err_sq = sparse_autoencode(x_BD, aux_idx, aux_pre, self.W_enc, self.b_enc, self.W_dec,
+                                         b_pre_D=self.pre_encoder_bias(), x_in_BD=x_in_BD, y_BE=residual_BE)
         scale = min(num_dead / self.k_aux, 1.0)
-        return scale * fvu(e_hat, residual_BE, variance_fn)
+        return scale * fvu_from_error(err_sq, residual_BE, variance_fn)

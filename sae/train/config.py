@@ -24,6 +24,13 @@ class TrainConfig:
     grad_clip: float = 1.0  # <= 0 disables
     grad_accum_steps: int = 1  # chunks per batch; the batch's gradient is accumulated over them
     mixed_precision: str = "no"  # no | bf16
+    # Exact mode: sae.selection_dtype=auto means float32 and the optimiser step is the unfused
+    # sequence (projection, clip, torch Adam, renorm), so results are bitwise those of an exact
+    # fp32 run whatever the hardware. Default: bf16 selection where native and, with Triton on
+    # CUDA, the fused step (sae.train.optim.SAEAdam), equal to the unfused one up to fp32 rounding.
+    deterministic: bool = False
+    # Adam moments in float32 or bfloat16 (half their memory; fused step only).
+    adam_state_dtype: str = "float32"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     parallel: str = "none"  # none | data | latent | sae (one SAE per rank: hook points, sweeps)
     seed: int = 0

@@ -14,15 +14,27 @@ class DeadLatentTracker:
             raise ValueError(f"dead_tokens_threshold={threshold_tokens} must be positive")
         self.threshold_tokens = threshold_tokens
         self.tokens_since_fired = torch.zeros(num_latents, dtype=torch.int64, device=device)
+        # Host-side upper bound of max(tokens_since_fired): while it is below the threshold no
+        # latent can be dead, and nothing needs to read the device (a sync) to know it.
+        self._bound = 0
 
     def update(self, fired_counts_L: Tensor, num_tokens: int) -> None:
-        """Advance by one batch of ``num_tokens`` tokens given per-latent firing counts."""
+        """Advance by one batch of ``num_tokens`` tokens given per-latent firing counts (no host sync)."""
         self.tokens_since_fired += num_tokens
-        self.tokens_since_fired[fired_counts_L > 0] = 0
+        self.tokens_since_fired.masked_fill_(fired_counts_L > 0, 0)
+        self._bound += num_tokens
+
+    def refresh_bound(self) -> None:
+        """Tighten the host-side bound to the exact maximum (a host sync: call at log steps)."""
+        self._bound = int(self.tokens_since_fired.max()) if self.tokens_since_fired.numel() else 0
 
     @property
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.threshold_tokens
+
+    def dead_mask_if_any(self) -> Tensor | None:
+        """:attr:`dead_mask`, or None when the host-side bound rules out any dead latent."""
+        return self.dead_mask if self._bound >= self.threshold_tokens else None
 
     @property
     def dead_fraction(self) -> float:
@@ -36,3 +48,4 @@ class DeadLatentTracker:
         if t.shape != self.tokens_since_fired.shape:
             raise ValueError(f"dead-latent state has {t.shape[0]} latents, SAE has {self.tokens_since_fired.shape[0]}")
         self.tokens_since_fired.copy_(t)
+        self.refresh_bound()

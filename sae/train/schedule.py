@@ -6,7 +6,10 @@ import math
 
 import torch
 
+from sae.models import SparseCoder
+
 from .config import TrainConfig
+from .optim import ADAM_STATE_DTYPES, GradSqTotal, SAEAdam
 
 
 def default_lr(num_latents: int) -> float:
@@ -30,15 +33,28 @@ def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(params, lr: float, cfg: TrainConfig) -> torch.optim.Adam:
-    """Adam, fused into one kernel per step where PyTorch has one (CPU and CUDA float tensors).
+def build_optimizer(sae: SparseCoder, lr: float, cfg: TrainConfig, *, fused_step: bool = False,
+                    grad_sq_total: GradSqTotal | None = None) -> torch.optim.Adam:
+    """Adam for ``sae``'s parameters.
 
-    On CPU the default single-tensor Adam costs about 45x the fused one for a 16x SAE at d=384
-    (111 ms against 2.5 ms per step, measured with ``python -m sae.bench.train_step``'s shapes).
+    ``fused_step``: :class:`sae.train.optim.SAEAdam`, which also projects the decoder gradient,
+    clips and renormalises the decoder in its own passes (the trainer then skips those steps).
+    Otherwise :class:`torch.optim.Adam`, fused into one kernel per step where PyTorch has one (CPU
+    and CUDA float tensors): on CPU the default single-tensor Adam costs about 45x the fused one
+    for a 16x SAE at d=384 (111 ms against 2.5 ms per step, ``python -m sae.bench.train_step``).
     """
-    params = list(params)
+    params = list(sae.parameters())
+    betas = (cfg.beta1, cfg.beta2)
+    if fused_step:
+        lowp = sae.lowp_copies() if hasattr(sae, "lowp_copies") else {}
+        return SAEAdam(params, lr=lr, betas=betas, eps=cfg.eps, max_grad_norm=cfg.grad_clip,
+                       decoder=sae.W_dec if sae.normalize_decoder else None, grad_sq_total=grad_sq_total,
+                       lowp_copies=lowp, state_dtype=ADAM_STATE_DTYPES[cfg.adam_state_dtype])
+    if cfg.adam_state_dtype != "float32":
+        raise ValueError(f"train.adam_state_dtype={cfg.adam_state_dtype!r} needs the fused optimiser step "
+                         "(CUDA with Triton, train.deterministic=false); use float32 here")
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=cfg.eps, fused=fused or None)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, total_steps: int, cfg: TrainConfig):

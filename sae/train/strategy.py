@@ -82,6 +82,15 @@ class SingleProcess:
     def clip_grad_norm_(self, sae: SparseCoder, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm)
 
+    def step_dead_mask(self, tracker) -> Tensor | None:
+        """The dead mask a step passes to AuxK: None while the tracker's host-side bound rules out
+        dead latents (no host sync); the same decision on every rank."""
+        return tracker.dead_mask_if_any()
+
+    def grad_sq_total(self, sae: SparseCoder):
+        """For the fused optimiser step: per-parameter squared gradient norms -> the global one."""
+        return None  # their sum
+
     def fired_counts(self, sae: SparseCoder, out: ForwardOutput) -> Tensor:
         return fired_counts(out.codes, sae.num_latents)
 
@@ -237,6 +246,20 @@ class LatentParallel(SingleProcess):
                 loss = loss + sae.cfg.auxk_alpha * auxk
         losses["loss"] = loss
         return ForwardOutput(x_hat, codes, losses)
+
+    def step_dead_mask(self, tracker) -> Tensor | None:
+        return tracker.dead_mask  # ranks' local bounds differ; _auxk agrees on the count itself
+
+    def grad_sq_total(self, sae: SparseCoder):
+        sharded = (sae.W_enc, sae.b_enc, sae.W_dec)
+
+        def total(parts: dict[Tensor, Tensor]) -> Tensor:
+            zero = torch.zeros((), device=sae.W_enc.device)
+            local = sum((v for p, v in parts.items() if any(p is q for q in sharded)), zero)
+            rest = sum((v for p, v in parts.items() if all(p is not q for q in sharded)), zero)
+            return dist.all_reduce_(local.float().reshape(1).clone())[0] + rest
+
+        return total
 
     def clip_grad_norm_(self, sae: SparseCoder, max_norm: float) -> None:
         sharded = [sae.W_enc, sae.b_enc, sae.W_dec]

@@ -10,12 +10,14 @@ decides what is communicated; the trainer itself never calls ``torch.distributed
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
+from sae_kernels.dispatch import Backend, resolve_backend
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -28,6 +30,7 @@ from .checkpoint import latest_checkpoint, load_trainer_state, read_manifest, sa
 from .config import TrainConfig
 from .dead import DeadLatentTracker
 from .logger import MetricLogger, NullLogger
+from .optim import ADAM_STATE_DTYPES
 from .schedule import build_optimizer, build_scheduler, default_lr
 from .strategy import SingleProcess
 
@@ -59,6 +62,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
          f"must be >= 1 and divide batch_size={cfg.batch_size}"),
         (cfg.eval_every >= 0, "eval_every", "must be >= 0 (0: no periodic evaluation)"),
         (cfg.eval_batches > 0, "eval_batches", "must be > 0"),
+        (cfg.adam_state_dtype in ADAM_STATE_DTYPES, "adam_state_dtype", "must be float32 or bfloat16"),
     ]
     for ok, name, msg in checks:
         if not ok:
@@ -114,12 +118,19 @@ class Trainer:
                     f"SAE {name!r} expects d_in={sae.d_in}, d_out={sae.d_out} but the activations{where} have "
                     f"d_in={d_in}, d_out={d_out}"
                 )
+        if cfg.deterministic:  # exact mode: auto precision means fp32 whatever the hardware
+            for sae in saes.values():
+                if getattr(sae.cfg, "selection_dtype", None) == "auto":
+                    sae.cfg = dataclasses.replace(sae.cfg, selection_dtype="float32")
         self.saes = self.strategy.prepare({name: sae.to(self.device) for name, sae in saes.items()})
         self.total_steps = cfg.steps if cfg.steps > 0 else cfg.max_tokens // cfg.batch_size
+        # The fused optimiser step runs where the Triton kernels do (CUDA), unless exact mode.
+        self.fused_step = not cfg.deterministic and resolve_backend(self.device) is Backend.TRITON
         self.optimizers, self.schedulers, self.trackers = {}, {}, {}
         for name, sae in self.saes.items():
             lr = cfg.lr if cfg.lr is not None else default_lr(self.strategy.full_num_latents(sae))
-            self.optimizers[name] = build_optimizer(sae.parameters(), lr, cfg)
+            self.optimizers[name] = build_optimizer(sae, lr, cfg, fused_step=self.fused_step,
+                                                    grad_sq_total=self.strategy.grad_sq_total(sae))
             self.schedulers[name] = build_scheduler(self.optimizers[name], self.total_steps, cfg)
             self.trackers[name] = DeadLatentTracker(sae.num_latents, cfg.dead_tokens_threshold, self.device)
         self.step = 0
@@ -127,6 +138,9 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.final_dirs: dict[str, Path] = {}
         self.step_hooks: list = []  # called as hook(trainer) after each step (evaluation, fault tests)
+        # NaN/Inf in device batches, checked on the device and read at log steps (no host sync per step).
+        self._nonfinite: Tensor | None = None
+        self._nonfinite_since = 0
 
     # --- public ---------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -186,10 +200,22 @@ class Trainer:
     def _device_batch(self, batch: Batch, where: str) -> tuple[Tensor, Tensor | None]:
         x = batch.x.to(self.device, non_blocking=True).float()
         y = batch.y.to(self.device, non_blocking=True).float() if batch.y is not None else None
-        check_finite(x, f"activation batch{where} at step {self.step}")
-        if y is not None:
-            check_finite(y, f"target batch{where} at step {self.step}")
+        if x.device.type == "cpu":
+            check_finite(x, f"activation batch{where} at step {self.step}")
+            if y is not None:
+                check_finite(y, f"target batch{where} at step {self.step}")
+        else:  # reading a flag every step would make the host wait for the GPU: read it at log steps
+            bad = ~torch.isfinite(x).all() if y is None else ~(torch.isfinite(x).all() & torch.isfinite(y).all())
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         return x, y
+
+    def check_deferred_finite(self) -> None:
+        """Raise if a device batch since the last check held NaN/Inf (a host sync)."""
+        if self._nonfinite is not None and bool(self._nonfinite):
+            raise ValueError(
+                f"an activation batch between steps {self._nonfinite_since} and {self.step} contains NaN/Inf; "
+                "check the model dtype (fp16 overflow?) and the data")
+        self._nonfinite, self._nonfinite_since = None, self.step
 
     def train_step(self, batch: Batch | dict[str, Batch]) -> dict[str, float]:
         log_now = self.step % self.cfg.log_every == 0 or self.step == self.total_steps - 1
@@ -202,13 +228,15 @@ class Trainer:
             x, y = on_device[id(b)]
             out, loss = self._forward_backward(sae, self.trackers[name], x, y, log_now)
             self.strategy.after_backward(sae)
-            sae.remove_parallel_grad_()
-            if self.cfg.grad_clip > 0:
-                self.strategy.clip_grad_norm_(sae, self.cfg.grad_clip)
+            if not self.fused_step:  # SAEAdam projects, clips and renormalises in its own passes
+                sae.remove_parallel_grad_()
+                if self.cfg.grad_clip > 0:
+                    self.strategy.clip_grad_norm_(sae, self.cfg.grad_clip)
             self.optimizers[name].step()
             self.schedulers[name].step()
             self.optimizers[name].zero_grad(set_to_none=True)
-            sae.normalize_decoder_()
+            if not self.fused_step:
+                sae.normalize_decoder_()
             self.strategy.after_step(sae)
             with torch.no_grad():
                 fired = sum(self.strategy.fired_counts(sae, o) for o in out)
@@ -221,6 +249,9 @@ class Trainer:
         self.step += 1
         self.tokens += self.strategy.tokens_per_step(x.shape[0])
         if log_now:
+            self.check_deferred_finite()
+            for tracker in self.trackers.values():
+                tracker.refresh_bound()
             metrics = self.strategy.gather_metrics(metrics)
             metrics["train/tokens"] = float(self.tokens)
             self.logger.log(metrics, self.step)
@@ -232,7 +263,7 @@ class Trainer:
         """Forward and backward over ``grad_accum_steps`` chunks; returns (outputs, loss or nan)."""
         n = self.cfg.grad_accum_steps
         warm = sae.cfg.sparsity_warmup_steps
-        kw: dict[str, Any] = {"dead_mask": tracker.dead_mask,
+        kw: dict[str, Any] = {"dead_mask": self.strategy.step_dead_mask(tracker),
                               "sparsity_scale": min(1.0, (self.step + 1) / warm) if warm > 0 else 1.0}
         outs, total = [], 0.0 if need_loss else math.nan
         base_var = self.strategy.variance_fn or token_variance
@@ -287,6 +318,7 @@ class Trainer:
                 save_sae(sae, self._sae_dir(folder, name, sae), **self._meta(name), **self.strategy.shard_meta(sae))
 
     def save_checkpoint(self) -> Path:
+        self.check_deferred_finite()  # never checkpoint weights that saw a bad batch
         meta = {"strategy": self.strategy.name, "saes": sorted(self.saes)}
         return save_checkpoint(self.out_dir, self.step, self._write_parts, self.state_dict(), meta,
                                keep=self.cfg.keep_checkpoints)
