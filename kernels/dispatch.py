@@ -73,13 +73,16 @@ def resolve_backend(device: torch.device) -> Backend:
     return Backend.EAGER
 
 
+CPUINFO = "/proc/cpuinfo"
+
+
 def _cpu_has_bf16_units() -> bool:
     """AVX512-BF16 or AMX-BF16 on this CPU (torch's own probes, else /proc/cpuinfo's flags)."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if all(callable(p) for p in probes):
         return any(bool(p()) for p in probes)
     try:
-        with open("/proc/cpuinfo") as fh:
+        with open(CPUINFO) as fh:
             flags = fh.read()
     except OSError:
         return False

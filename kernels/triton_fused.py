@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_ops import _acc_dtype, _block, _check, _tl_dtype, embed, gather_dot
+from .triton_ops import INTERPRETED, _acc_dtype, _block, _check, _tl_dtype, embed, gather_dot
 
 #: Largest K for which :func:`decode_error` keeps all K rows of a token in one tile.
 MAX_FUSED_K = 256
@@ -117,6 +117,15 @@ def _scatter_pair_kernel(
                 tl.store(gbias_ptr + row, tl.sum(bsum, axis=0))
     if HAS_C:
         tl.store(gc_ptr + row * s_gcl + offs_d * s_gcd, acc_c, mask=mask_dc)
+
+
+# Wider D blocks mean fewer, longer programs (L x D/BLOCK_D of them); which wins depends on L, D
+# and the card, so CUDA runs pick per (DA, DC) by timing (outputs are overwritten whole, so re-runs
+# are harmless). The interpreter takes the first.
+_SCATTER_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_D": d}, num_warps=w)
+                    for n, d, w in ((16, 128, 4), (8, 256, 4), (4, 512, 4), (8, 512, 8))]
+_scatter_pair_tuned = None if INTERPRETED else triton.autotune(configs=_SCATTER_CONFIGS, key=["DA", "DC"])(
+    _scatter_pair_kernel)
 
 
 @triton.jit
@@ -322,7 +331,6 @@ def scatter_pair(idx_BK: torch.Tensor, num_rows: int, a_BK: torch.Tensor | None,
         return tuple(t.zero_() if t is not None else None for t in (G_a, g_bias, G_c))
     row_ptr, perm = csr_of(idx_BK, num_rows)
     D = max(DA, DC, 1)
-    BLOCK_D = _block(D, 128)
     dummy = G_a if G_a is not None else G_c
     a = a_BK if a_BK is not None else dummy
     xa = xa_BD if xa_BD is not None else dummy
@@ -330,12 +338,14 @@ def scatter_pair(idx_BK: torch.Tensor, num_rows: int, a_BK: torch.Tensor | None,
     yc = yc_BE if yc_BE is not None else dummy
     ga = G_a if G_a is not None else dummy
     gc = G_c if G_c is not None else dummy
-    _scatter_pair_kernel[(num_rows, triton.cdiv(D, BLOCK_D))](
-        row_ptr, perm, a, xa, ga, g_bias if g_bias is not None else dummy, c, yc, gc,
-        K, DA, DC, *a.stride(), *xa.stride(), *ga.stride(), *c.stride(), *yc.stride(), *gc.stride(),
-        HAS_A=a_BK is not None, HAS_C=c_BK is not None, HAS_BIAS=g_bias is not None,
-        ACC=_tl_dtype(acc), BLOCK_N=16, BLOCK_D=BLOCK_D,
-    )
+    args = (row_ptr, perm, a, xa, ga, g_bias if g_bias is not None else dummy, c, yc, gc,
+            K, DA, DC, *a.stride(), *xa.stride(), *ga.stride(), *c.stride(), *yc.stride(), *gc.stride())
+    flags = dict(HAS_A=a_BK is not None, HAS_C=c_BK is not None, HAS_BIAS=g_bias is not None, ACC=_tl_dtype(acc))
+    if _scatter_pair_tuned is not None and acc == torch.float32:
+        _scatter_pair_tuned[lambda meta: (num_rows, triton.cdiv(D, meta["BLOCK_D"]))](*args, **flags)
+    else:
+        BLOCK_D = _block(D, 128)
+        _scatter_pair_kernel[(num_rows, triton.cdiv(D, BLOCK_D))](*args, **flags, BLOCK_N=16, BLOCK_D=BLOCK_D)
     return G_a, g_bias, G_c
 
 
