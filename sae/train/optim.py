@@ -94,7 +94,7 @@ class SAEAdam(torch.optim.Adam):
                 dots, rows = fused_ops(p.device).row_grad_stats(p.grad, p)
                 sq[p] = rows.sum()
             elif self.max_grad_norm > 0:
-                sq[p] = p.grad.float().pow(2).sum()
+                sq[p] = torch.linalg.vector_norm(p.grad, dtype=torch.float32).square()
         if self.max_grad_norm <= 0 or not sq:
             return torch.ones(1, device=params[0].device), dots
         norm = self.grad_sq_total(sq).sqrt()
