@@ -57,6 +57,8 @@ def row_grad_stats(g_LD: torch.Tensor, W_LD: torch.Tensor | None) -> tuple[torch
 
 
 def _adam(p, g, m, v, coef, beta1, beta2, step_size, bc2_sqrt, eps):
+    if isinstance(step_size, torch.Tensor):  # [step_size, bc2_sqrt] on the device
+        step_size, bc2_sqrt = step_size[0], step_size[1]
     g = g.float() * coef.float()
     m32 = m.float().lerp(g, 1.0 - beta1)
     v32 = v.float().mul(beta2).addcmul(g, g, value=1.0 - beta2)

@@ -44,12 +44,15 @@ def _decode_error_kernel(
     HAS_BIAS: tl.constexpr, HAS_OFF: tl.constexpr, HAS_Y: tl.constexpr,
     ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # The K rows of token b are read once, a [BLOCK_K, BLOCK_D] tile per step along E. The dots
+    # <e, W[idx_j]> accumulate elementwise in a tile and are reduced across E once at the end, so
+    # the loop does one reduction (over K, for x_hat) per step, not two.
     b = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     rows = tl.load(idx_ptr + b * s_ib + offs_k * s_ik, mask=mask_k, other=0).to(tl.int64)
     v = tl.load(vals_ptr + b * s_vb + offs_k * s_vk, mask=mask_k, other=0.0).to(ACC)
-    dots = tl.full([BLOCK_K], 0.0, dtype=ACC)
+    acc = tl.full([BLOCK_K, BLOCK_D], 0.0, dtype=ACC)
     errsq = tl.full([BLOCK_D], 0.0, dtype=ACC)
     for d0 in range(0, E, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -65,11 +68,35 @@ def _decode_error_kernel(
         if HAS_Y:
             e = xh - tl.load(y_ptr + b * s_yb + offs_d * s_yd, mask=mask_d, other=0.0).to(ACC)
             e = tl.where(mask_d, e, 0.0)
-            dots += tl.sum(w * e[None, :], axis=1)
+            acc += w * e[None, :]
             errsq += e * e
     if HAS_Y:
-        tl.store(dots_ptr + b * s_db + offs_k * s_dk, dots, mask=mask_k)
+        tl.store(dots_ptr + b * s_db + offs_k * s_dk, tl.sum(acc, axis=1), mask=mask_k)
         tl.store(errsq_ptr + b, tl.sum(errsq, axis=0))
+
+
+def _decode_configs(block_k: int) -> list:
+    """Tiles of at most 64 elements per thread, from one warp (K within a thread's registers, no
+    cross-warp reduction) up to eight."""
+    out = []
+    for warps in (1, 2, 4, 8):
+        block_d = 64 * 32 * warps // block_k
+        if 16 <= block_d <= 256:
+            out.append(triton.Config({"BLOCK_D": block_d}, num_warps=warps))
+    return out or [triton.Config({"BLOCK_D": 16}, num_warps=8)]
+
+
+_decode_tuned: dict[int, object] = {}
+
+
+def _decode_kernel_for(block_k: int):
+    """The autotuned decode kernel for tiles of ``block_k`` rows (CUDA), or None (interpreter)."""
+    if INTERPRETED:
+        return None
+    if block_k not in _decode_tuned:
+        _decode_tuned[block_k] = triton.autotune(configs=_decode_configs(block_k), key=["K", "E"])(
+            _decode_error_kernel)
+    return _decode_tuned[block_k]
 
 
 @triton.jit
@@ -165,12 +192,15 @@ def _adam_update(p, g, m, v, coef, beta1, beta2, step_size, bc2_sqrt, eps):
 
 
 @triton.jit
-def _adam_flat_kernel(p_ptr, g_ptr, m_ptr, v_ptr, shadow_ptr, coef_ptr, N,
+def _adam_flat_kernel(p_ptr, g_ptr, m_ptr, v_ptr, shadow_ptr, coef_ptr, hyper_ptr, N,
                       beta1, beta2, step_size, bc2_sqrt, eps,
-                      HAS_SHADOW: tl.constexpr, BLOCK: tl.constexpr):
+                      HAS_SHADOW: tl.constexpr, HYPER_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     coef = tl.load(coef_ptr).to(tl.float32)
+    if HYPER_ON_DEVICE:  # (step_size, bc2_sqrt) read from memory: a CUDA graph replays this launch
+        step_size = tl.load(hyper_ptr).to(tl.float32)
+        bc2_sqrt = tl.load(hyper_ptr + 1).to(tl.float32)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -184,15 +214,18 @@ def _adam_flat_kernel(p_ptr, g_ptr, m_ptr, v_ptr, shadow_ptr, coef_ptr, N,
 
 
 @triton.jit
-def _adam_rows_kernel(p_ptr, g_ptr, m_ptr, v_ptr, shadow_ptr, dot_ptr, coef_ptr, D,
+def _adam_rows_kernel(p_ptr, g_ptr, m_ptr, v_ptr, shadow_ptr, dot_ptr, coef_ptr, hyper_ptr, D,
                       beta1, beta2, step_size, bc2_sqrt, eps, norm_eps,
                       PROJECT: tl.constexpr, RENORM: tl.constexpr, HAS_SHADOW: tl.constexpr,
-                      SINGLE: tl.constexpr, BLOCK_D: tl.constexpr):
+                      HYPER_ON_DEVICE: tl.constexpr, SINGLE: tl.constexpr, BLOCK_D: tl.constexpr):
     # One contiguous row of D elements per program: g <- (g - <g, p> p) * coef, Adam, then
     # p <- p / max(||p||, norm_eps). SINGLE: the row fits one block and stays in registers.
     row = tl.program_id(0).to(tl.int64)
     base = row * D
     coef = tl.load(coef_ptr).to(tl.float32)
+    if HYPER_ON_DEVICE:
+        step_size = tl.load(hyper_ptr).to(tl.float32)
+        bc2_sqrt = tl.load(hyper_ptr + 1).to(tl.float32)
     dot = 0.0
     if PROJECT:
         dot = tl.load(dot_ptr + row).to(tl.float32)
@@ -278,19 +311,21 @@ def decode_error(idx_BK: torch.Tensor, vals_BK: torch.Tensor, W_LE: torch.Tensor
     if B == 0:
         return x_hat, dots, err_sq
     BLOCK_K = _block(K, MAX_FUSED_K)
-    BLOCK_D = max(16, min(128, 8192 // BLOCK_K))
     dummy = x_hat
     off = offset_BE if offset_BE is not None else dummy
     y = y_BE if y_BE is not None else dummy
     d = dots if dots is not None else x_hat
-    _decode_error_kernel[(B,)](
-        idx_BK, vals_BK, W_LE, bias_E if bias_E is not None else dummy, off, y, x_hat, d,
-        err_sq if err_sq is not None else x_hat,
-        K, E, *idx_BK.stride(), *vals_BK.stride(), *W_LE.stride(), *off.stride(), *y.stride(), *x_hat.stride(),
-        *d.stride(),
-        HAS_BIAS=bias_E is not None, HAS_OFF=offset_BE is not None, HAS_Y=y_BE is not None,
-        ACC=_tl_dtype(acc), BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, num_warps=4 if BLOCK_K * BLOCK_D <= 4096 else 8,
-    )
+    args = (idx_BK, vals_BK, W_LE, bias_E if bias_E is not None else dummy, off, y, x_hat, d,
+            err_sq if err_sq is not None else x_hat,
+            K, E, *idx_BK.stride(), *vals_BK.stride(), *W_LE.stride(), *off.stride(), *y.stride(), *x_hat.stride(),
+            *d.stride())
+    flags = dict(HAS_BIAS=bias_E is not None, HAS_OFF=offset_BE is not None, HAS_Y=y_BE is not None,
+                 ACC=_tl_dtype(acc), BLOCK_K=BLOCK_K)
+    tuned = _decode_kernel_for(BLOCK_K) if acc == torch.float32 else None
+    if tuned is not None:
+        tuned[(B,)](*args, **flags)
+    else:
+        _decode_error_kernel[(B,)](*args, **flags, BLOCK_D=max(16, min(128, 4096 // BLOCK_K)), num_warps=4)
     return x_hat, dots, err_sq
 
 
@@ -379,24 +414,39 @@ def _check_adam(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
         raise ValueError("fused Adam needs contiguous parameters")
 
 
+def _hyper(step_size, bc2_sqrt, like: torch.Tensor):
+    """Kernel arguments for (step_size, bc2_sqrt): floats, or a 2-element device tensor read by the
+    kernel (``step_size`` is then that tensor and ``bc2_sqrt`` is ignored)."""
+    if isinstance(step_size, torch.Tensor):
+        if step_size.numel() != 2 or step_size.device != like.device or step_size.dtype != torch.float32:
+            raise ValueError("device hyperparameters must be a float32 tensor [step_size, bc2_sqrt] on the "
+                             "parameter's device")
+        return step_size, 0.0, 0.0, True
+    return like, float(step_size), float(bc2_sqrt), False
+
+
 def adam_flat_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, coef: torch.Tensor, *,
-               beta1: float, beta2: float, step_size: float, bc2_sqrt: float, eps: float,
+               beta1: float, beta2: float, step_size, bc2_sqrt, eps: float,
                shadow: torch.Tensor | None = None) -> None:
-    """In place: ``g *= coef[0]``; Adam on every element (``step_size = lr / (1 - beta1^t)``)."""
+    """In place: ``g *= coef[0]``; Adam on every element (``step_size = lr / (1 - beta1^t)``).
+
+    ``step_size`` may be a device tensor ``[step_size, bc2_sqrt]`` (then ``bc2_sqrt`` is ignored).
+    """
     _check_adam(p, g, m, v, shadow)
     N = p.numel()
     if N == 0:
         return
     BLOCK = 1024
+    hyper, ss, bc, on_dev = _hyper(step_size, bc2_sqrt, p)
     _adam_flat_kernel[(triton.cdiv(N, BLOCK),)](
-        p, g, m, v, shadow if shadow is not None else p, coef, N, beta1, beta2, step_size, bc2_sqrt, eps,
-        HAS_SHADOW=shadow is not None, BLOCK=BLOCK, num_warps=4,
+        p, g, m, v, shadow if shadow is not None else p, coef, hyper, N, beta1, beta2, ss, bc, eps,
+        HAS_SHADOW=shadow is not None, HYPER_ON_DEVICE=on_dev, BLOCK=BLOCK, num_warps=4,
     )
 
 
 def adam_rows_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, coef: torch.Tensor,
-               dot: torch.Tensor | None, *, renorm: bool, beta1: float, beta2: float, step_size: float,
-               bc2_sqrt: float, eps: float, norm_eps: float, shadow: torch.Tensor | None = None) -> None:
+               dot: torch.Tensor | None, *, renorm: bool, beta1: float, beta2: float, step_size,
+               bc2_sqrt, eps: float, norm_eps: float, shadow: torch.Tensor | None = None) -> None:
     """In place on a [L, D] parameter: ``g = (g - dot[l] p[l]) * coef`` (projection when ``dot``
     is given), Adam, then ``p[l] /= max(||p[l]||, norm_eps)`` when ``renorm``."""
     _check_adam(p, g, m, v, shadow)
@@ -406,9 +456,10 @@ def adam_rows_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tenso
     if L == 0 or D == 0:
         return
     BLOCK_D = _block(D, 4096)
+    hyper, ss, bc, on_dev = _hyper(step_size, bc2_sqrt, p)
     _adam_rows_kernel[(L,)](
-        p, g, m, v, shadow if shadow is not None else p, dot if dot is not None else coef, coef, D,
-        beta1, beta2, step_size, bc2_sqrt, eps, norm_eps,
-        PROJECT=dot is not None, RENORM=renorm, HAS_SHADOW=shadow is not None, SINGLE=D <= BLOCK_D,
-        BLOCK_D=BLOCK_D, num_warps=4 if BLOCK_D <= 1024 else 8,
+        p, g, m, v, shadow if shadow is not None else p, dot if dot is not None else coef, coef, hyper, D,
+        beta1, beta2, ss, bc, eps, norm_eps,
+        PROJECT=dot is not None, RENORM=renorm, HAS_SHADOW=shadow is not None, HYPER_ON_DEVICE=on_dev,
+        SINGLE=D <= BLOCK_D, BLOCK_D=BLOCK_D, num_warps=4 if BLOCK_D <= 1024 else 8,
     )

@@ -141,7 +141,62 @@ def check_fused_adam(device: torch.device, L: int = 4096, D: int = 768, steps: i
         torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.grad_clip)
         opt_p.step()
         plain.normalize_decoder_()
-    return {f"adam {n}": rel(pf, pp) for (n, pf), pp in zip(fused.named_parameters(), plain.parameters())}
+    out = {f"rel {n}": rel(pf, pp) for (n, pf), pp in zip(fused.named_parameters(), plain.parameters())}
+    out.update({f"max abs {n}": float((pf - pp).abs().max()) for (n, pf), pp in zip(fused.named_parameters(),
+                                                                                     plain.parameters())})
+    return out
+
+
+def check_topk(device: torch.device) -> dict[str, float]:
+    """The radix-select top-k against torch.topk: same multiset of values, values at their indices,
+    including rows full of ties. Returns 0.0 per case when equal, 1.0 when not."""
+    from sae_kernels.topk_select import topk
+
+    out = {}
+    for B, L, k, ties in ((4096, 24576, 32, False), (4096, 36864, 64, False), (512, 131072, 64, False),
+                          (300, 5000, 64, True), (7, 1000, 1000, False)):
+        g = torch.Generator(device=device).manual_seed(L)
+        s = torch.randn(B, L, device=device, generator=g).to(torch.bfloat16)
+        if ties:
+            s = ((s * 2).round() / 2).to(torch.bfloat16)
+        v, i = topk(s, k)
+        rv = s.topk(k, dim=1).values
+        ok = torch.equal(v.float().sort(1).values, rv.float().sort(1).values) and torch.equal(s.gather(1, i), v)
+        out[f"topk B={B} L={L} k={k}{' ties' if ties else ''}"] = 0.0 if ok else 1.0
+    return out
+
+
+def check_graph_vs_eager(device: torch.device, steps: int = 8) -> dict[str, float]:
+    """Trainer steps replayed from a CUDA graph against the same steps run eagerly: max relative
+    difference of the parameters (0 when bitwise equal), and whether the graph was used."""
+    import tempfile
+
+    from sae.buffer.source import Batch
+    from sae.models import SAEConfig, build_sae
+    from sae.train.config import TrainConfig
+    from sae.train.trainer import Trainer
+
+    from .gpu_step import _FixedSource, activations
+
+    x = activations(512, 1024, device)
+    params, used = {}, {}
+    for graphs in (False, True):
+        sae = build_sae(SAEConfig(num_latents=8192, k=32), 512, seed=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = TrainConfig(batch_size=1024, steps=10**6, device=str(device), progress=False, out_dir=tmp,
+                              eval_every=0, final_report=False, cuda_graphs=graphs, log_every=3)
+            tr = Trainer(cfg, {"topk": sae}, _FixedSource(x))
+            tr.init_from_data(Batch(x))
+            for _ in range(steps):
+                tr.train_step(Batch(x))
+            params[graphs] = {n: p.detach().clone() for n, p in tr.saes["topk"].named_parameters()}
+            used[graphs] = "topk" in tr.graphs and tr.graphs["topk"].captured
+            why = tr.graphs_off.get("topk")
+    out = {f"graph vs eager {n}": rel(params[True][n], params[False][n]) for n in params[True]}
+    out["graph used"] = 1.0 if used[True] else 0.0
+    if why:
+        out["graph off: " + why[:200]] = 1.0
+    return out
 
 
 def run_checks(device: torch.device, *, quick: bool = False, log=print) -> list[dict]:
@@ -159,8 +214,21 @@ def run_checks(device: torch.device, *, quick: bool = False, log=print) -> list[
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     adam = check_fused_adam(device)
-    ok = max(adam.values()) <= 1e-6
+    ok = max(v for k, v in adam.items() if k.startswith("max abs")) <= 1e-6
     rows.append({"case": "SAEAdam vs unfused sequence (L=4096, D=768, 3 steps)", "dtype": "float32", "ok": ok,
                  "worst": max(adam.values()), **adam})
-    log(f"{'PASS' if ok else 'FAIL'} fused optimiser step vs unfused: worst rel err {max(adam.values()):.1e}")
+    log(f"{'PASS' if ok else 'FAIL'} fused optimiser step vs unfused: {adam}")
+    tk = check_topk(device) if device.type == "cuda" else {}
+    if tk:
+        ok = max(tk.values()) == 0
+        rows.append({"case": "radix-select top-k vs torch.topk", "dtype": "bfloat16", "ok": ok,
+                     "worst": max(tk.values()), **tk})
+        log(f"{'PASS' if ok else 'FAIL'} top-k vs torch.topk: {tk}")
+    if device.type == "cuda":
+        gr = check_graph_vs_eager(device)
+        worst = max(v for k, v in gr.items() if k.startswith("graph vs eager"))
+        ok = gr["graph used"] == 1.0 and worst <= 1e-5
+        rows.append({"case": "CUDA graph replay vs eager fused steps (8 steps)", "dtype": "float32", "ok": ok,
+                     "worst": worst, **gr})
+        log(f"{'PASS' if ok else 'FAIL'} CUDA graph vs eager: {gr}")
     return rows

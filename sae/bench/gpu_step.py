@@ -94,6 +94,7 @@ OURS = {
     "ours exact (train.deterministic=true)": ({}, {"deterministic": True}),
     "ours bf16 autocast (train.mixed_precision=bf16)": ({}, {"mixed_precision": "bf16"}),
     "ours bf16 Adam states (train.adam_state_dtype=bfloat16)": ({}, {"adam_state_dtype": "bfloat16"}),
+    "ours without CUDA graphs (train.cuda_graphs=false)": ({}, {"cuda_graphs": False}),
 }
 
 
@@ -115,7 +116,10 @@ def measure_ours(name: str, x: torch.Tensor, L: int, k: int, device: torch.devic
         with torch.no_grad():
             fvu = float(trainer.saes["topk"](x).losses["fvu"])
         fused = trainer.fused_step
-    return {"ms": ms, "peak_gib": peak, "fvu_after": fvu, "fused_step": fused}
+        graphed = {n: g.captured for n, g in trainer.graphs.items()}
+        off = dict(trainer.graphs_off)
+    return {"ms": ms, "peak_gib": peak, "fvu_after": fvu, "fused_step": fused, "cuda_graph": graphed,
+            "eager_because": off}
 
 
 def measure_sparsify(x: torch.Tensor, L: int, k: int, device: torch.device, steps: int, warmup: int) -> dict:

@@ -20,6 +20,7 @@ import math
 import torch
 from sae_kernels import gather_pre_activations, sparse_decode
 from sae_kernels.autoencode import sparse_autoencode
+from sae_kernels.topk_select import topk
 from torch import Tensor
 
 from .base import Codes, ForwardOutput, SparseCoder, SparseCodes, VarianceFn, fvu_from_error
@@ -63,7 +64,7 @@ class TopKSAE(SparseCoder):
     # Selection of latents from dense pre-activations; BatchTopK overrides it.
     def select(self, pre_BL: Tensor) -> tuple[Tensor, Tensor]:
         """Return (pre-activation values, indices) of the selected latents, each [B, K]."""
-        return pre_BL.topk(self.k, dim=1, sorted=False)
+        return topk(pre_BL, self.k)
 
     @torch.no_grad()
     def pre_activations(self, x_in_BD: Tensor, dtype: torch.dtype | None = None) -> Tensor:

@@ -31,6 +31,9 @@ class TrainConfig:
     deterministic: bool = False
     # Adam moments in float32 or bfloat16 (half their memory; fused step only).
     adam_state_dtype: str = "float32"
+    # Capture each TopK SAE's step as a CUDA graph after 3 eager steps and replay it (one launch
+    # instead of dozens; sae/train/graphed.py says when a step qualifies).
+    cuda_graphs: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     parallel: str = "none"  # none | data | latent | sae (one SAE per rank: hook points, sweeps)
     seed: int = 0

@@ -20,8 +20,16 @@ class DeadLatentTracker:
 
     def update(self, fired_counts_L: Tensor, num_tokens: int) -> None:
         """Advance by one batch of ``num_tokens`` tokens given per-latent firing counts (no host sync)."""
+        self.update_device(fired_counts_L, num_tokens)
+        self.advance_host(num_tokens)
+
+    def update_device(self, fired_counts_L: Tensor, num_tokens: int) -> None:
+        """The device half of :meth:`update` (what a captured CUDA graph replays)."""
         self.tokens_since_fired += num_tokens
         self.tokens_since_fired.masked_fill_(fired_counts_L > 0, 0)
+
+    def advance_host(self, num_tokens: int) -> None:
+        """The host half of :meth:`update`: the bound on tokens since any latent fired."""
         self._bound += num_tokens
 
     def refresh_bound(self) -> None:

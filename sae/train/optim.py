@@ -100,36 +100,56 @@ class SAEAdam(torch.optim.Adam):
         norm = self.grad_sq_total(sq).sqrt()
         return (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0).reshape(1).float(), dots
 
+    def hyperparameters(self, group: dict, t: int, lr: float | None = None) -> tuple[float, float]:
+        """(step_size, bc2_sqrt) of Adam step number ``t`` (1-based): ``lr / (1 - beta1^t)``, ``sqrt(1 - beta2^t)``."""
+        beta1, beta2 = group["betas"]
+        return (group["lr"] if lr is None else lr) / (1 - beta1**t), math.sqrt(1 - beta2**t)
+
+    def host_step(self, params: list[Tensor]) -> dict[Tensor, tuple[float, float]]:
+        """The host's part of a step: advance each parameter's step count (creating its state on
+        the first step); returns each parameter's (step_size, bc2_sqrt)."""
+        out = {}
+        for group in self.param_groups:
+            members = {id(p) for p in group["params"]}
+            for p in params:
+                if id(p) in members:
+                    state = self._state(p)
+                    state["step"] += 1
+                    out[p] = self.hyperparameters(group, int(state["step"]))
+        return out
+
+    @torch.no_grad()
+    def device_step(self, params: list[Tensor], hyper: dict[Tensor, tuple[float, float]] | Tensor) -> None:
+        """The device's part of a step (every kernel, no host sync): clip factor, decoder dots, and
+        one fused update per parameter. ``hyper``: per-parameter (step_size, bc2_sqrt) floats, or one
+        device tensor ``[step_size, bc2_sqrt]`` for all (what a captured CUDA graph reads)."""
+        coef, dots = self.clip_coefficient(params)
+        eps = {id(p): g["eps"] for g in self.param_groups for p in g["params"]}
+        betas = {id(p): g["betas"] for g in self.param_groups for p in g["params"]}
+        for p in params:
+            if p.grad.is_sparse:
+                raise ValueError("SAEAdam does not take sparse gradients")
+            state = self.state[p]
+            ss, bc = (hyper, None) if isinstance(hyper, Tensor) else hyper[p]
+            kw = dict(beta1=betas[id(p)][0], beta2=betas[id(p)][1], step_size=ss, bc2_sqrt=bc, eps=eps[id(p)])
+            copy = self.lowp_copies.get(p)
+            shadow = copy.buffer(p) if copy is not None else None
+            ops = fused_ops(p.device)
+            grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+            if p is self.decoder:
+                ops.adam_rows_(p, grad, state["exp_avg"], state["exp_avg_sq"], coef, dots, renorm=True,
+                               norm_eps=torch.finfo(p.dtype).eps, shadow=shadow, **kw)
+            else:
+                ops.adam_flat_(p, grad, state["exp_avg"], state["exp_avg_sq"], coef, shadow=shadow, **kw)
+            increment_version(p)  # the Triton kernels write through pointers
+            if copy is not None:
+                copy.mark_fresh(p)
+
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("SAEAdam.step takes no closure")
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not params:
-            return None
-        coef, dots = self.clip_coefficient(params)
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError("SAEAdam does not take sparse gradients")
-                state = self._state(p)
-                state["step"] += 1
-                t = float(state["step"])
-                kw = dict(beta1=beta1, beta2=beta2, step_size=group["lr"] / (1 - beta1**t),
-                          bc2_sqrt=math.sqrt(1 - beta2**t), eps=group["eps"])
-                copy = self.lowp_copies.get(p)
-                shadow = copy.buffer(p) if copy is not None else None
-                ops = fused_ops(p.device)
-                grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
-                if p is self.decoder:
-                    ops.adam_rows_(p, grad, state["exp_avg"], state["exp_avg_sq"], coef, dots, renorm=True,
-                                   norm_eps=torch.finfo(p.dtype).eps, shadow=shadow, **kw)
-                else:
-                    ops.adam_flat_(p, grad, state["exp_avg"], state["exp_avg_sq"], coef, shadow=shadow, **kw)
-                increment_version(p)  # the Triton kernels write through pointers
-                if copy is not None:
-                    copy.mark_fresh(p)
+        if params:
+            self.device_step(params, self.host_step(params))
         return None

@@ -29,6 +29,7 @@ from .artifact import load_sae, save_sae
 from .checkpoint import latest_checkpoint, load_trainer_state, read_manifest, save_checkpoint, shard_dir
 from .config import TrainConfig
 from .dead import DeadLatentTracker
+from .graphed import GraphedStep, graphable
 from .logger import MetricLogger, NullLogger
 from .optim import ADAM_STATE_DTYPES
 from .schedule import build_optimizer, build_scheduler, default_lr
@@ -141,6 +142,8 @@ class Trainer:
         # NaN/Inf in device batches, checked on the device and read at log steps (no host sync per step).
         self._nonfinite: Tensor | None = None
         self._nonfinite_since = 0
+        self.graphs: dict[str, GraphedStep] = {}
+        self.graphs_off: dict[str, str] = {}  # SAE name -> why its steps run eagerly
 
     # --- public ---------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -205,9 +208,16 @@ class Trainer:
             if y is not None:
                 check_finite(y, f"target batch{where} at step {self.step}")
         else:  # reading a flag every step would make the host wait for the GPU: read it at log steps
-            bad = ~torch.isfinite(x).all() if y is None else ~(torch.isfinite(x).all() & torch.isfinite(y).all())
-            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+            self.flag_nonfinite(x, y)
         return x, y
+
+    def flag_nonfinite(self, x: Tensor, y: Tensor | None) -> None:
+        """Record on the device (in place, no host sync) whether ``x`` or ``y`` holds NaN/Inf."""
+        if self._nonfinite is None:
+            self._nonfinite = torch.zeros((), dtype=torch.bool, device=x.device)
+        self._nonfinite.logical_or_(~torch.isfinite(x).all())
+        if y is not None:
+            self._nonfinite.logical_or_(~torch.isfinite(y).all())
 
     def check_deferred_finite(self) -> None:
         """Raise if a device batch since the last check held NaN/Inf (a host sync)."""
@@ -215,7 +225,7 @@ class Trainer:
             raise ValueError(
                 f"an activation batch between steps {self._nonfinite_since} and {self.step} contains NaN/Inf; "
                 "check the model dtype (fp16 overflow?) and the data")
-        self._nonfinite, self._nonfinite_since = None, self.step
+        self._nonfinite_since = self.step
 
     def train_step(self, batch: Batch | dict[str, Batch]) -> dict[str, float]:
         log_now = self.step % self.cfg.log_every == 0 or self.step == self.total_steps - 1
@@ -226,21 +236,13 @@ class Trainer:
             if id(b) not in on_device:
                 on_device[id(b)] = self._device_batch(b, f" at {self.hookpoints[name]}" if self.hookpoints else "")
             x, y = on_device[id(b)]
-            out, loss = self._forward_backward(sae, self.trackers[name], x, y, log_now)
-            self.strategy.after_backward(sae)
-            if not self.fused_step:  # SAEAdam projects, clips and renormalises in its own passes
-                sae.remove_parallel_grad_()
-                if self.cfg.grad_clip > 0:
-                    self.strategy.clip_grad_norm_(sae, self.cfg.grad_clip)
-            self.optimizers[name].step()
-            self.schedulers[name].step()
-            self.optimizers[name].zero_grad(set_to_none=True)
-            if not self.fused_step:
-                sae.normalize_decoder_()
-            self.strategy.after_step(sae)
-            with torch.no_grad():
-                fired = sum(self.strategy.fired_counts(sae, o) for o in out)
-                self.trackers[name].update(fired, self.strategy.tokens_per_step(x.shape[0]))
+            graphed = self._graphed(name, sae, x, y)
+            if graphed is not None:
+                out = [graphed]
+                loss = graphed.losses["loss"].item() if log_now else math.nan
+                self.schedulers[name].step()
+            else:
+                out, loss = self._eager_step(name, sae, x, y, log_now)
             if log_now:
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"SAE {name!r}: loss is {loss} at step {self.step}; "
@@ -257,6 +259,57 @@ class Trainer:
             self.logger.log(metrics, self.step)
             self.last_metrics = metrics
         return metrics
+
+    def _eager_step(self, name: str, sae: SparseCoder, x: Tensor, y: Tensor | None, log_now: bool):
+        out, loss = self._forward_backward(sae, self.trackers[name], x, y, log_now)
+        self.strategy.after_backward(sae)
+        if not self.fused_step:  # SAEAdam projects, clips and renormalises in its own passes
+            sae.remove_parallel_grad_()
+            if self.cfg.grad_clip > 0:
+                self.strategy.clip_grad_norm_(sae, self.cfg.grad_clip)
+        self.optimizers[name].step()
+        self.schedulers[name].step()
+        self.optimizers[name].zero_grad(set_to_none=True)
+        if not self.fused_step:
+            sae.normalize_decoder_()
+        self.strategy.after_step(sae)
+        with torch.no_grad():
+            fired = sum(self.strategy.fired_counts(sae, o) for o in out)
+            self.trackers[name].update(fired, self.strategy.tokens_per_step(x.shape[0]))
+        return out, loss
+
+    def _graphed(self, name: str, sae: SparseCoder, x: Tensor, y: Tensor | None):
+        """This step through ``name``'s CUDA graph (its ForwardOutput), or None to run it eagerly.
+
+        The first 3 steps run eagerly (kernel compilation and autotuning happen there, outside any
+        capture), as do steps with dead latents (AuxK); a capture that fails turns graphs off for
+        that SAE with a warning.
+        """
+        if name in self.graphs_off or self.step < 3:
+            return None
+        graphed = self.graphs.get(name)
+        if graphed is None:
+            why = graphable(self, sae)
+            if why is not None:
+                self.graphs_off[name] = why
+                if self.device.type == "cuda":
+                    log.info("SAE %r: steps run eagerly, not as a CUDA graph (%s)", name, why)
+                return None
+            graphed = self.graphs[name] = GraphedStep(self, name)
+        if self.strategy.step_dead_mask(self.trackers[name]) is not None:
+            return None
+        if not graphed.captured:
+            try:
+                graphed.capture(x, y)
+            except Exception as e:  # noqa: BLE001 (fall back to eager steps, which are equivalent)
+                self.graphs_off[name] = f"capture failed: {type(e).__name__}: {e}"
+                del self.graphs[name]
+                for p in sae.parameters():
+                    p.grad = None
+                log.warning("SAE %r: CUDA graph capture failed, steps run eagerly: %s", name, e)
+                return None
+            log.info("SAE %r: training step captured as a CUDA graph at step %d", name, self.step)
+        return graphed(x, y)
 
     def _forward_backward(self, sae: SparseCoder, tracker: DeadLatentTracker, x: Tensor, y: Tensor | None,
                           need_loss: bool):

@@ -1,0 +1,99 @@
+"""The graphed training step's bookkeeping, on CPU, with a stand-in for the CUDA graph.
+
+A CUDA graph needs a GPU; what surrounds it does not: the split of the step into a device part
+(what the graph replays) and host bookkeeping (Adam step counts, learning rate and bias
+corrections from a device table indexed by step, dead-latent bound, the batch copied into the
+graph's buffers). The stand-in records nothing at capture and runs the device part on replay,
+through the Triton kernels in the interpreter, exactly as the fused eager step does; the graphed
+run must then equal the eager fused run bitwise, also when AuxK steps run eagerly in between and
+when the learning-rate table is refilled. On a GPU ``python -m sae.bench.gpu`` checks the real
+capture against eager steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sae.train.trainer as trainer_mod
+from sae.buffer.synthetic import SyntheticConfig, SyntheticSource
+from sae.models import SAEConfig, build_sae
+from sae.train.config import TrainConfig
+from sae.train.graphed import GraphedStep, graphable
+from sae.train.trainer import Trainer
+
+
+class ReplayedStep(GraphedStep):
+    """Runs the device part on each replay instead of a captured graph."""
+
+    replayed_steps: list[int] = []
+
+    def _record(self) -> None:
+        self.graph = "recorded"
+
+    def _replay(self) -> None:
+        self.replayed_steps.append(self.trainer.step)
+        for p in self.params:
+            p.grad = None  # a replay writes the gradients afresh, as the graph's backward does
+        self.out = self._device_step(self.x, self.y)
+        for p in self.params:
+            p.grad = None  # after a real capture the .grad attributes are None: replays write the graph's own
+
+
+@pytest.fixture
+def replayed(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("SAE_KERNEL_BACKEND", "triton")  # interpreted on CPU (tests/conftest.py)
+    monkeypatch.setattr(trainer_mod, "GraphedStep", ReplayedStep)
+    monkeypatch.setattr(trainer_mod, "graphable", lambda trainer, sae: None if trainer.cfg.cuda_graphs else "off")
+
+
+def run(tmp_path, graphs: bool, steps: int, dead_window: tuple[int, int] | None):
+    sae = build_sae(SAEConfig(num_latents=96, k=4), 16, seed=0)
+    cfg = TrainConfig(batch_size=32, steps=steps, device="cpu", out_dir=str(tmp_path), lr=3e-3, lr_warmup_steps=4,
+                      progress=False, eval_every=0, final_report=False, log_every=3, cuda_graphs=graphs)
+    trainer = Trainer(cfg, {"topk": sae}, SyntheticSource(SyntheticConfig(d=16, num_features=40), 32))
+
+    def mark_dead(t):  # 5 latents dead after step a, alive again after step b: AuxK steps run eagerly
+        if dead_window and t.step - 1 in dead_window:
+            tracker = t.trackers["topk"]
+            tracker.tokens_since_fired[:5] = cfg.dead_tokens_threshold if t.step - 1 == dead_window[0] else 0
+            tracker.refresh_bound()
+
+    trainer.step_hooks.append(mark_dead)
+    ReplayedStep.replayed_steps = []
+    trainer.fit()
+    params = {n: p.detach().clone() for n, p in trainer.saes["topk"].named_parameters()}
+    return trainer, params, list(ReplayedStep.replayed_steps)
+
+
+@pytest.mark.parametrize("dead_window", [None, (6, 9)], ids=["no_dead_latents", "auxk_steps_in_between"])
+def test_graphed_steps_equal_eager_fused_steps(replayed, tmp_path, monkeypatch, dead_window):
+    monkeypatch.setattr(ReplayedStep, "WINDOW", 4)  # refill the learning-rate table twice
+    eager, eager_params, _ = run(tmp_path / "eager", False, 14, dead_window)
+    graphed, graphed_params, replayed_steps = run(tmp_path / "graphed", True, 14, dead_window)
+    assert eager.fused_step and graphed.fused_step
+    eager_steps = set(range(7, 10)) if dead_window else set()
+    assert replayed_steps == [s for s in range(3, 14) if s not in eager_steps]
+    for name, p in eager_params.items():
+        assert torch.equal(graphed_params[name], p), name
+    opt_e, opt_g = eager.optimizers["topk"], graphed.optimizers["topk"]
+    for pe, pg in zip(eager.saes["topk"].parameters(), graphed.saes["topk"].parameters()):
+        assert int(opt_g.state[pg]["step"]) == int(opt_e.state[pe]["step"]) == 14
+        assert torch.equal(opt_g.state[pg]["exp_avg_sq"], opt_e.state[pe]["exp_avg_sq"])
+    assert torch.equal(graphed.trackers["topk"].tokens_since_fired, eager.trackers["topk"].tokens_since_fired)
+    assert graphed.last_metrics == eager.last_metrics
+
+
+def test_graphable_says_why_not(tmp_path):
+    sae = build_sae(SAEConfig(num_latents=96, k=4), 16, seed=0)
+    cfg = TrainConfig(batch_size=32, steps=1, device="cpu", out_dir=str(tmp_path), progress=False, eval_every=0,
+                      final_report=False)
+    trainer = Trainer(cfg, {"topk": sae}, SyntheticSource(SyntheticConfig(d=16), 32))
+    assert graphable(trainer, sae) == "not on CUDA"
+    batchtopk = build_sae(SAEConfig(architecture="batchtopk", num_latents=96, k=4), 16, seed=0)
+    trainer.device = torch.device("cuda")  # pretend, to reach the other reasons
+    trainer.fused_step = True
+    assert "BatchTopKSAE" in graphable(trainer, batchtopk)
+    trainer.cfg.cuda_graphs = False
+    assert graphable(trainer, sae) == "train.cuda_graphs=false"
