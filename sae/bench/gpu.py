@@ -95,6 +95,17 @@ def profile_default_step(shapes, device: torch.device, top: int = 14, log=print)
     return out
 
 
+def autotuned_configs() -> dict[str, str]:
+    """The tile configurations the autotuned kernels chose, per key."""
+    try:
+        from sae_kernels import triton_fused as F
+    except ImportError:
+        return {}
+    tuners = {"scatter_pair": F._scatter_pair_tuned, **{f"decode_error K<={k}": t for k, t in F._decode_tuned.items()}}
+    return {f"{name} {key}": str(cfg) for name, t in tuners.items() if t is not None
+            for key, cfg in getattr(t, "cache", {}).items()}
+
+
 def table(rows: list[dict], bandwidth: float) -> str:
     head = ("| d x latents, k | configuration | ms/step | tokens/s | step / floor | ours / sparsify tokens/s | "
             "peak GiB |")
@@ -155,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                                            ours=ours, log=log))
         (out / "gpu_bench.json").write_text(json.dumps({**result, "step": rows}, indent=1))
     result["step"] = rows
+    result["autotuned"] = autotuned_configs()
     if a.profile and device.type == "cuda":
         result["profile"] = profile_default_step(shapes, device, log=log)
     (out / "gpu_bench.json").write_text(json.dumps(result, indent=1))
