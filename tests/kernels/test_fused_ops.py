@@ -5,7 +5,9 @@ values and all gradients, with ``reference_autoencode`` (dense, autograd, fp64) 
 test_sparse_ops.py, with and without the pre-encoder bias, a skip offset and a target, for an SAE
 and a transcoder (d_in != d_out); the launchers are compared with their eager references
 (kernels/eager_fused.py), the Adam kernels on both of their code paths (a row in one block, and
-rows longer than a block); and every new kernel compiles for a real GPU (sm90) without one.
+rows longer than a block); and every new kernel (each autotuning candidate too) compiles for a
+real GPU (sm90) without one. The same kernels also compile for sm80 and sm90 with Triton 3.6 (the
+GPU image's version; checked by hand in a separate venv).
 """
 
 from __future__ import annotations
@@ -203,35 +205,48 @@ COMPILE_FOR_CUDA = r"""
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+import sae_kernels.topk_select as TK
 import sae_kernels.triton_fused as F
 
 assert not F.INTERPRETED
 FLOATS = {"beta1", "beta2", "step_size", "bc2_sqrt", "eps", "norm_eps"}
-specs = [
-    (F._decode_error_kernel, {"idx_ptr": "*i64"},
-     {"HAS_BIAS": True, "HAS_OFF": True, "HAS_Y": True, "ACC": tl.float32, "BLOCK_K": 64, "BLOCK_D": 128}),
-    (F._scatter_pair_kernel, {"row_ptr_ptr": "*i64", "perm_ptr": "*i64", "xa_ptr": "*bf16"},
-     {"HAS_A": True, "HAS_C": True, "HAS_BIAS": True, "ACC": tl.float32, "BLOCK_N": 8, "BLOCK_D": 256}),
-    (F._row_stats_kernel, {}, {"PROJECT": True, "BLOCK_D": 1024}),
-    (F._adam_flat_kernel, {"shadow_ptr": "*bf16"}, {"HAS_SHADOW": True, "BLOCK": 1024}),
-    (F._adam_rows_kernel, {"shadow_ptr": "*bf16", "m_ptr": "*bf16", "v_ptr": "*bf16"},
-     {"PROJECT": True, "RENORM": True, "HAS_SHADOW": True, "SINGLE": True, "BLOCK_D": 4096}),
-    (F._adam_rows_kernel, {}, {"PROJECT": True, "RENORM": True, "HAS_SHADOW": True, "SINGLE": False,
-                               "BLOCK_D": 1024}),
-]
-for fn, ptr_types, consts in specs:
+
+
+def comp(fn, consts, ptr_types=None, warps=4):
     sig = {}
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = ptr_types.get(name, "*fp32")
+            sig[name] = (ptr_types or {}).get(name, "*fp32")
         else:
             sig[name] = "fp32" if name in FLOATS else "i32"
     cv = {(fn.arg_names.index(k),): v for k, v in consts.items()}
-    kernel = triton.compile(ASTSource(fn, sig, constexprs=cv), target=GPUTarget("cuda", 90, 32))
+    kernel = triton.compile(ASTSource(fn, sig, constexprs=cv), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": warps})
     assert kernel.asm["cubin"], fn.__name__
-print("compiled", len(specs))
+
+
+n = 0
+for bk in (32, 64):  # every autotuning candidate of the two k of the benchmark shapes
+    for cfg in F._decode_configs(bk):
+        comp(F._decode_error_kernel, {"HAS_BIAS": True, "HAS_OFF": True, "HAS_Y": True, "ACC": tl.float32,
+                                      "BLOCK_K": bk, "BLOCK_D": cfg.kwargs["BLOCK_D"]}, {"idx_ptr": "*i64"},
+             cfg.num_warps)
+        n += 1
+for cfg in F._SCATTER_CONFIGS:
+    comp(F._scatter_pair_kernel, {"HAS_A": True, "HAS_C": True, "HAS_BIAS": True, "ACC": tl.float32, **cfg.kwargs},
+         {"row_ptr_ptr": "*i64", "perm_ptr": "*i64", "xa_ptr": "*bf16"}, cfg.num_warps)
+    n += 1
+comp(F._row_stats_kernel, {"PROJECT": True, "BLOCK_D": 1024})
+for hyper in (True, False):
+    comp(F._adam_flat_kernel, {"HAS_SHADOW": True, "HYPER_ON_DEVICE": hyper, "BLOCK": 1024}, {"shadow_ptr": "*bf16"})
+    for single, block in ((True, 4096), (False, 1024)):
+        comp(F._adam_rows_kernel, {"PROJECT": True, "RENORM": True, "HAS_SHADOW": True, "HYPER_ON_DEVICE": hyper,
+                                   "SINGLE": single, "BLOCK_D": block},
+             {"shadow_ptr": "*bf16", "m_ptr": "*bf16", "v_ptr": "*bf16"}, 8)
+comp(TK._topk_bf16_kernel, {"BLOCK": 4096}, {"s_ptr": "*i16", "vals_ptr": "*i16", "idx_ptr": "*i64"}, 8)
+print("compiled", n + 8)
 """
 
 
@@ -243,4 +258,4 @@ def test_fused_kernels_compile_for_cuda_sm90():
     proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_CUDA], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 6" in proc.stdout
+    assert "compiled 19" in proc.stdout
