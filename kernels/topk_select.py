@@ -14,17 +14,23 @@ So exactly k scores come out, the k largest (ties at the k-th value broken towar
 indices: deterministic), in index order (the SAE does not need them sorted). Bytes: 3 reads of
 the row (2 B per score) plus ``k (2 + 8)`` written; the histograms live in shared memory.
 
+``SAE_TOPK_KERNEL=torch`` makes :func:`topk` use ``torch.topk`` everywhere (default ``radix``).
+
 The key of a bf16 bit pattern ``u`` (as uint16): ``u | 0x8000`` for a non-negative sign, ``~u``
 for a negative one, which orders keys as the values (NaN above +inf, as in ``torch.topk``).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from .dispatch import Backend, resolve_backend
+
+ENV_VAR = "SAE_TOPK_KERNEL"
 
 
 @triton.jit
@@ -116,8 +122,15 @@ def topk_bf16(scores_BL: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 def topk(scores_BL: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise top-k ``(values, indices)``, unsorted: :func:`topk_bf16` for bf16 scores on the
-    Triton backend, ``torch.topk(sorted=False)`` otherwise (the reference)."""
-    if scores_BL.dtype == torch.bfloat16 and scores_BL.dim() == 2 and scores_BL.stride(1) == 1 and \
-            resolve_backend(scores_BL.device) is Backend.TRITON:
+    Triton backend, ``torch.topk(sorted=False)`` otherwise (the reference).
+
+    Raises:
+        ValueError: ``SAE_TOPK_KERNEL`` is neither ``radix`` nor ``torch``.
+    """
+    choice = os.environ.get(ENV_VAR, "radix").strip().lower()
+    if choice not in ("radix", "torch"):
+        raise ValueError(f"{ENV_VAR}={choice!r}; use radix (default) or torch")
+    if choice == "radix" and scores_BL.dtype == torch.bfloat16 and scores_BL.dim() == 2 and \
+            scores_BL.stride(1) == 1 and resolve_backend(scores_BL.device) is Backend.TRITON:
         return topk_bf16(scores_BL, k)
     return scores_BL.topk(k, dim=1, sorted=False)

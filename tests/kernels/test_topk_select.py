@@ -50,6 +50,12 @@ def test_dispatch_and_bad_input(triton_ops, monkeypatch):
     s = torch.randn(3, 40).to(torch.bfloat16)
     _, idx = topk(s, 4)
     assert (idx.diff(dim=1) > 0).all()  # the radix kernel (index order)
+    monkeypatch.setenv("SAE_TOPK_KERNEL", "torch")
+    assert topk(s, 4)[1].equal(s.topk(4, sorted=False).indices)
+    monkeypatch.setenv("SAE_TOPK_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="SAE_TOPK_KERNEL='fastest'"):
+        topk(s, 4)
+    monkeypatch.delenv("SAE_TOPK_KERNEL")
     monkeypatch.setenv("SAE_KERNEL_BACKEND", "eager")
     vals, _ = topk(s, 4)
     torch.testing.assert_close(vals.float().sort(1).values, s.topk(4).values.float().sort(1).values)
