@@ -8,8 +8,8 @@ renormalisation, AuxK with dead-latent tracking) on the batches of the train spl
 then leaves the trained SAE in our folder format under ``<out_dir>/final/<arch>`` and writes
 ``result.json`` (see :mod:`sae.bench.peer_runtime`).
 
-``selection_dtype`` in the job (``ours+bf16-select``) sets ``sae.selection_dtype``: latents are
-chosen from bf16 pre-activations, everything else stays fp32.
+``selection_dtype`` in the job (``ours-fp32``) sets ``sae.selection_dtype``; without it the default
+``auto`` applies, and the result's notes say what it resolved to on this machine.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 from sae.bench import peer_runtime as rt
 from sae.buffer.source import Batch
 from sae.models import SAEConfig, build_sae
+from sae.models.precision import resolve_selection_dtype
 from sae.train.config import TrainConfig
 from sae.train.trainer import Trainer
 
@@ -57,7 +58,7 @@ def sae_config(job: dict[str, Any]) -> SAEConfig:
                      auxk_alpha=job["auxk_alpha"], l0_coefficient=job["l0_coefficient"],
                      jumprelu_bandwidth=job["jumprelu_bandwidth"],
                      sparsity_warmup_steps=job["sparsity_warmup_steps"],
-                     selection_dtype=job.get("selection_dtype", "float32"))
+                     selection_dtype=job.get("selection_dtype", "auto"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,10 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     rss_start = rt.baseline_rss_mib()
     sae = build_sae(sae_config(job), batches.d, seed=job["seed"])
     trainer = Trainer(train_config(job), {job["arch"]: sae}, _FileSource(batches))
-    notes = []
-    if job.get("selection_dtype", "float32") != "float32":
-        notes.append(f"ours+bf16-select: our Trainer with sae.selection_dtype={job['selection_dtype']} (latents "
-                     "chosen from bf16 pre-activations; values, gradients, weights and Adam in fp32)")
+    setting = sae.cfg.selection_dtype
+    resolved = str(resolve_selection_dtype(setting, trainer.device)).removeprefix("torch.")
+    notes = [f"sae.selection_dtype={setting} ({resolved} selection on this machine; values, gradients, weights "
+             "and Adam in fp32)"] if sae.cfg.architecture in ("topk", "batchtopk") else []
     trainer.fit()
     rt.write_result(job, rt.summarize(job, batches, rss_start, library="sae-forge",
                                       weights=str(trainer.final_dirs[job["arch"]]), notes=notes))

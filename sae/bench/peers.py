@@ -14,9 +14,10 @@ with a message.
    training classes (runners :mod:`.peer_ours`, ``peer_saelens.py``, ``peer_sparsify.py``) on the
    same batches in the same order: same width, k, batch, token budget, Adam, lr and schedule
    (linear warm-up, linear decay to 0), AuxK weight, dead-latent window and thread count.
-   TopK for all three; BatchTopK and JumpReLU for ours and SAELens. ``ours+bf16-select`` is our
-   trainer with ``sae.selection_dtype=bfloat16`` (latents chosen from bf16 pre-activations, values,
-   gradients, weights and Adam in fp32).
+   TopK for all three; BatchTopK and JumpReLU for ours and SAELens. ``ours`` is our trainer with
+   its defaults (``sae.selection_dtype=auto``: bf16 selection where the CPU has bf16 units, see
+   :mod:`sae.models.precision`; values, gradients, weights and Adam in fp32); ``ours-fp32`` pins
+   ``sae.selection_dtype=float32`` (exact selection, the default before ``auto``).
 3. Evaluation: each system's saved weights are loaded into our classes by our importer
    (:func:`sae.export.load.load_pretrained_with_info`) and scored by one evaluator
    (:func:`sae.eval.quick.evaluate_batches`) on the held-out split: FVU, L0, dead fraction
@@ -61,7 +62,7 @@ PEER_SCRIPTS = {"saelens": HERE / "peer_saelens.py", "sparsify": HERE / "peer_sp
 # system -> (runner, extra job settings, architectures it trains)
 SYSTEMS = {
     "ours": ("ours", {}, ("topk", "batchtopk", "jumprelu")),
-    "ours+bf16-select": ("ours", {"selection_dtype": "bfloat16"}, ("topk", "batchtopk")),
+    "ours-fp32": ("ours", {"selection_dtype": "float32"}, ("topk", "batchtopk")),
     "saelens": ("saelens", {}, ("topk", "batchtopk", "jumprelu")),
     "sparsify": ("sparsify", {}, ("topk",)),
 }
@@ -241,7 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = {"setup": asdict(setup), "data": data.info, "train_tokens": steps * args.batch, "steps": steps,
                "epochs": steps * args.batch / rows, "peers_python": peers[0], "main": main_rows,
                "scaling": scaling, "machine": {**peer_report.machine_info(), "load_avg_start": load_start}}
-    results["targets"] = {s: peer_report.targets(results, args.expansion, s) for s in ("ours", "ours+bf16-select")
+    results["targets"] = {s: peer_report.targets(results, args.expansion, s) for s in ("ours", "ours-fp32")
                           if s in systems and "topk" in archs}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     text = peer_report.render(results)

@@ -99,11 +99,11 @@ def test_peer_bench_skips_a_missing_peer_with_the_reason(tmp_path, monkeypatch):
 
     status = {r["system"]: r for r in results["main"]}
     _check_trained(status["ours"], "ours", "topk")
-    _check_trained(status["ours+bf16-select"], "ours+bf16-select", "topk")
+    _check_trained(status["ours-fp32"], "ours-fp32", "topk")
     for peer in ("saelens", "sparsify"):
         assert status[peer]["status"] == "skipped"
         assert "SAE_PEERS_PYTHON" in status[peer]["reason"] and "does not exist" in status[peer]["reason"]
-    assert set(results["targets"]) == {"ours", "ours+bf16-select"}
+    assert set(results["targets"]) == {"ours", "ours-fp32"}
     assert all(t["met"] is None for checks in results["targets"].values() for t in checks)
     md = (tmp_path / "out" / "results.md").read_text()
     assert "not measured" in md and "skipped" in md
