@@ -42,7 +42,7 @@ class _FixedSource:
 
 
 def run(d: int, expansion: int, k: int, batch: int, arch: str, device: str, repeats: int,
-        dead_fraction: float, selection_dtype: str = "float32") -> dict[str, float]:
+        dead_fraction: float, selection_dtype: str = "auto") -> dict[str, float]:
     dev = torch.device(device)
     torch.manual_seed(0)
     x = torch.randn(batch, d, device=dev)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--dead-fraction", type=float, default=0.0, help="fraction of latents marked dead (AuxK cost)")
-    p.add_argument("--selection-dtype", default="float32", help="sae.selection_dtype (float32 | bfloat16)")
+    p.add_argument("--selection-dtype", default="auto", help="sae.selection_dtype (auto | float32 | bfloat16)")
     p.add_argument("--json", help="also write the figures to this file")
     a = p.parse_args(argv)
     r = run(a.d, a.expansion, a.k, a.batch, a.arch, a.device, a.repeats, a.dead_fraction, a.selection_dtype)

@@ -71,28 +71,30 @@ def resolve_selection_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 
 class WeightCopy:
-    """A lower-precision copy of a parameter, refreshed only when the parameter changed.
+    """A lower-precision copy of a parameter, reused only while a trusted writer vouches for it.
 
-    Staleness is read from the parameter's storage, shape and in-place version counter, which
-    every PyTorch in-place op bumps (optimiser steps, ``load_state_dict``, ``mul_``). A writer
-    that updates the parameter and this copy together (the fused Adam step) bumps the counter
-    itself and then calls :meth:`mark_fresh`, so the next step skips the cast.
+    Not every in-place update is visible from outside: ``torch.optim.Adam(fused=True)`` changes
+    parameters without bumping their version counters. So :meth:`get` casts afresh on every call,
+    unless the last writer of the parameter also wrote this copy and said so with
+    :meth:`mark_fresh` (the fused optimiser step does, in the same kernel that updates the
+    parameter); that vouching holds while the parameter's storage, shape and version counter are
+    those it saw (``load_state_dict``, ``mul_`` and the like bump the counter).
     """
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
         self.tensor: torch.Tensor | None = None
-        self._stamp: tuple | None = None
+        self._fresh: tuple | None = None
 
     @staticmethod
     def _stamp_of(p: torch.Tensor) -> tuple:
         return p.data_ptr(), p._version, tuple(p.shape), p.device
 
     def get(self, p: torch.Tensor) -> torch.Tensor:
-        """The copy of ``p``, cast anew if ``p`` changed since the last cast or write."""
-        if self.tensor is None or self._stamp != self._stamp_of(p):
+        """The copy of ``p``: the vouched-for one, or a cast made now."""
+        if self._fresh is None or self._fresh != self._stamp_of(p):
+            self._fresh = None
             self.buffer(p).copy_(p.detach())
-            self._stamp = self._stamp_of(p)
         return self.tensor
 
     def buffer(self, p: torch.Tensor) -> torch.Tensor:
@@ -103,4 +105,5 @@ class WeightCopy:
         return self.tensor
 
     def mark_fresh(self, p: torch.Tensor) -> None:
-        self._stamp = self._stamp_of(p)
+        """Vouch that the copy holds ``p`` as it is now (call right after writing both)."""
+        self._fresh = self._stamp_of(p)

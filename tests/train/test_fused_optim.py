@@ -122,12 +122,29 @@ def test_fused_step_refreshes_the_bf16_copy_of_W_enc(triton_interpreted):
     opt_f.step()
     assert fused.W_enc._version > version  # the kernel's write is visible to version-based caches
     assert copy.tensor is not None and not torch.equal(copy.tensor, stale)
-    refreshed = copy.tensor
-    assert copy.get(fused.W_enc) is refreshed  # fresh: no second cast
-    assert ((refreshed.float() - fused.W_enc.detach()).abs() <= fused.W_enc.detach().abs() * 2**-7).all()
+    assert ((copy.tensor.float() - fused.W_enc.detach()).abs() <= fused.W_enc.detach().abs() * 2**-7).all()
+    copy.tensor[0, 0] = 123.0  # a sentinel: while the step's copy is vouched for, get() does not cast again
+    assert copy.get(fused.W_enc)[0, 0] == 123.0
     with torch.no_grad():
-        fused.W_enc.mul_(2)  # any in-place change marks it stale
+        fused.W_enc.mul_(2)  # any in-place change that bumps the version ends the vouching
     torch.testing.assert_close(copy.get(fused.W_enc).float(), fused.W_enc.detach(), rtol=2**-8, atol=0)
+
+
+def test_bf16_copy_follows_writers_that_do_not_bump_versions():
+    """torch.optim.Adam(fused=True) updates parameters without bumping their version counters: the
+    selection must still see the new W_enc (a stale copy once trained CPU runs on the initial
+    encoder's choices)."""
+    sae = build_sae(SAEConfig(num_latents=L, k=4, selection_dtype="bfloat16"), D, seed=0)
+    opt = torch.optim.Adam(sae.parameters(), lr=0.1, fused=True)
+    x_in = sae.encoder_input(torch.randn(8, D))
+    sae.selection_scores(x_in)  # fills the copy
+    for p in sae.parameters():
+        p.grad = torch.randn_like(p)
+    version = sae.W_enc._version
+    opt.step()
+    assert sae.W_enc._version == version  # what makes version-only caching unsafe
+    expected = torch.addmm(sae.b_enc.to(torch.bfloat16), x_in.to(torch.bfloat16), sae.W_enc.to(torch.bfloat16).T)
+    assert torch.equal(sae.selection_scores(x_in), expected)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
