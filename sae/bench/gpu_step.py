@@ -8,6 +8,10 @@ with the default TrainConfig (log every 10 steps, grad clip 1, LR scaling rule) 
 otherwise. sparsify's row is its TopK training loop (``SparseCoder`` forward, FVU backward,
 decoder-gradient projection, Adam, unit-norm decoder, dead-latent counters).
 
+The ``fvu_after`` figure (FVU on the timed batch after the timed steps) is a sanity check that a
+configuration trains the same SAE as the others, not a quality comparison: our default LR warm-up
+is still in its first steps, sparsify's loop has none.
+
 The floor of a step with fp32 weights, dense gradients and Adam: the bf16 encoder GEMM plus 32
 bytes per parameter (read param, grad, 2 moments; write param, 2 moments; write the gradient)
 at the device's measured copy bandwidth.
