@@ -11,6 +11,7 @@ an exact resume point: the block is harvested again and the emitted rows are ski
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -32,6 +33,12 @@ from .source import Batch
 
 class LiveSource:
     """ActivationSource harvesting ``hookpoint`` (and ``target_hookpoint``) on the fly."""
+
+    def identity(self) -> dict[str, Any]:
+        """What a resume must match (see sae.train.run_dir): model, text and hook points."""
+        return {"source": "live", "model": dataclasses.asdict(self.cfg.model),
+                "text": dataclasses.asdict(self.cfg.text), "hookpoints": self.hookpoints,
+                "target_hookpoint": self.target_hookpoint, "normalize": self.x_norm.mode}
 
     def __init__(self, cfg: LiveConfig, batch_size: int, *, hookpoint: str = "", target_hookpoint: str = "",
                  hookpoints: list[str] | None = None, seed: int = 0, normalize: str = "none", prefetch: int = 4,

@@ -136,6 +136,13 @@ class ShardReader:
         self.x_norm, self.y_norm = norms[self.hookpoint], norms.get(self.target_hookpoint)
         self.position: Position = (0, 0, 0)  # (epoch, window, offset in window): next row to read
 
+    def identity(self) -> dict[str, Any]:
+        """What a resume must match (see sae.train.run_dir): the buffer and what was harvested into it."""
+        m = self.manifest
+        return {"source": "buffer", "path": str(self.folder.resolve()), "hookpoint": self.hookpoint,
+                "target_hookpoint": self.target_hookpoint, "normalize": self.x_norm.mode, "model": m.get("model"),
+                "dataset": m.get("dataset"), "text": m.get("text")}
+
     @classmethod
     def from_config(cls, data: DataConfig, batch_size: int, *, rank: int = 0, world_size: int = 1) -> ShardReader:
         b = data.buffer

@@ -46,3 +46,9 @@ def check_finite(t: Tensor, what: str) -> None:
             f"{what} contains NaN/Inf in {bad_rows.numel()} row(s) (first: row {int(bad_rows[0])}); "
             "check the model dtype (fp16 overflow?) and the data"
         )
+
+
+def source_identity(source: Any) -> dict[str, Any]:
+    """What a training resume must find unchanged about ``source`` (its ``identity()``, else its type)."""
+    fn = getattr(source, "identity", None)
+    return fn() if callable(fn) else {"source": type(source).__name__}

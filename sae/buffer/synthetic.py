@@ -10,6 +10,7 @@ rank r of w reads global batches r, r + w, r + 2w, ...
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,10 @@ class SyntheticConfig:
 
 class SyntheticSource:
     """Endless ActivationSource over the toy model; ``features`` holds the ground truth [N, d]."""
+
+    def identity(self) -> dict[str, Any]:
+        """What a resume must match (see sae.train.run_dir)."""
+        return {"source": "synthetic", **dataclasses.asdict(self.cfg)}
 
     def __init__(self, cfg: SyntheticConfig, batch_size: int, *, rank: int = 0, world_size: int = 1):
         if cfg.d <= 0 or cfg.num_features <= 0 or batch_size <= 0:

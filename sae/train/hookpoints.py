@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from sae.buffer.live import LiveSource
-from sae.buffer.source import Batch
+from sae.buffer.source import Batch, source_identity
 
 from . import dist
 
@@ -36,6 +36,10 @@ class ZippedSource:
         self.dims = {hp: s.d_in for hp, s in sources.items()}
         self.all_dims = dict(all_dims or self.dims)
         self.hookpoints = list(sources)
+
+    def identity(self) -> dict[str, Any]:
+        """What a resume must match: each hook point's source."""
+        return {"source": "hookpoints", "hookpoints": {hp: source_identity(s) for hp, s in self.sources.items()}}
 
     def __iter__(self) -> Iterator[dict[str, Batch]]:
         iters = {hp: iter(s) for hp, s in self.sources.items()}
@@ -65,6 +69,9 @@ class ZippedSource:
 class LiveHookpoints:
     """Live harvest of several hook points; with ``exchange`` (SAE parallel), rows are
     all-to-all'ed so this rank gets all ranks' rows of the hook points in ``needs[rank]``."""
+
+    def identity(self) -> dict[str, Any]:
+        return source_identity(self.live)
 
     def __init__(self, live: LiveSource, needs: list[list[str]] | None = None):
         self.live = live

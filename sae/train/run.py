@@ -26,7 +26,7 @@ from sae.models import build_sae
 
 from . import dist
 from .checkpoint import latest_checkpoint
-from .logger import JsonlLogger, MultiLogger, NullLogger, StdoutLogger
+from .logger import JsonlLogger, MultiLogger, StdoutLogger
 from .reshard import consolidate_sae
 from .strategy import build_strategy
 from .trainer import Trainer, validate_train_config
@@ -194,15 +194,6 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
         saes = {name: build_sae(c, source.d_in, source.d_out, seed=run.train.seed + i)
                 for i, (name, c) in enumerate(cfgs.items())}
     out_dir = Path(run.train.out_dir)
-    logger, wandb_logger = NullLogger(), None
-    if dist.is_main():  # only rank 0 writes the config and logs
-        write_resolved_config(run, out_dir)
-        # The progress bar shows the live figures; log lines only when it is off.
-        loggers = [JsonlLogger(out_dir / "metrics.jsonl")] + ([] if run.train.progress else [StdoutLogger()])
-        if run.wandb.enabled:
-            wandb_logger = WandbLogger(run.wandb, OmegaConf.to_container(OmegaConf.structured(run)), out_dir)
-            loggers.append(wandb_logger)
-        logger = MultiLogger(*loggers)
     meta = {"data": dataclasses.asdict(run.data)}
     meta_by_name: dict[str, dict[str, Any]] = {}
     if hp_of is not None:  # each SAE's cfg.json names its own hook point, as if trained alone
@@ -211,8 +202,27 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
                         for n, hp in hp_of.items() if hp in source.dims}
     elif hasattr(source, "normalization"):
         meta["normalization"] = source.normalization
-    trainer = Trainer(run.train, saes, source, logger=logger, sae_meta=meta, strategy=strategy, device=device,
+    trainer = Trainer(run.train, saes, source, sae_meta=meta, strategy=strategy, device=device,
                       data_init=not run.train.init_from, hookpoints=hp_of, sae_meta_by_name=meta_by_name)
+    # The folder is locked and checked (same run, or none) before anything in it is written.
+    trainer.claim_out_dir()
+    try:
+        return _train_claimed(run, trainer, source, strategy, out_dir, hp_of, heldout)
+    finally:
+        trainer.close()
+
+
+def _train_claimed(run: TrainRunConfig, trainer: Trainer, source, strategy, out_dir: Path,
+                   hp_of: dict[str, str] | None, heldout: int) -> RunResult:
+    wandb_logger = None
+    if dist.is_main():  # only rank 0 writes the config and logs
+        write_resolved_config(run, out_dir)
+        # The progress bar shows the live figures; log lines only when it is off.
+        loggers = [JsonlLogger(out_dir / "metrics.jsonl")] + ([] if run.train.progress else [StdoutLogger()])
+        if run.wandb.enabled:
+            wandb_logger = WandbLogger(run.wandb, OmegaConf.to_container(OmegaConf.structured(run)), out_dir)
+            loggers.append(wandb_logger)
+        trainer.logger = MultiLogger(*loggers)
 
     def held(n_batches: int, names) -> list[Batch] | dict[str, list[Batch]]:
         """Held-out batches: one list, or per SAE name (data.hookpoints)."""

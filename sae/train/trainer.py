@@ -21,7 +21,8 @@ from sae_kernels.dispatch import Backend, resolve_backend
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sae.buffer.source import ActivationSource, Batch, check_finite
+from sae.buffer.source import ActivationSource, Batch, check_finite, source_identity
+from sae.buffer.tensor_source import TensorSource
 from sae.models import SparseCoder, token_variance
 
 from . import dist
@@ -32,6 +33,7 @@ from .dead import DeadLatentTracker
 from .graphed import GraphedStep, graphable
 from .logger import MetricLogger, NullLogger
 from .optim import ADAM_STATE_DTYPES
+from .run_dir import RunFolder
 from .schedule import build_optimizer, build_scheduler, default_lr
 from .strategy import SingleProcess
 
@@ -84,7 +86,28 @@ class _ChunkVariance:
         return self.value if t is self.target else self.fallback(t)
 
 
+def as_source(source: Any, batch_size: int, rank: int, world_size: int) -> ActivationSource:
+    """``source`` itself, or a :class:`TensorSource` over a tensor or an ``(x, y)`` pair of tensors."""
+    if isinstance(source, Tensor):
+        return TensorSource(source, batch_size=batch_size, rank=rank, world_size=world_size)
+    if isinstance(source, tuple) and len(source) == 2 and all(isinstance(t, Tensor) for t in source):
+        return TensorSource(*source, batch_size=batch_size, rank=rank, world_size=world_size)
+    if not all(hasattr(source, a) for a in ("__iter__", "state_dict", "load_state_dict")):
+        raise TypeError(f"the trainer reads activations from a tensor [rows, d], an (x, y) pair of tensors (a "
+                        f"transcoder) or an ActivationSource; got {type(source).__name__}")
+    return source
+
+
 class Trainer:
+    """Trains ``saes`` on ``source`` (an ActivationSource, or a tensor / (x, y) pair of tensors).
+
+    ``fit()`` claims ``cfg.out_dir`` first (:mod:`sae.train.run_dir`): one run at a time, and a
+    resume only of the same run (a finished or different run there is an error; ``resume=False``
+    moves it aside). Note that ``fit()`` runs the data-dependent initialisation (b_dec, encoder
+    scale, thresholds) on the first batch; calling ``train_step`` directly skips it unless
+    ``init_from_data`` is called first.
+    """
+
     def __init__(self, cfg: TrainConfig, saes: dict[str, SparseCoder], source: ActivationSource, *,
                  logger: MetricLogger | None = None, sae_meta: dict[str, Any] | None = None,
                  strategy: SingleProcess | None = None, device: torch.device | None = None,
@@ -96,9 +119,10 @@ class Trainer:
         validate_train_config(cfg)
         if not saes:
             raise ValueError("no SAE to train")
+        self.strategy = strategy or SingleProcess()
+        source = as_source(source, cfg.batch_size, *self.strategy.data_split())
         self.cfg, self.source = cfg, source
         self.data_init = data_init  # False for pretrained SAEs: keep their b_dec and thresholds
-        self.strategy = strategy or SingleProcess()
         self.logger = logger if logger is not None and dist.is_main() else NullLogger()
         self.sae_meta = sae_meta or {}
         self.sae_meta_by_name = sae_meta_by_name or {}  # merged over sae_meta for that SAE's cfg.json
@@ -123,6 +147,9 @@ class Trainer:
             for sae in saes.values():
                 if getattr(sae.cfg, "selection_dtype", None) == "auto":
                     sae.cfg = dataclasses.replace(sae.cfg, selection_dtype="float32")
+        self.identity = self.run_identity(saes)  # of every SAE, before the strategy keeps this rank's own
+        self.folder = RunFolder(cfg.out_dir)
+        self._claimed = self._release_after_fit = False
         self.saes = self.strategy.prepare({name: sae.to(self.device) for name, sae in saes.items()})
         self.total_steps = cfg.steps if cfg.steps > 0 else cfg.max_tokens // cfg.batch_size
         # The fused optimiser step runs where the Triton kernels do (CUDA), unless exact mode.
@@ -146,8 +173,57 @@ class Trainer:
         self.graphs_off: dict[str, str] = {}  # SAE name -> why its steps run eagerly
 
     # --- public ---------------------------------------------------------------------------
+    def run_identity(self, saes: dict[str, SparseCoder]) -> dict[str, Any]:
+        """What a resume into ``out_dir`` must match (:mod:`sae.train.run_dir`)."""
+        return {
+            "saes": {name: {"architecture": sae.architecture, "d_in": sae.d_in, "d_out": sae.d_out,
+                            "num_latents": sae.num_latents, "sae": dataclasses.asdict(sae.cfg)}
+                     for name, sae in saes.items()},
+            "hookpoints": self.hookpoints, "batch_size": self.cfg.batch_size, "world_size": dist.world_size(),
+            "strategy": self.strategy.name, "data": source_identity(self.source),
+        }
+
+    def claim_out_dir(self) -> None:
+        """Lock ``out_dir`` for this run and check it holds this run or nothing (rank 0 checks; every
+        rank raises the same error). Idempotent; :meth:`close` releases it.
+
+        Raises:
+            RuntimeError: another run is writing the folder.
+            ValueError: it holds a different or a finished run (the message names the differences).
+        """
+        if self._claimed:
+            return
+        error = None
+        if dist.is_main():
+            try:
+                moved = self.folder.claim(self.identity, resume=self.cfg.resume, total_steps=self.total_steps)
+                if moved is not None:
+                    self.moved_aside = moved
+            except (RuntimeError, ValueError, OSError) as e:
+                error = (type(e).__name__, str(e))
+        if dist.world_size() > 1:
+            error = dist.broadcast_object(error)
+        if error is not None:
+            raise {"RuntimeError": RuntimeError, "ValueError": ValueError}.get(error[0], OSError)(error[1])
+        self._claimed = True
+
+    def close(self) -> None:
+        """Release ``out_dir`` (the lock also goes when the process ends)."""
+        self.folder.release()
+        self._claimed = False
+
     def fit(self) -> dict[str, float]:
-        """Train to the budget (resuming if a checkpoint exists); return the last metrics."""
+        """Train to the budget (resuming an interrupted run of the same identity); return the last metrics."""
+        if not self._claimed:
+            self._release_after_fit = True
+        self.claim_out_dir()
+        try:
+            return self._fit()
+        finally:
+            if self._release_after_fit:
+                self.close()
+
+    def _fit(self) -> dict[str, float]:
         if self.cfg.resume:
             self.maybe_resume()
         batches = iter(self.source)

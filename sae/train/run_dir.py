@@ -1,0 +1,153 @@
+"""The training output folder: one writer at a time, and a resume only of the same run.
+
+- **One writer.** A run holds an exclusive lock (``flock`` on ``<out_dir>/.lock``) from claiming
+  the folder to the end of training; a second run into the folder fails at once. The kernel drops
+  the lock when its holder dies, so a killed run never blocks the next one.
+- **One run.** ``run.json`` records the run's identity when the folder is first claimed: every
+  SAE's architecture, settings and sizes, the hook points, batch size, world size, strategy and
+  the data source's identity. Resuming with a different identity is refused before anything in the
+  folder changes, naming every differing key; so is "resuming" a run that already finished.
+  ``train.resume=false`` moves an existing run aside (``<out_dir>.replaced-<time>``) and starts
+  afresh; nothing is deleted.
+
+Sits in ``sae/train`` between the trainer (which builds the identity) and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sae.buffer.atomic import write_json_atomic
+
+from .checkpoint import latest_checkpoint, read_manifest
+
+log = logging.getLogger(__name__)
+
+IDENTITY = "run.json"
+LOCK = ".lock"
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += identity_diff(a, b, f"{prefix}{k}.")
+        elif isinstance(a, dict) and b is None:
+            out.append(f"{prefix}{k}: only in the old run")
+        elif isinstance(b, dict) and a is None:
+            out.append(f"{prefix}{k}: new in this run")
+        elif a != b:
+            out.append(f"{prefix}{k}: {json.dumps(a)} -> {json.dumps(b)}")
+    return out
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists), for comparisons with run.json."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+class RunFolder:
+    """Claims ``out_dir`` for one training run (see the module docstring)."""
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir)
+        self._fd: int | None = None
+
+    def lock(self) -> None:
+        """Take the folder's lock (created with the folder), or fail at once.
+
+        Raises:
+            RuntimeError: another live run holds it.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RuntimeError(f"another training run is writing train.out_dir={self.path} (process {holder}); "
+                               "wait for it to finish or pick another train.out_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    @property
+    def locked(self) -> bool:
+        return self._fd is not None
+
+    def holds_a_run(self) -> bool:
+        """Whether the folder holds anything of an earlier run (besides the lock file)."""
+        return self.path.is_dir() and any(p.name != LOCK for p in self.path.iterdir())
+
+    def move_aside(self) -> Path:
+        """Rename the folder to ``<name>.replaced-<time>`` and claim a fresh, empty one."""
+        aside = self.path.with_name(f"{self.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            aside = aside.with_name(f"{aside.name.split('~')[0]}~{n}")
+            n += 1
+        os.rename(self.path, aside)
+        self.release()  # the lock moved with the old folder
+        self.lock()
+        return aside
+
+    def claim(self, identity: dict[str, Any], *, resume: bool, total_steps: int) -> Path | None:
+        """Lock the folder and make sure it holds this run (or nothing). Returns where an earlier
+        run was moved (``resume=False``), else None.
+
+        Raises:
+            RuntimeError: another run holds the folder.
+            ValueError: the folder holds a different run, or this run finished already.
+        """
+        self.lock()
+        try:
+            moved = self._check(jsonable(identity), resume, total_steps)
+            write_json_atomic(self.path / IDENTITY, jsonable(identity))
+            return moved
+        except BaseException:
+            self.release()
+            raise
+
+    def _check(self, identity: dict[str, Any], resume: bool, total_steps: int) -> Path | None:
+        if not self.holds_a_run():
+            return None
+        fix = (f"pick another train.out_dir, or set train.resume=false to start over (the old run is then moved to "
+               f"{self.path.name}.replaced-<time>, not deleted)")
+        if not resume:
+            aside = self.move_aside()
+            log.warning("train.resume=false: the run that was in %s is now in %s", self.path, aside)
+            return aside
+        stored_path = self.path / IDENTITY
+        if stored_path.is_file():
+            try:
+                stored = json.loads(stored_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{stored_path} is not valid JSON ({e}); {fix}") from None
+            diff = identity_diff(stored, identity)
+            if diff:
+                raise ValueError(f"train.out_dir={self.path} holds a different run; it differs in: "
+                                 f"{'; '.join(diff)}. To resume it, run with its settings; else {fix}")
+        elif latest_checkpoint(self.path) is not None:
+            log.warning("%s has checkpoints but no %s (written by an older version): resuming without checking "
+                        "that the settings match", self.path, IDENTITY)
+        ckpt = latest_checkpoint(self.path)
+        if ckpt is not None:
+            step = int(read_manifest(ckpt)["step"])
+            if step >= total_steps:
+                raise ValueError(f"train.out_dir={self.path} holds a finished run (step {step} of {total_steps}); "
+                                 "raise train.steps or train.max_tokens to train it further, or " + fix)
+        return None
