@@ -1,12 +1,18 @@
 """Command-line entry points: ``sae-harvest``, ``sae-train``, ``sae-eval`` (Hydra) and ``sae-export`` (argparse).
 
 Each entry point composes its config from ``conf/`` (installed as ``sae_conf``), converts it once
-to its dataclass, and hands it to the stage's ``run_*`` function.
+to its dataclass, and hands it to the stage's ``run_*`` function. An error raised by a stage is
+printed as one line (``sae-train: error: ...``, the message names the problem and the fix) and the
+process exits with status 1; ``SAE_DEBUG=1`` shows the full traceback instead.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import sys
+from collections.abc import Callable
 
 import hydra
 from omegaconf import DictConfig
@@ -16,8 +22,28 @@ from sae.eval.config import EvalConfig
 
 register_configs()
 
+DEBUG_ENV = "SAE_DEBUG"
+
+
+def reports_errors(prog: str) -> Callable:
+    """Run a Hydra task so that an exception prints as ``<prog>: error: <message>`` and exits 1."""
+    def wrap(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
+        @functools.wraps(task)
+        def run(cfg: DictConfig) -> None:
+            try:
+                task(cfg)
+            except Exception as e:  # noqa: BLE001 (every stage error becomes one line; SAE_DEBUG shows all)
+                if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                    raise
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                print(f"({type(e).__name__}; set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+                sys.exit(1)
+        return run
+    return wrap
+
 
 @hydra.main(version_base=None, config_path="pkg://sae_conf", config_name="train")
+@reports_errors("sae-train")
 def _train(cfg: DictConfig) -> None:
     from sae.train import dist
     from sae.train.run import format_summary, run_training
@@ -37,6 +63,7 @@ def train_main() -> None:
 
 
 @hydra.main(version_base=None, config_path="pkg://sae_conf", config_name="harvest")
+@reports_errors("sae-harvest")
 def _harvest(cfg: DictConfig) -> None:
     from sae.buffer.fill import format_harvest_summary, harvest_to_buffer
 
@@ -51,6 +78,7 @@ def harvest_main() -> None:
 
 
 @hydra.main(version_base=None, config_path="pkg://sae_conf", config_name="eval")
+@reports_errors("sae-eval")
 def _eval(cfg: DictConfig) -> None:
     from sae.eval.run import run_eval, summary_line
 

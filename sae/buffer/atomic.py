@@ -6,8 +6,10 @@ never a mix; a leftover temporary file (``.<name>.tmp``) is garbage that the nex
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +28,36 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def naming_the_file(path: Path):
+    """Re-raise a full disk or quota error with the file it hit and the fix (the OS names neither)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"no space left on the device while writing {path} ({e.strerror}); free space "
+                          "there or point the output at another disk, then rerun: finished files are kept") from e
+        raise
+
+
 def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Replace ``path`` with ``data`` atomically and durably."""
+    """Replace ``path`` with ``data`` atomically and durably.
+
+    Raises:
+        OSError: as the OS raised it; a full disk names ``path``.
+    """
     tmp = tmp_name(path)
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with naming_the_file(path):
+        try:
+            with tmp.open("wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

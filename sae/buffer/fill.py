@@ -126,7 +126,12 @@ def harvest_to_buffer(model: ModelConfig, text: TextConfig, harvest: HarvestConf
     """
     validate_harvest(model, text, harvest)
     folder = Path(writer.out_dir)
-    _previous(folder, writer.overwrite)  # fail before loading anything
+    previous = _previous(folder, writer.overwrite)  # fail before loading anything
+    written = int(previous["tokens"]) if previous and not writer.overwrite else 0
+    if harvest.max_tokens and written > harvest.max_tokens:
+        raise ValueError(f"{folder} holds an unfinished harvest of {written} tokens, more than harvest.max_tokens="
+                         f"{harvest.max_tokens}; rerun with harvest.max_tokens>={written} (or 0: all the text) to "
+                         "finish it, or writer.overwrite=true to start over")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     try:

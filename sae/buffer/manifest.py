@@ -43,13 +43,20 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no manifest (not a buffer, or a harvest that never finished a shard).
-        ValueError: not a manifest of this format/version.
+        ValueError: not valid JSON, or not a manifest of this format/version.
     """
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {folder}: not an activation buffer (run sae-harvest first, "
                                 "or point data.buffer.path at the harvest's writer.out_dir)")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the buffer's manifest is damaged; restore it from a "
+                         "copy or harvest the buffer again") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} holds a JSON {type(manifest).__name__}, not a buffer manifest; restore it from a "
+                         "copy or harvest the buffer again")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"{path} is format {manifest.get('format')!r} version {manifest.get('version')!r}; "
                          f"this reader reads {FORMAT!r} version {VERSION}")

@@ -56,8 +56,8 @@ def map_shard(path: Path, entry: dict[str, Any], verify: bool) -> Tensor:
     The mapping is populated up front (MAP_POPULATE): the rows are all about to be read.
 
     Raises:
-        ValueError: the file is missing, truncated, has the wrong size, or fails its checksum;
-            the message names the file.
+        ValueError: the file is missing, truncated, has the wrong size, fails its checksum or
+            (when verifying) holds NaN/Inf; the message names the file.
     """
     check_size(path, entry)
     fd = os.open(path, os.O_RDONLY)
@@ -75,7 +75,14 @@ def map_shard(path: Path, entry: dict[str, Any], verify: bool) -> Tensor:
     with warnings.catch_warnings():  # read-only mapping; the reader never writes to it
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(arr)
-    return t.view(dtype).view(shape)
+    t = t.view(dtype).view(shape)
+    if verify:  # with the checksum pass, while the pages are hot: name the shard, not a batch row
+        bad = ~torch.isfinite(t).all(dim=1)
+        if bool(bad.any()):
+            raise ValueError(f"shard {path} (hook point {entry['path'].split('/')[0]}) holds NaN/Inf in "
+                             f"{int(bad.sum())} row(s) (first: row {int(bad.nonzero()[0])}); re-harvest it "
+                             "(writer.overwrite=true), with model.dtype=float32 or bfloat16 if float16 overflowed")
+    return t
 
 
 class ShardReader:

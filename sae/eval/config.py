@@ -53,6 +53,9 @@ class EvalConfig:
     examples: ExamplesConfig = field(default_factory=ExamplesConfig)
     plots: bool = True
     html: bool = True
+    # Let the model of a live-trained SAE run its own Python (transformers' trust_remote_code). Only
+    # ever from your command line or config: a setting recorded in an SAE's cfg.json is ignored.
+    trust_remote_code: bool = False
 
 
 def validate_eval(cfg: EvalConfig) -> None:

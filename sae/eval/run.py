@@ -122,14 +122,31 @@ def load_for_eval(sae_dir: Path, device: torch.device) -> tuple[SparseCoder, dic
     return consolidate_sae(sae_dir).to(device), read_sae_cfg(shard_folders(sae_dir)[0])
 
 
-def data_config(meta: dict[str, Any]) -> DataConfig:
-    """The DataConfig an SAE was trained with (its cfg.json ``data``); defaults when absent."""
+def literal(obj: Any) -> Any:
+    """``obj`` with OmegaConf interpolations escaped: a file's ``${oc.env:...}`` stays text."""
+    if isinstance(obj, str):
+        return obj.replace("${", "\\${")
+    if isinstance(obj, dict):
+        return {k: literal(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [literal(v) for v in obj]
+    return obj
+
+
+def data_config(meta: dict[str, Any], trust_remote_code: bool = False) -> DataConfig:
+    """The DataConfig an SAE was trained with (its cfg.json ``data``); defaults when absent.
+
+    cfg.json is data: nothing in it is resolved (OmegaConf interpolations stay text) and its
+    ``trust_remote_code`` is replaced by the caller's (``eval.trust_remote_code``).
+    """
     base = OmegaConf.structured(DataConfig)
     try:
-        return OmegaConf.to_object(OmegaConf.merge(base, meta.get("data") or {}))
+        data = OmegaConf.to_object(OmegaConf.merge(base, literal(meta.get("data") or {})))
     except Exception as e:  # noqa: BLE001  (OmegaConf raises several error types)
         raise ValueError(f"the SAE's cfg.json has a data section this version cannot read ({e}); pass eval.source and "
                          "eval.buffer_path explicitly") from e
+    data.live.model.trust_remote_code = trust_remote_code
+    return data
 
 
 def _normalizers(meta: dict[str, Any], mode: str, stats: dict[str, Any], hp: str, target: str):
@@ -146,7 +163,7 @@ def open_inputs(cfg: EvalConfig, meta: dict[str, Any]) -> EvalInputs:
     Raises:
         ValueError / FileNotFoundError: unknown source, missing buffer, unknown hook point.
     """
-    data = data_config(meta)
+    data = data_config(meta, cfg.trust_remote_code)
     source = cfg.source or data.source
     if source == "synthetic":
         rows = synthetic_rows(data.synthetic, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)

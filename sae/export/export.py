@@ -95,6 +95,24 @@ def export_items(items: list[ExportItem], out_dir: str | Path, fmt: str = "saele
     return ExportResult(out, folders, fmt)
 
 
+def check_apart(source: str | Path, out_dir: str | Path) -> None:
+    """Refuse an output folder that is, contains or lies inside a local source (it would overwrite
+    or mix with the training artefacts).
+
+    Raises:
+        ValueError: naming both folders and the fix.
+    """
+    src = Path(source).expanduser()
+    if not src.exists():
+        return  # a Hub repo id
+    src, out = src.resolve(), Path(out_dir).expanduser().resolve()
+    how = ("is" if out == src else "lies inside" if src in out.parents else "contains" if out in src.parents
+           else None)
+    if how is not None:
+        raise ValueError(f"the output folder {out_dir} {how} the source {source}; export to a folder outside it "
+                         f"(e.g. {src.parent / (src.name + '-export')})")
+
+
 def export_checkpoint(path: str | Path, out_dir: str | Path, fmt: str = "saelens", *, hookpoint: str | None = None,
                       model_name: str | None = None, dtype: str = "float32", push_to_hub: str = "",
                       private: bool = False, revision: str | None = None) -> ExportResult:
@@ -109,6 +127,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, fmt: str = "saelens
         push_to_hub: repo id to upload ``out_dir`` to ("" : no upload).
     """
     check_options(fmt, dtype)
+    check_apart(path, out_dir)
     if push_to_hub:  # fail before any work when the upload cannot happen
         from .hub import resolve_token
 

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from sae.models import SparseCoder
 
 from . import native, saelens, sparsify
+from .fold import fold_normalization, is_identity
 
 FORMATS = ("ours", "saelens", "sparsify")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -43,6 +44,8 @@ class Pretrained:
     model_name: str = ""
     cfg: dict[str, Any] = field(default_factory=dict)
     """The folder's cfg.json as written."""
+    folded: bool = False
+    """Whether the training normalisation recorded in an ``ours`` cfg.json was folded into the weights."""
 
 
 def detect_format(folder: str | Path) -> str:
@@ -124,15 +127,19 @@ def _resolve(path_or_repo: str | Path, hookpoint: str | None, revision: str | No
 
 
 def load_pretrained_with_info(path_or_repo: str | Path, hookpoint: str | None = None, *,
-                              revision: str | None = None, device: str = "cpu") -> Pretrained:
+                              revision: str | None = None, device: str = "cpu",
+                              raw_activations: bool = True) -> Pretrained:
     """Like :func:`load_pretrained`, returning the format and provenance too."""
     loaded = read_folder(_resolve(path_or_repo, hookpoint, revision))
+    norm = loaded.cfg.get("normalization") if loaded.format == "ours" else None
+    if raw_activations and not is_identity(norm):
+        loaded.sae, loaded.folded = fold_normalization(loaded.sae, norm), True
     loaded.sae = loaded.sae.to(device).eval()  # inference mode, as published; .train() to fine-tune
     return loaded
 
 
 def load_pretrained(path_or_repo: str | Path, hookpoint: str | None = None, *, revision: str | None = None,
-                    device: str = "cpu") -> SparseCoder:
+                    device: str = "cpu", raw_activations: bool = True) -> SparseCoder:
     """Load an SAE from a local folder or a Hub repo id, in our, SAELens' or sparsify's format.
 
     Args:
@@ -142,6 +149,11 @@ def load_pretrained(path_or_repo: str | Path, hookpoint: str | None = None, *, r
         hookpoint: the sub-folder to load when the folder or repo holds several SAEs
             (``layers.3``, or SAELens' ``sae_id``).
         revision: Hub branch, tag or commit.
+        raw_activations: the SAE works on the model's raw activations, whatever the format. An SAE
+            of ours trained on normalised activations (``data.normalize``, recorded in cfg.json)
+            gets the normalisation folded into its weights, as SAELens and sparsify exports carry
+            it. False: as trained, on normalised inputs (what fine-tuning with the same
+            normalisation wants; ``train.init_from`` uses it).
 
     Raises:
         FileNotFoundError / ValueError: no SAE there, several without ``hookpoint``, or a

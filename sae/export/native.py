@@ -1,8 +1,9 @@
 """Our own export format: the training artefact (``sae.safetensors`` + ``cfg.json``), unchanged.
 
-The weights and config are exactly what training wrote (normalisation stays recorded in cfg.json
-and is applied by ``sae-eval`` and :func:`sae.export.load.load_pretrained` users alike), plus a
-``provenance`` section (hook points, model, tokens, steps, final metrics) for the model card.
+The weights and config are what training wrote (the normalisation stays recorded in cfg.json:
+``sae-eval`` applies it, :func:`sae.export.load.load_pretrained` folds it into the weights by
+default), plus a ``provenance`` section (hook points, model, tokens, steps, final metrics) for the
+model card, minus any setting that would make a reader run code (:data:`CODE_KEYS`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,22 @@ FILES = (WEIGHTS, CFG)
 _BASE_KEYS = ("architecture", "d_in", "d_out", "num_latents", "sae", "shard")
 
 
+#: Keys an exported cfg.json never carries: settings that would let a folder make its reader run code.
+CODE_KEYS = ("trust_remote_code",)
+
+
+def without_code_keys(obj: Any) -> Any:
+    """``obj`` with every :data:`CODE_KEYS` entry removed, at any depth."""
+    if isinstance(obj, dict):
+        return {k: without_code_keys(v) for k, v in obj.items() if k not in CODE_KEYS}
+    if isinstance(obj, list):
+        return [without_code_keys(v) for v in obj]
+    return obj
+
+
 def write_native(item: ExportItem, folder: Path, dtype: torch.dtype = torch.float32) -> None:
-    """Write ``item`` in our format into ``folder`` (created)."""
-    extra: dict[str, Any] = {k: v for k, v in item.meta.items() if k not in _BASE_KEYS}
+    """Write ``item`` in our format into ``folder`` (created), without :data:`CODE_KEYS`."""
+    extra: dict[str, Any] = {k: without_code_keys(v) for k, v in item.meta.items() if k not in _BASE_KEYS}
     if "data" not in extra and item.hookpoint:  # a converted SAE: sae-eval then finds its hook points in a buffer
         extra["data"] = {"source": "buffer", "hookpoint": item.hookpoint, "target_hookpoint": item.target_hookpoint}
     extra["provenance"] = {"name": item.name, "hookpoint": item.hookpoint, "target_hookpoint": item.target_hookpoint,

@@ -44,6 +44,21 @@ class Chunk(NamedTuple):
                      self.contexts[rows])
 
 
+def check_context_length(lm: LoadedModel, context_length: int) -> None:
+    """Raise if contexts are longer than the model's position embeddings reach.
+
+    Raises:
+        ValueError: naming the model's limit and the setting to change.
+    """
+    cfg = lm.model.config
+    limit = next((int(v) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                  if isinstance(v := getattr(cfg, k, None), int) and v > 0), None)
+    if limit is not None and context_length > limit:
+        raise ValueError(f"text.context_length={context_length} exceeds the {limit} positions of model "
+                         f"{lm.info.get('name', '')!r} (its config's max_position_embeddings/n_positions); use "
+                         f"text.context_length<={limit}")
+
+
 class _StopForward(Exception):
     """Raised by the last hook to fire: everything needed has been captured."""
 
@@ -58,6 +73,7 @@ class Harvester:
 
     def __init__(self, lm: LoadedModel, hookpoints: list[str], text: TextConfig, cfg: HarvestConfig):
         self.lm, self.text, self.cfg = lm, text, cfg
+        check_context_length(lm, text.context_length)
         self.hookpoints: list[HookPoint] = resolve_hookpoints(lm.model, hookpoints)
         bos, eos, self.pad_id = special_ids(lm.tokenizer)
         specials = set(getattr(lm.tokenizer, "all_special_ids", [])) | {i for i in (bos, eos) if i is not None}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,9 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
 def resolve_model_path(name: str, revision: str = "") -> str:
     """A local folder for packaged names and existing paths; the hub name otherwise.
 
@@ -80,6 +84,9 @@ def resolve_model_path(name: str, revision: str = "") -> str:
         if not (path / "config.json").is_file():
             raise ValueError(f"model.name={name!r} is a folder without config.json; point at a save_pretrained folder")
         return str(path.resolve())
+    if not _HUB_ID.fullmatch(name):
+        raise ValueError(f"model.name={name!r}: no such folder, and not a Hugging Face repo id (org/name); give a "
+                         "save_pretrained folder that exists, a repo id, or the packaged model all-MiniLM-L6-v2")
     return name
 
 

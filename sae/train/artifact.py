@@ -46,10 +46,24 @@ def save_sae(sae: SparseCoder, directory: str | Path, **extra: Any) -> Path:
 
 
 def read_sae_cfg(directory: str | Path) -> dict[str, Any]:
+    """The folder's cfg.json, read as plain data (nothing in it is resolved or run).
+
+    Raises:
+        FileNotFoundError: no cfg.json. ValueError: not valid JSON, or another library's format.
+    """
     path = Path(directory) / CFG
     if not path.is_file():
         raise FileNotFoundError(f"no {CFG} in {directory}: not an SAE folder written by save_sae")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the SAE folder is damaged") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("sae"), dict) or "architecture" not in meta:
+        other = "SAELens" if (Path(directory) / "sae_weights.safetensors").is_file() else "SAELens or sparsify"
+        raise ValueError(f"{directory} is not in this project's SAE format (its {CFG} has no 'sae' section: a {other} "
+                         f"folder?); convert it with `sae-export {directory} OUT --format ours`, then use "
+                         "OUT/<hookpoint>")
+    return meta
 
 
 def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> SparseCoder:

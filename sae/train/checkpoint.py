@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from sae.buffer.atomic import fsync_dir, write_json_atomic
+from sae.buffer.atomic import fsync_dir, naming_the_file, write_json_atomic
 
 from . import dist
 
@@ -60,8 +61,14 @@ def save_checkpoint(out_dir: str | Path, step: int, write_parts: Callable[[Path]
     dist.barrier()
     try:
         write_parts(tmp)
-        with (tmp / state_file(dist.rank())).open("wb") as fh:
-            torch.save(state, fh)
+        path = tmp / state_file(dist.rank())
+        with naming_the_file(final / state_file(dist.rank())), path.open("wb") as fh:
+            try:
+                torch.save(state, fh)
+            except (pickle.PicklingError, TypeError, AttributeError) as e:
+                raise TypeError(f"could not write the trainer state to {final / state_file(dist.rank())}: {e}. "
+                                "Every state_dict in it (the activation source's included) must hold only tensors, "
+                                "numbers, strings, lists and dicts") from e
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:

@@ -285,7 +285,8 @@ def load_init_sae(run: TrainRunConfig):
 
     if run.variants:
         raise ValueError("train.init_from fine-tunes one published SAE; remove the variants")
-    sae = load_pretrained(run.train.init_from, hookpoint=run.train.init_hookpoint or None)
+    # As trained (normalised inputs), for a run that normalises its activations the same way.
+    sae = load_pretrained(run.train.init_from, hookpoint=run.train.init_hookpoint or None, raw_activations=False)
     return sae.train()
 
 

@@ -17,10 +17,22 @@ def default_lr(num_latents: int) -> float:
     return 2e-4 / math.sqrt(num_latents / 2**14)
 
 
+#: ``train.lr_warmup_steps=null``: warm up for this fraction of the run, at most AUTO_WARMUP_MAX steps.
+AUTO_WARMUP_FRACTION, AUTO_WARMUP_MAX = 0.05, 1000
+
+
+def warmup_steps(total_steps: int, cfg: TrainConfig) -> int:
+    """Steps of linear LR warm-up: ``train.lr_warmup_steps``, or for null 5% of the run (at most 1000)."""
+    if cfg.lr_warmup_steps is not None:
+        return cfg.lr_warmup_steps
+    return min(AUTO_WARMUP_MAX, round(AUTO_WARMUP_FRACTION * total_steps))
+
+
 def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
     """Multiplier of the base LR at ``step``: linear warm-up, then constant, then decay."""
-    if cfg.lr_warmup_steps > 0 and step < cfg.lr_warmup_steps:
-        return (step + 1) / cfg.lr_warmup_steps
+    warm = warmup_steps(total_steps, cfg)
+    if warm > 0 and step < warm:
+        return (step + 1) / warm
     if cfg.lr_decay == "constant":
         return 1.0
     start = int(cfg.lr_decay_start * total_steps)

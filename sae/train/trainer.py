@@ -54,6 +54,7 @@ def resolve_device(name: str) -> torch.device:
 def validate_train_config(cfg: TrainConfig) -> None:
     checks = [
         (cfg.batch_size > 0, "batch_size", "must be positive"),
+        (cfg.steps >= 0, "steps", "must be >= 0 (0: train.max_tokens // train.batch_size steps)"),
         (cfg.steps > 0 or cfg.max_tokens >= cfg.batch_size, "max_tokens", "must cover at least one batch"),
         (cfg.lr is None or (cfg.lr > 0 and math.isfinite(cfg.lr)), "lr",
          "must be positive (or null for the scaling rule)"),
@@ -66,6 +67,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (cfg.eval_every >= 0, "eval_every", "must be >= 0 (0: no periodic evaluation)"),
         (cfg.eval_batches > 0, "eval_batches", "must be > 0"),
         (cfg.adam_state_dtype in ADAM_STATE_DTYPES, "adam_state_dtype", "must be float32 or bfloat16"),
+        (cfg.lr_warmup_steps is None or cfg.lr_warmup_steps >= 0, "lr_warmup_steps",
+         "must be >= 0, or null (5% of the run, at most 1000 steps)"),
     ]
     for ok, name, msg in checks:
         if not ok:
