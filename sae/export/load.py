@@ -159,4 +159,5 @@ def load_pretrained(path_or_repo: str | Path, hookpoint: str | None = None, *, r
         FileNotFoundError / ValueError: no SAE there, several without ``hookpoint``, or a
         configuration we cannot represent exactly (the message says which and what to do).
     """
-    return load_pretrained_with_info(path_or_repo, hookpoint, revision=revision, device=device).sae
+    return load_pretrained_with_info(path_or_repo, hookpoint, revision=revision, device=device,
+                                     raw_activations=raw_activations).sae
