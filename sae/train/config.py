@@ -17,8 +17,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    # Linear LR warm-up. null: 5% of the run's steps, at most 1000 (a 132-step run warms up for 7;
-    # a fixed 100 cost such a run a quarter of its FVU), see sae.train.schedule.warmup_steps.
+    # Linear LR warm-up. null: 5% of the run's steps, at most 1000 (a 132-step run warms up for 7
+    # steps), see sae.train.schedule.warmup_steps.
     lr_warmup_steps: Optional[int] = None  # noqa: UP045
     lr_decay: str = "linear"  # constant | linear | cosine
     lr_decay_start: float = 0.8  # fraction of training after which the LR decays to lr_end
