@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae.buffer.atomic import write_json_atomic
+from sae.buffer.atomic import naming_the_file, write_json_atomic
 from sae.models import SAEConfig, SparseCoder, build_sae
 
 WEIGHTS = "sae.safetensors"
@@ -39,8 +39,13 @@ def save_sae(sae: SparseCoder, directory: str | Path, **extra: Any) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
     tmp = directory / f".{WEIGHTS}.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, directory / WEIGHTS)
+    with naming_the_file(directory / WEIGHTS):
+        try:
+            save_file(tensors, str(tmp))
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, directory / WEIGHTS)
     write_json_atomic(directory / CFG, sae_metadata(sae, **extra))
     return directory
 
