@@ -100,6 +100,18 @@ def test_full_disk_names_the_file(tmp_path, monkeypatch):
     assert e.value.errno == errno.ENOSPC
     assert f"no space left on the device while writing {target}" in one_line(str(e.value))
     assert not list(tmp_path.iterdir()), "no temporary file is left behind"
+    monkeypatch.undo()
+
+    import sae.train.artifact as artifact
+
+    def safetensors_full(*a, **k):  # how safetensors reports it: its own error type, the OS error in the text
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space "
+                           "left on device\" })")
+
+    monkeypatch.setattr(artifact, "save_file", safetensors_full)
+    weights = tmp_path / "sae" / "sae.safetensors"
+    with pytest.raises(OSError, match=f"no space left on the device while writing {weights}"):
+        artifact.save_sae(build_sae(SAEConfig(num_latents=32, k=4), 8), tmp_path / "sae")
 
 
 def test_nan_rows_name_the_shard_and_hook_point(tmp_path):

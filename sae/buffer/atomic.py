@@ -33,10 +33,12 @@ def naming_the_file(path: Path):
     """Re-raise a full disk or quota error with the file it hit and the fix (the OS names neither)."""
     try:
         yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(e.errno, f"no space left on the device while writing {path} ({e.strerror}); free space "
-                          "there or point the output at another disk, then rerun: finished files are kept") from e
+    except Exception as e:  # safetensors reports I/O errors as its own type, with the OS error in the text
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT) if isinstance(e, OSError) else \
+            any(s in str(e) for s in ("No space left on device", "StorageFull", "Disk quota exceeded"))
+        if full:
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {path}; free space there or "
+                          "point the output at another disk, then rerun: finished files are kept") from e
         raise
 
 
