@@ -136,3 +136,37 @@ class GraphedStep:
         self.tracker.advance_host(self.trainer.strategy.tokens_per_step(x.shape[0]))
         self._replay()
         return self.out
+
+
+def graphed_step(trainer, name: str, sae, x: Tensor, y: Tensor | None):
+    """This step through ``name``'s CUDA graph (its ForwardOutput), or None to run it eagerly.
+
+    The first 3 steps run eagerly (kernel compilation and autotuning happen there, outside any
+    capture), as do steps with dead latents (AuxK); a capture that fails turns graphs off for
+    that SAE with a warning.
+    """
+    if name in trainer.graphs_off or trainer.step < 3:
+        return None
+    graphed = trainer.graphs.get(name)
+    if graphed is None:
+        why = graphable(trainer, sae)
+        if why is not None:
+            trainer.graphs_off[name] = why
+            if trainer.device.type == "cuda":
+                log.info("SAE %r: steps run eagerly, not as a CUDA graph (%s)", name, why)
+            return None
+        graphed = trainer.graphs[name] = GraphedStep(trainer, name)
+    if trainer.strategy.step_dead_mask(trainer.trackers[name]) is not None:
+        return None
+    if not graphed.captured:
+        try:
+            graphed.capture(x, y)
+        except Exception as e:  # noqa: BLE001 (fall back to eager steps, which are equivalent)
+            trainer.graphs_off[name] = f"capture failed: {type(e).__name__}: {e}"
+            del trainer.graphs[name]
+            for p in sae.parameters():
+                p.grad = None
+            log.warning("SAE %r: CUDA graph capture failed, steps run eagerly: %s", name, e)
+            return None
+        log.info("SAE %r: training step captured as a CUDA graph at step %d", name, trainer.step)
+    return graphed(x, y)

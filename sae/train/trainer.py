@@ -30,7 +30,7 @@ from .artifact import load_sae, save_sae
 from .checkpoint import latest_checkpoint, load_trainer_state, read_manifest, save_checkpoint, shard_dir
 from .config import TrainConfig
 from .dead import DeadLatentTracker
-from .graphed import GraphedStep, graphable
+from .graphed import GraphedStep, graphed_step
 from .logger import MetricLogger, NullLogger
 from .optim import ADAM_STATE_DTYPES
 from .run_dir import RunFolder
@@ -315,7 +315,7 @@ class Trainer:
             if id(b) not in on_device:
                 on_device[id(b)] = self._device_batch(b, f" at {self.hookpoints[name]}" if self.hookpoints else "")
             x, y = on_device[id(b)]
-            graphed = self._graphed(name, sae, x, y)
+            graphed = graphed_step(self, name, sae, x, y)
             if graphed is not None:
                 out = [graphed]
                 loss = graphed.losses["loss"].item() if log_now else math.nan
@@ -356,39 +356,6 @@ class Trainer:
             fired = sum(self.strategy.fired_counts(sae, o) for o in out)
             self.trackers[name].update(fired, self.strategy.tokens_per_step(x.shape[0]))
         return out, loss
-
-    def _graphed(self, name: str, sae: SparseCoder, x: Tensor, y: Tensor | None):
-        """This step through ``name``'s CUDA graph (its ForwardOutput), or None to run it eagerly.
-
-        The first 3 steps run eagerly (kernel compilation and autotuning happen there, outside any
-        capture), as do steps with dead latents (AuxK); a capture that fails turns graphs off for
-        that SAE with a warning.
-        """
-        if name in self.graphs_off or self.step < 3:
-            return None
-        graphed = self.graphs.get(name)
-        if graphed is None:
-            why = graphable(self, sae)
-            if why is not None:
-                self.graphs_off[name] = why
-                if self.device.type == "cuda":
-                    log.info("SAE %r: steps run eagerly, not as a CUDA graph (%s)", name, why)
-                return None
-            graphed = self.graphs[name] = GraphedStep(self, name)
-        if self.strategy.step_dead_mask(self.trackers[name]) is not None:
-            return None
-        if not graphed.captured:
-            try:
-                graphed.capture(x, y)
-            except Exception as e:  # noqa: BLE001 (fall back to eager steps, which are equivalent)
-                self.graphs_off[name] = f"capture failed: {type(e).__name__}: {e}"
-                del self.graphs[name]
-                for p in sae.parameters():
-                    p.grad = None
-                log.warning("SAE %r: CUDA graph capture failed, steps run eagerly: %s", name, e)
-                return None
-            log.info("SAE %r: training step captured as a CUDA graph at step %d", name, self.step)
-        return graphed(x, y)
 
     def _forward_backward(self, sae: SparseCoder, tracker: DeadLatentTracker, x: Tensor, y: Tensor | None,
                           need_loss: bool):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import sae.train.trainer as trainer_mod
+import sae.train.graphed as graphed_mod
 from sae.buffer.synthetic import SyntheticConfig, SyntheticSource
 from sae.models import SAEConfig, build_sae
 from sae.train.config import TrainConfig
@@ -44,8 +44,8 @@ class ReplayedStep(GraphedStep):
 def replayed(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("SAE_KERNEL_BACKEND", "triton")  # interpreted on CPU (tests/conftest.py)
-    monkeypatch.setattr(trainer_mod, "GraphedStep", ReplayedStep)
-    monkeypatch.setattr(trainer_mod, "graphable", lambda trainer, sae: None if trainer.cfg.cuda_graphs else "off")
+    monkeypatch.setattr(graphed_mod, "GraphedStep", ReplayedStep)
+    monkeypatch.setattr(graphed_mod, "graphable", lambda trainer, sae: None if trainer.cfg.cuda_graphs else "off")
 
 
 def run(tmp_path, graphs: bool, steps: int, dead_window: tuple[int, int] | None):
