@@ -35,10 +35,13 @@ def _embedding_bag_grads(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     # Reuse embedding_bag's own backward: with grad_out = y it yields gather_dot (grad of the
     # per-sample weights) and scatter_outer (grad of the weight). Weight values never enter the
-    # weight gradient, so any [L, D] tensor of the right dtype serves as W.
-    W = _f32(W_LD).detach().requires_grad_(need_W)
-    v = _f32(vals_BK).detach().to(W.dtype).requires_grad_(need_vals)
-    with torch.enable_grad():
+    # weight gradient, so any [L, D] tensor of the right dtype serves as W. Callers may sit in
+    # torch.inference_mode (evaluation with bf16 selection): autograd runs outside it, on copies
+    # of any inference tensors (autograd cannot save those).
+    with torch.inference_mode(False), torch.enable_grad():
+        idx_BK, vals_BK, W_LD, y_BD = (t.clone() if t.is_inference() else t for t in (idx_BK, vals_BK, W_LD, y_BD))
+        W = _f32(W_LD).detach().requires_grad_(need_W)
+        v = _f32(vals_BK).detach().to(W.dtype).requires_grad_(need_vals)
         out = F.embedding_bag(idx_BK, W, per_sample_weights=v, mode="sum")
         inputs = [t for t, need in ((v, need_vals), (W, need_W)) if need]
         grads = torch.autograd.grad(out, inputs, y_BD.to(W.dtype))

@@ -85,3 +85,19 @@ def test_auxk_uses_exact_values_under_bf16_selection():
 def test_unknown_selection_dtype_is_an_error():
     with pytest.raises(ValueError, match="selection_dtype"):
         build_sae(SAEConfig(architecture="topk", num_latents=L, k=K, selection_dtype="float16"), D)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_bf16_selection_works_under_inference_mode(arch):
+    """Evaluation runs SAEs under torch.inference_mode; the exact values of bf16-selected latents
+    must still be recomputed there (the eager gather once failed: autograd inside inference mode)."""
+    _, approx = pair(arch)
+    approx.eval()
+    x = torch.randn(B, D)
+    with torch.no_grad():
+        ref = approx.encode(x)
+    with torch.inference_mode():
+        got = approx.encode(x)
+        out = approx(x)
+    assert torch.equal(got.idx, ref.idx) and torch.equal(got.vals, ref.vals)
+    assert torch.isfinite(out.losses["fvu"])
