@@ -102,3 +102,20 @@ def test_deterministic_makes_auto_exact_but_keeps_explicit(hardware, tmp_path, s
                       progress=False, eval_every=0, final_report=False)
     trainer = Trainer(cfg, {"topk": sae}, SyntheticSource(SyntheticConfig(d=16), 32))
     assert trainer.saes["topk"].cfg.selection_dtype == expected
+
+
+def test_a_run_with_auto_meaning_bf16_trains_and_evaluates(hardware, tmp_path, monkeypatch, tiny_gpt2):
+    """The default path of a machine with bf16 units, end to end (the rest of the suite pins auto to
+    fp32): live training on a tiny GPT-2, held-out scoring, and the full sae-eval report (spliced
+    model, top contexts) that runs the SAE under torch.inference_mode."""
+    from sae.config import compose_train_config
+    from sae.train.run import run_training
+
+    monkeypatch.setenv(precision.AUTO_ENV_VAR, "bfloat16")
+    result = run_training(compose_train_config([
+        "data=live", f"data.live.model.name={tiny_gpt2}", "data.live.text.context_length=32",
+        "data.hookpoint=layers.0", "data.live.heldout_contexts=16", "train=smoke", "train.steps=8",
+        "train.batch_size=128", "train.progress=false", "sae.k=4", "sae.expansion_factor=2",
+        "train.final_report=true", f"train.out_dir={tmp_path / 'run'}"]))
+    (report,) = result.reports.values()
+    assert 0 < report.report["metrics"]["fvu"] < 1.5 and "ce_loss_sae" in report.report["splice"]["metrics"]
