@@ -68,12 +68,14 @@ def bench_harvest(hookpoint: str, contexts: int, batch_size: int, repeats: int) 
         finally:
             bare.encoder.layer = layers
 
-    def run_harvest() -> float:
+    def run_harvest(depth: int | None = None) -> float:
         nonlocal rows
+        cfg = HarvestConfig(batch_size=batch_size, max_tokens=budget, progress=False)
+        if depth is not None:
+            cfg.pipeline_depth = depth
         with tempfile.TemporaryDirectory() as tmp:
             # The row budget that the first ``contexts`` contexts yield (specials dropped).
-            result = harvest_to_buffer(ModelConfig(device="cpu"), text,
-                                       HarvestConfig(batch_size=batch_size, max_tokens=budget, progress=False),
+            result = harvest_to_buffer(ModelConfig(device="cpu"), text, cfg,
                                        WriterConfig(out_dir=tmp, shard_tokens=16384), [hookpoint])
             rows = result.new_tokens
             return result.seconds
@@ -83,14 +85,16 @@ def bench_harvest(hookpoint: str, contexts: int, batch_size: int, repeats: int) 
                          .sum()) for b in batches))
     run_bare()  # warm-up of both paths (oneDNN primitive caches, corpus, imports)
     run_harvest()
-    times_bare, times_harvest = [], []
+    times_bare, times_harvest, times_sync = [], [], []
     for _ in range(repeats):
         times_bare.append(run_bare())
         times_harvest.append(run_harvest())
+        times_sync.append(run_harvest(0))
     # Best of alternating runs: a noisy neighbour only ever slows a run down.
-    tb, th = min(times_bare), min(times_harvest)
+    tb, th, ts = min(times_bare), min(times_harvest), min(times_sync)
     return {"input_tokens": n_input, "rows": rows, "bare_tok_s": n_input / tb, "harvest_tok_s": n_input / th,
-            "harvest_rows_s": rows / th, "ratio": tb / th, "overhead": 1 - tb / th}
+            "harvest_rows_s": rows / th, "ratio": tb / th, "overhead": 1 - tb / th,
+            "sync_tok_s": n_input / ts, "sync_overhead": 1 - tb / ts}
 
 
 def bench_reader(shards: int, shard_tokens: int, d: int, batch_size: int, repeats: int) -> dict[str, float]:
@@ -205,9 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     h = bench_harvest(a.hookpoint, 192 if a.quick else 384, a.batch_size, 3 if a.quick else 5)
     r = bench_reader(4 if a.quick else 8, 32768 if a.quick else 65536, 384, 4096, 3 if a.quick else 5)
     print("\n(a) harvest vs bare forward to the same depth (input tokens/s; best of alternating runs)")
-    print(markdown_table(["input tokens", "bare tok/s", "harvest tok/s", "harvest rows/s", "ratio", "overhead"],
+    print(markdown_table(["input tokens", "bare tok/s", "harvest tok/s", "harvest rows/s", "ratio", "overhead",
+                          "synchronous harvest tok/s (pipeline_depth=0)", "its overhead"],
                          [[h["input_tokens"], h["bare_tok_s"], h["harvest_tok_s"], h["harvest_rows_s"], h["ratio"],
-                           f"{100 * h['overhead']:.1f}%"]]))
+                           f"{100 * h['overhead']:.1f}%", h["sync_tok_s"], f"{100 * h['sync_overhead']:.1f}%"]]))
     print("\n(b) reader (batches of 4096, shuffled) vs plain read, shards in page cache (GB/s; best of "
           "alternating runs)")
     print(markdown_table(["GB", "plain read", "plain (reused buffer)", "reader (checksums)", "reader (no checksums)",

@@ -12,7 +12,9 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,6 +97,73 @@ def _header(lm: LoadedModel, harvester: Harvester, ds: Any, text: TextConfig, ha
     }
 
 
+class BackgroundWriter:
+    """Appends chunks to a :class:`ShardWriter` in a thread, up to ``depth`` chunks behind the caller.
+
+    The writer thread waits for each chunk's device-to-host copy, checks it for NaN/Inf and appends
+    it (serialisation, checksum, fsync, manifest) while the caller runs the next forward. Order is
+    kept, so the shards are byte-identical to a synchronous harvest. The first error in the thread
+    (a full disk naming its file, NaN activations naming the row, an interrupt) stops it: no later
+    chunk is written, and :meth:`put` / :meth:`close` raise that error in the caller. ``depth=0``
+    appends in the caller's thread.
+    """
+
+    def __init__(self, sw: ShardWriter, harvester: Harvester, depth: int):
+        self.sw, self.harvester, self.depth = sw, harvester, depth
+        self._error: BaseException | None = None
+        self._abort = False
+        if depth > 0:
+            self._q: queue.Queue = queue.Queue(maxsize=depth)
+            self._thread = threading.Thread(target=self._run, name="sae-harvest-writer", daemon=True)
+            self._thread.start()
+
+    def _append(self, chunk: Chunk) -> None:
+        self.sw.append(self.harvester.checked(chunk))
+
+    def _run(self) -> None:
+        while (chunk := self._q.get()) is not None:
+            if self._error is None and not self._abort:
+                try:
+                    self._append(chunk)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                    self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, chunk: Chunk) -> None:
+        if self.depth == 0:
+            self._append(chunk)
+            return
+        self._raise()
+        while True:
+            try:
+                self._q.put(chunk, timeout=0.1)
+                return
+            except queue.Full:
+                self._raise()
+
+    def close(self) -> None:
+        """Wait until every queued chunk is written; raise the thread's error if there was one."""
+        if self.depth > 0 and self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        self._raise()
+
+    def abort(self) -> None:
+        """The caller failed: finish the chunk being written (shards stay whole), drop the rest."""
+        if self.depth > 0 and self._thread.is_alive():
+            self._abort = True
+            while True:
+                try:
+                    self._q.get_nowait()
+                except queue.Empty:
+                    break
+            self._q.put(None)
+            self._thread.join()
+
+
 def _skip_written(chunk: Chunk, context: int, rows: int) -> Chunk:
     """Drop rows already in shards: contexts before ``context`` and its first ``rows`` rows.
 
@@ -164,17 +233,26 @@ def _harvest_locked(folder: Path, model: ModelConfig, text: TextConfig, harvest:
     t0 = time.perf_counter()
     bar = tqdm(total=budget or None, initial=sw.tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
                disable=not harvest.progress, desc=f"harvest {','.join(harvester.names)[:40]}")
-    chunks = harvester.chunks(ds, start_context=start_context) if not budget or sw.tokens < budget else iter(())
+    queued = sw.tokens  # rows appended or queued for the writer thread
+    chunks = harvester.chunks(ds, start_context=start_context, wait=False) if not budget or queued < budget \
+        else iter(())
+    writer_thread = BackgroundWriter(sw, harvester, harvester.pipeline_depth)
     try:
         for chunk in chunks:
             if resume is not None:
-                chunk, resume = _skip_written(chunk, *resume), None
+                chunk, resume = _skip_written(harvester.checked(chunk), *resume), None
             if budget:
-                chunk = chunk.select(slice(0, budget - sw.tokens))
-            sw.append(chunk)
+                chunk = chunk.select(slice(0, budget - queued))
+            writer_thread.put(chunk)
+            queued += len(chunk)
             bar.update(len(chunk))
-            if budget and sw.tokens >= budget:
+            if budget and queued >= budget:
                 break
+    except BaseException:
+        writer_thread.abort()
+        raise
+    else:
+        writer_thread.close()
     finally:
         bar.close()
     if sw.tokens == 0:

@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from sae.buffer.prefetch import prefetched
+
 from .config import HarvestConfig, TextConfig
 from .hookpoints import HookPoint, resolve_hookpoints
 from .model import LoadedModel
@@ -34,14 +36,21 @@ class Chunk(NamedTuple):
     """[N] int32 position of each row in its context."""
     contexts: Tensor
     """[N] int64 context index of each row."""
+    ready: Any = None
+    """A CUDA event the activations' device-to-host copy completes at (None: they are ready);
+    see :meth:`Harvester.checked`."""
 
     def __len__(self) -> int:
         return int(self.token_ids.shape[0])
 
     def select(self, rows: Tensor | slice) -> Chunk:
-        """Rows by boolean mask, index tensor or slice."""
+        """Rows by boolean mask, index tensor or slice (a mask or index reads the activations:
+        only on a ready chunk)."""
+        if self.ready is not None and not isinstance(rows, slice):
+            raise RuntimeError("Chunk.select with a mask or index on activations still being copied; "
+                               "call Harvester.checked(chunk) first")
         return Chunk({k: v[rows] for k, v in self.acts.items()}, self.token_ids[rows], self.positions[rows],
-                     self.contexts[rows])
+                     self.contexts[rows], self.ready)
 
 
 def check_context_length(lm: LoadedModel, context_length: int) -> None:
@@ -86,6 +95,13 @@ class Harvester:
         probe = self._capture(torch.tensor([[bos if bos is not None else self.pad_id] * 2]),
                               torch.ones(1, 2, dtype=torch.long))
         self.dims = {name: int(t.shape[-1]) for name, t in probe.items()}
+
+    @property
+    def pipeline_depth(self) -> int:
+        """``harvest.pipeline_depth`` resolved for the model's device (-1: 2 on CUDA, else 0)."""
+        if self.cfg.pipeline_depth >= 0:
+            return self.cfg.pipeline_depth
+        return 2 if self.lm.device.type == "cuda" else 0
 
     @property
     def names(self) -> list[str]:
@@ -133,8 +149,12 @@ class Harvester:
         raise RuntimeError(f"the forward finished but hook points {missing} never ran; "
                            "they may sit in a branch this model does not execute")
 
-    def harvest(self, batch: ContextBatch) -> Chunk:
+    def harvest(self, batch: ContextBatch, *, wait: bool = True) -> Chunk:
         """Activations of the kept rows of one batch.
+
+        ``wait=False`` (CUDA): the rows are copied to pinned host memory without waiting; the chunk
+        carries the copy's event and must go through :meth:`checked` before its activations are
+        read, so the next forward can start while the copy and the consumer's work proceed.
 
         Raises:
             ValueError: NaN/Inf activations, naming the hook point, context and position.
@@ -150,26 +170,51 @@ class Harvester:
         positions = torch.arange(T, dtype=torch.int32).expand(B, T)[keep]
         contexts = batch.index[:, None].expand(B, T)[keep]
         keep_dev = keep.to(self.lm.device)
-        rows = {name: t[keep_dev].cpu() for name, t in acts.items()}
-        for name, x in rows.items():
+        ready = None
+        if self.lm.device.type == "cuda":
+            # Non-blocking copies land in pinned host memory; the event marks their completion.
+            rows = {name: t[keep_dev].to("cpu", non_blocking=True) for name, t in acts.items()}
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            rows = {name: t[keep_dev] for name, t in acts.items()}
+        chunk = Chunk(rows, ids[keep].to(torch.int32), positions, contexts.to(torch.int64), ready)
+        return self.checked(chunk) if wait else chunk
+
+    def checked(self, chunk: Chunk) -> Chunk:
+        """``chunk`` once its activations are on the host (waits for the copy), checked for NaN/Inf.
+
+        Raises:
+            ValueError: NaN/Inf activations, naming the hook point, context and position.
+        """
+        if chunk.ready is not None:
+            chunk.ready.synchronize()
+            chunk = chunk._replace(ready=None)
+        for name, x in chunk.acts.items():
             bad = ~torch.isfinite(x).all(dim=-1)
             if bool(bad.any()):
                 first = int(bad.nonzero()[0])
                 raise ValueError(
                     f"model produced NaN/Inf at hook point {name!r} in {int(bad.sum())} row(s) (first: context "
-                    f"{int(contexts[first])}, position {int(positions[first])}); check model.dtype (float16 "
-                    "overflow?) and the weights. Nothing from this batch was written"
+                    f"{int(chunk.contexts[first])}, position {int(chunk.positions[first])}); check model.dtype "
+                    "(float16 overflow?) and the weights. Nothing from this batch was written"
                 )
-        return Chunk(rows, ids[keep].to(torch.int32), positions, contexts.to(torch.int64))
+        return chunk
 
-    def chunks(self, ds: Any, *, start_context: int = 0,
-               select: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
+    def chunks(self, ds: Any, *, start_context: int = 0, select: Callable[[int], bool] | None = None,
+               wait: bool = True) -> Iterator[Chunk]:
         """Harvest the dataset in batches of ``cfg.batch_size`` contexts, from ``start_context``.
 
         ``select(context_index)`` picks contexts (rank splits); batches group consecutive selected
         contexts, so the same arguments always give the same batches (bitwise-reproducible rows).
+        Tokenisation runs :attr:`pipeline_depth` batches ahead in a thread. ``wait=False``: see
+        :meth:`harvest`.
         """
         keep = (lambda i: i >= start_context and (select is None or select(i)))
-        contexts = iter_contexts(ds, self.lm.tokenizer, self.text)
-        for batch in iter_batches(contexts, self.cfg.batch_size, self.pad_id, keep):
-            yield self.harvest(batch)
+
+        def batches() -> Iterator[ContextBatch]:
+            contexts = iter_contexts(ds, self.lm.tokenizer, self.text)
+            return iter_batches(contexts, self.cfg.batch_size, self.pad_id, keep)
+
+        for batch in prefetched(batches, self.pipeline_depth):
+            yield self.harvest(batch, wait=wait)

@@ -76,29 +76,31 @@ DRIVER = textwrap.dedent("""
     from sae.buffer.config import WriterConfig
     from sae.buffer.fill import harvest_to_buffer
     from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
-    model, docs, out, slow = sys.argv[1:5]
+    model, docs, out, slow, depth = sys.argv[1:6]
     if slow == "1":  # widen the window between renaming a shard and listing it in the manifest
         real = writer.write_json_atomic
         writer.write_json_atomic = lambda p, o: (time.sleep(0.15), real(p, o))
     harvest_to_buffer(ModelConfig(name=model, device="cpu"), TextConfig(name=docs, context_length=24),
-                      HarvestConfig(batch_size=4, max_tokens=3000, progress=False),
+                      HarvestConfig(batch_size=4, max_tokens=3000, progress=False, pipeline_depth=int(depth)),
                       WriterConfig(out_dir=out, shard_tokens=256), HOOKS)
 """).replace("HOOKS", repr(HOOKS))
 
 
-def run_driver(setup, out, slow: bool) -> subprocess.Popen:
+def run_driver(setup, out, slow: bool, depth: int = 0) -> subprocess.Popen:
     model, docs = setup
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, "-c", DRIVER, str(model), str(docs), str(out), "1" if slow else "0"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(model), str(docs), str(out), "1" if slow else "0",
+                             str(depth)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 @pytest.mark.slow
 def test_kill_9_mid_harvest_then_restart_equals_uninterrupted_run(setup, tmp_path):
+    """The reference harvest is synchronous; the killed and the restarted ones are pipelined (writer
+    thread two chunks behind the forward), so this also shows the two paths write the same bytes."""
     ref, out = tmp_path / "ref", tmp_path / "killed"
-    proc = run_driver(setup, ref, slow=False)
+    proc = run_driver(setup, ref, slow=False, depth=0)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
-    proc = run_driver(setup, out, slow=True)
+    proc = run_driver(setup, out, slow=True, depth=2)
     deadline = time.time() + 240
     shards = 0
     while time.time() < deadline and proc.poll() is None:
@@ -114,7 +116,7 @@ def test_kill_9_mid_harvest_then_restart_equals_uninterrupted_run(setup, tmp_pat
     proc.wait()
     killed = json.loads((out / "manifest.json").read_text())
     assert not killed["complete"] and 3 <= len(killed["shards"]) < 12
-    proc = run_driver(setup, out, slow=False)
+    proc = run_driver(setup, out, slow=False, depth=2)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
     final, expected = buffer_files(out), buffer_files(ref)
     assert final.keys() == expected.keys()
@@ -156,3 +158,44 @@ def test_a_second_harvest_cannot_write_the_same_folder(setup, tmp_path):
             harvest_to_buffer(*configs(setup, tmp_path), HOOKS)
     finally:
         os.close(fd)
+
+
+def test_pipelined_harvest_writes_the_same_bytes_as_the_synchronous_one(setup, tmp_path):
+    model, text, harvest, writer = configs(setup, tmp_path / "sync")
+    harvest.pipeline_depth = 0
+    harvest_to_buffer(model, text, harvest, writer, HOOKS)
+    model, text, harvest, writer = configs(setup, tmp_path / "pipelined")
+    harvest.pipeline_depth = 2  # what auto picks on a GPU (on this CPU it picks 0)
+    harvest_to_buffer(model, text, harvest, writer, HOOKS)
+    assert buffer_files(tmp_path / "pipelined") == buffer_files(tmp_path / "sync")
+
+
+@pytest.mark.parametrize("depth", [0, 2], ids=["synchronous", "pipelined"])
+def test_a_failing_write_stops_the_harvest_naming_the_shard(setup, tmp_path, monkeypatch, depth):
+    """A full disk at shard 3: the error names the file, the manifest lists shards 0-2 only and no
+    later shard is written (no gap); fixing the disk and rerunning completes the same buffer."""
+    import errno
+
+    from sae.buffer.atomic import naming_the_file
+
+    real = writer_module.write_bytes_atomic
+
+    def full_at_shard_3(path, data):
+        if path.name == "shard_000003.safetensors":
+            with naming_the_file(path):
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(writer_module, "write_bytes_atomic", full_at_shard_3)
+    out = tmp_path / "run"
+    model, text, harvest, writer = configs(setup, out)
+    harvest.pipeline_depth = depth
+    with pytest.raises(OSError, match=f"no space left on the device while writing {out / HOOKS[0]}/shard_000003"):
+        harvest_to_buffer(model, text, harvest, writer, HOOKS)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["index"] for s in manifest["shards"]] == [0, 1, 2] and not manifest["complete"]
+    assert not list(out.rglob("shard_00000[4-9]*")), "nothing is written after the failed shard"
+    monkeypatch.setattr(writer_module, "write_bytes_atomic", real)
+    harvest_to_buffer(*configs(setup, out), HOOKS)
+    harvest_to_buffer(*configs(setup, tmp_path / "ref"), HOOKS)
+    assert buffer_files(out) == buffer_files(tmp_path / "ref")
