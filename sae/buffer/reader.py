@@ -218,9 +218,12 @@ class ShardReader:
         return Batch(self.x_norm(batch.x), None if batch.y is None else self.y_norm(batch.y))
 
     def __iter__(self) -> Iterator[Batch]:
+        """Training batches: float32, or the shards' own dtype when nothing is normalised (the
+        trainer converts on its device)."""
         start = self.position
+        raw = self.x_norm.mode == "none" and (self.y_norm is None or self.y_norm.mode == "none")
         for plan, end in prefetched(lambda: plan_batches(self._blocks(start), self.batch_size), self.prefetch):
-            batch = assemble(plan, self._normalize)
+            batch = assemble(plan, self._normalize, keep_dtype=raw)
             self.position = end
             yield batch
 

@@ -114,10 +114,16 @@ def test_normalisation_from_manifest_statistics(buffer):
     assert centered.normalization["x"]["mode"] == "center_scale"
 
 
-def test_bfloat16_shards_read_as_float32(tmp_path):
+def test_bfloat16_shards_read_without_a_conversion_pass(tmp_path):
+    """Unnormalised bf16 shards come out as bf16 (the trainer converts on its device: no host pass,
+    half the bytes to copy); normalised ones as float32, normalised in float32."""
     write_fake_buffer(tmp_path, 300, 100, dtype="bfloat16")
-    x = torch.cat([b.x for b in ShardReader(tmp_path, 64, hookpoint="a", epochs=1)])
-    assert x.dtype == torch.float32 and x.shape == (200, D)
+    raw = torch.cat([b.x for b in ShardReader(tmp_path, 64, hookpoint="a", epochs=1)])
+    assert raw.dtype == torch.bfloat16 and raw.shape == (200, D)
+    scaled = torch.cat([b.x for b in ShardReader(tmp_path, 64, hookpoint="a", epochs=1, normalize="scale")])
+    assert scaled.dtype == torch.float32
+    reader = ShardReader(tmp_path, 64, hookpoint="a", epochs=1, normalize="scale")
+    torch.testing.assert_close(scaled, raw.float() * reader.x_norm.scale)
 
 
 def test_flipped_byte_is_reported_by_shard_name(buffer):
