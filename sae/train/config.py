@@ -33,6 +33,9 @@ class TrainConfig:
     deterministic: bool = False
     # Adam moments in float32 or bfloat16 (half their memory; fused step only).
     adam_state_dtype: str = "float32"
+    # Batches staged onto the GPU this many steps ahead (pinned staging buffers, a copy stream, no
+    # host sync; sae.buffer.device_feed). 0: off. No effect on a CPU.
+    prefetch_to_device: int = 2
     # Capture each TopK SAE's step as a CUDA graph after 3 eager steps and replay it (one launch
     # instead of dozens; sae/train/graphed.py says when a step qualifies).
     cuda_graphs: bool = True

@@ -113,7 +113,8 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.graph(graph, stream=stream):
+        # thread_local: the DeviceFeed thread keeps staging batches (pinned copies, events) meanwhile.
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             self.out = self._device_step(self.x, self.y)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = graph

@@ -21,6 +21,7 @@ from sae_kernels.dispatch import Backend, resolve_backend
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sae.buffer.device_feed import DeviceFeed
 from sae.buffer.source import ActivationSource, Batch, check_finite, source_identity
 from sae.buffer.tensor_source import TensorSource
 from sae.models import SparseCoder, token_variance
@@ -67,6 +68,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (cfg.eval_every >= 0, "eval_every", "must be >= 0 (0: no periodic evaluation)"),
         (cfg.eval_batches > 0, "eval_batches", "must be > 0"),
         (cfg.adam_state_dtype in ADAM_STATE_DTYPES, "adam_state_dtype", "must be float32 or bfloat16"),
+        (cfg.prefetch_to_device >= 0, "prefetch_to_device", "must be >= 0 (0: off)"),
         (cfg.lr_warmup_steps is None or cfg.lr_warmup_steps >= 0, "lr_warmup_steps",
          "must be >= 0, or null (5% of the run, at most 1000 steps)"),
     ]
@@ -172,6 +174,9 @@ class Trainer:
         # NaN/Inf in device batches, checked on the device and read at log steps (no host sync per step).
         self._nonfinite: Tensor | None = None
         self._nonfinite_since = 0
+        # The source's position after the last batch trained on, when a DeviceFeed reads ahead.
+        self._source_state: dict[str, Any] | None = None
+        self.feed_threaded: bool | None = None  # DeviceFeed's thread: None = on CUDA only
         self.graphs: dict[str, GraphedStep] = {}
         self.graphs_off: dict[str, str] = {}  # SAE name -> why its steps run eagerly
 
@@ -229,13 +234,16 @@ class Trainer:
     def _fit(self) -> dict[str, float]:
         if self.cfg.resume:
             self.maybe_resume()
-        batches = iter(self.source)
+        batches = iter(DeviceFeed(self.source, self.device, self.cfg.prefetch_to_device,
+                                  threaded=self.feed_threaded))
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and dist.is_main()),
                    unit="step", dynamic_ncols=True)
         try:
             while self.step < self.total_steps:
                 try:
-                    batch = next(batches)
+                    batch, state, _ = next(batches)
+                    if state is not None:
+                        self._source_state = state
                 except StopIteration:
                     log.warning("activation source exhausted after %d steps", self.step)
                     break
@@ -252,6 +260,7 @@ class Trainer:
                     self.save_checkpoint()
         finally:
             bar.close()
+            batches.close()  # stops a DeviceFeed's thread
         self.save_checkpoint()
         self.final_dirs = self.save_final()
         self.logger.close()
@@ -397,7 +406,7 @@ class Trainer:
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
             "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
             "trackers": {n: t.state_dict() for n, t in self.trackers.items()},
-            "source": self.source.state_dict(),
+            "source": self._source_state if self._source_state is not None else self.source.state_dict(),
             "rng": {"cpu": torch.get_rng_state()},
         }
         if torch.cuda.is_available():

@@ -87,3 +87,31 @@ def test_default_warmup_scales_with_the_run():
     assert [warmup_steps(n, cfg) for n in (10, 132, 2_000, 100_000)] == [0, 7, 100, 1000]
     assert lr_factor(0, 132, cfg) == pytest.approx(1 / 7) and lr_factor(7, 132, cfg) == 1.0
     assert warmup_steps(132, TrainConfig(lr_warmup_steps=50)) == 50
+
+
+@pytest.mark.parametrize("source", ["tensor", "synthetic"])
+def test_batches_read_ahead_by_a_device_feed_resume_exactly(tmp_path, source):
+    """With a DeviceFeed thread reading batches ahead (on CPU here, as on a GPU), a checkpoint holds
+    the position after the last batch trained on, not after the batches still in flight."""
+    from sae.buffer.synthetic import SyntheticConfig, SyntheticSource
+
+    x = torch.randn(4096, 16, generator=torch.Generator().manual_seed(0))
+
+    def trainer(out, threaded):
+        src = x if source == "tensor" else SyntheticSource(SyntheticConfig(d=16), 128)
+        cfg = TrainConfig(batch_size=128, steps=20, out_dir=str(out), checkpoint_every=5, progress=False,
+                          eval_every=0, lr=1e-3, prefetch_to_device=3)
+        t = Trainer(cfg, {"topk": build_sae(SAEConfig(num_latents=64, k=4), 16, seed=0)}, src)
+        t.feed_threaded = threaded
+        return t
+
+    straight = trainer(tmp_path / "a", threaded=False)
+    straight.fit()
+    killed = trainer(tmp_path / "b", threaded=True)
+    killed.step_hooks.append(lambda t: (_ for _ in ()).throw(KeyboardInterrupt) if t.step == 12 else None)
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    resumed = trainer(tmp_path / "b", threaded=True)
+    resumed.fit()
+    for name, p in straight.saes["topk"].state_dict().items():
+        assert torch.equal(resumed.saes["topk"].state_dict()[name], p), name

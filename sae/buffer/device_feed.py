@@ -1,0 +1,101 @@
+"""Batches of an ActivationSource moved onto the training device ahead of use.
+
+On CUDA a thread takes each batch from the source, copies its rows into a pinned staging buffer
+(a small ring: a buffer is refilled only after the copy out of it has completed), starts the copy
+to the GPU on a side stream and records an event; the training stream waits on that event on the
+device, never on the host. Reading shards, gathering rows, staging and the host-to-device copy so
+overlap the steps before. Elsewhere the batches pass through in the caller's thread.
+
+The source runs ahead of the trainer, so its own ``state_dict`` would describe batches not yet
+trained on: the feed snapshots it right after taking each batch and hands the snapshot over with
+that batch, and the trainer checkpoints the snapshot of the last batch it consumed. A resume then
+starts at the first batch it never trained on, exactly as without the feed.
+
+Sits between ``sae.buffer`` (sources) and ``sae.train`` (the trainer); shape legend: B rows.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .prefetch import prefetched
+from .source import Batch
+
+Item = Batch | dict[str, Batch]
+
+
+class DeviceFeed:
+    """Iterate ``(batch on the device, source state after it, ready event or None)``.
+
+    Args:
+        source: the ActivationSource (batches, or ``{hook point: Batch}``).
+        device: the training device.
+        depth: batches staged ahead (0: no thread; batches move in the caller's thread).
+        threaded: run the thread on a CPU device too (tests of the hand-over; no pinning there).
+    """
+
+    def __init__(self, source: Any, device: torch.device, depth: int = 2, *, threaded: bool | None = None):
+        self.source, self.device, self.depth = source, device, depth
+        self.threaded = (device.type == "cuda") if threaded is None else threaded
+
+    def __iter__(self) -> Iterator[tuple[Item, dict[str, Any] | None, Any]]:
+        if not self.threaded or self.depth <= 0:
+            for item in self.source:
+                yield item, None, None
+            return
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        for item, state, event in prefetched(lambda: self._stage_all(stream), self.depth):
+            if event is not None:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(event)
+                for t in _tensors(item):
+                    t.record_stream(current)  # allocated on the copy stream, used on this one
+            yield item, state, event
+
+    def _stage_all(self, stream) -> Iterator[tuple[Item, dict[str, Any], Any]]:
+        ring = self.depth + 2  # pinned buffer sets; one is refilled only after its copies completed
+        slots: list[dict[str, Tensor]] = [{} for _ in range(ring)]
+        events: list[Any] = [None] * ring
+        for i, item in enumerate(self.source):
+            state = copy.deepcopy(self.source.state_dict())
+            if stream is None:
+                yield item, state, None
+                continue
+            s = i % ring
+            if events[s] is not None:
+                events[s].synchronize()
+            with torch.cuda.stream(stream):
+                moved = _map(item, lambda name, t, bufs=slots[s]: self._to_device(bufs, name, t))
+                events[s] = torch.cuda.Event()
+                events[s].record(stream)
+            yield moved, state, events[s]
+
+    def _to_device(self, bufs: dict[str, Tensor], name: str, t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        if t.device.type != "cpu":
+            return t.to(self.device, non_blocking=True)
+        buf = bufs.get(name)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = bufs[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf.copy_(t)
+        return buf.to(self.device, non_blocking=True)
+
+
+def _map(item: Item, fn, prefix: str = "") -> Item:
+    """``fn(name, tensor)`` applied to every tensor of a batch (or of each hook point's batch)."""
+    if isinstance(item, dict):
+        return {k: _map(v, fn, f"{k}.") for k, v in item.items()}
+    return Batch(fn(f"{prefix}x", item.x), fn(f"{prefix}y", item.y))
+
+
+def _tensors(item: Item) -> Iterator[Tensor]:
+    for b in item.values() if isinstance(item, dict) else [item]:
+        yield b.x
+        if b.y is not None:
+            yield b.y
