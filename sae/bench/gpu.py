@@ -12,7 +12,10 @@ On a CUDA machine (about 3 minutes on an H100/H200), in one run:
    ``bf16 GEMM + 32 bytes/parameter / bandwidth``, and one row per configuration of ours (the
    trainer's real ``train_step`` after the data init) and sparsify's TopK loop when ``sparsify``
    imports: ms/step, tokens/s, step/floor, speed-up over sparsify, peak memory (:mod:`.gpu_step`);
-3. with ``--profile``, the CUDA kernels our default step spends its time in.
+3. with ``--profile``, the CUDA kernels our default step spends its time in;
+4. with ``--feed`` (:mod:`.gpu_feed`), whether the data keeps up: harvest against the bare forward,
+   training from a bf16 buffer against training from device memory (and the reader's GB/s into
+   the device), and training while harvesting against training from the buffer.
 
 Prints one markdown table and writes ``gpu_bench.json`` to ``--out``. Without a GPU it runs the
 same code on the CPU at small shapes (a smoke run; figures are not GPU figures).
@@ -137,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--shapes", default="", help="d,latents,k;... (default: the three GPU shapes, or tiny on CPU)")
     p.add_argument("--configs", default="", help="comma-separated row names of ours (default: all)")
+    p.add_argument("--feed", action="store_true", help="also measure harvest, buffer and live feeding")
+    p.add_argument("--no-step", action="store_true", help="skip the training-step table")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     out = Path(a.out)
@@ -160,12 +165,18 @@ def main(argv: list[str] | None = None) -> int:
         shapes = gpu_step.SHAPES if device.type == "cuda" else gpu_step.CPU_SHAPES
     ours = [n for n in gpu_step.OURS if not a.configs or n in a.configs.split(",")] or list(gpu_step.OURS)
     rows = []
-    log("\n== training step (B=4096)")
-    for d, L, k in shapes:
+    if not a.no_step:
+        log("\n== training step (B=4096)")
+    for d, L, k in [] if a.no_step else shapes:
         rows.append(gpu_step.measure_shape(d, L, k, 4096, device, bandwidth, steps=a.steps, warmup=a.warmup,
                                            ours=ours, log=log))
         (out / "gpu_bench.json").write_text(json.dumps({**result, "step": rows}, indent=1))
     result["step"] = rows
+    if a.feed:
+        from .gpu_feed import run_feed
+
+        log("\n== feeding the device")
+        result["feed"] = run_feed(device, log=log)
     result["autotuned"] = autotuned_configs()
     if a.profile and device.type == "cuda":
         result["profile"] = profile_default_step(shapes, device, log=log)
@@ -176,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"\n{info.get('name')} ({info['device']}), torch {info['torch']}, triton {info['triton']}; "
         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; ms/step = mean of {a.steps} consecutive steps after "
         f"{a.warmup} warm-up steps\n")
-    log(table(rows, bandwidth))
+    if rows:
+        log(table(rows, bandwidth))
     log(f"\nwrote {out / 'gpu_bench.json'}")
     return 0
 

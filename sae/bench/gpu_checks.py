@@ -121,7 +121,12 @@ def check_autoencode(c: Case, dtype: torch.dtype, device: torch.device) -> dict[
 
 
 def check_fused_adam(device: torch.device, L: int = 4096, D: int = 768, steps: int = 3) -> dict[str, float]:
-    """SAEAdam against the unfused sequence (project, clip, torch Adam, renorm): max rel error."""
+    """SAEAdam against the unfused sequence (project, clip, torch Adam, renorm): for each parameter,
+    the relative error of its update over ``steps`` steps, ``||du_fused - du|| / ||du||``.
+
+    (Element-wise bounds are the CPU tests' business, at small shapes: over millions of elements a
+    few gradients near 0 make Adam's ``m / sqrt(v)`` sensitive to the last bit of either side.)
+    """
     from sae.models import SAEConfig, build_sae
     from sae.train.config import TrainConfig
     from sae.train.schedule import build_optimizer
@@ -130,6 +135,7 @@ def check_fused_adam(device: torch.device, L: int = 4096, D: int = 768, steps: i
     cfg = TrainConfig(grad_clip=0.5)
     fused = build_sae(SAEConfig(num_latents=L, k=32), D, seed=0).to(device)
     plain = build_sae(SAEConfig(num_latents=L, k=32), D, seed=0).to(device)
+    start = {n: p.detach().clone() for n, p in plain.named_parameters()}
     opt_f = build_optimizer(fused, 1e-3, cfg, fused_step=True)
     opt_p = build_optimizer(plain, 1e-3, cfg, fused_step=False)
     for _ in range(steps):
@@ -141,10 +147,8 @@ def check_fused_adam(device: torch.device, L: int = 4096, D: int = 768, steps: i
         torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.grad_clip)
         opt_p.step()
         plain.normalize_decoder_()
-    out = {f"rel {n}": rel(pf, pp) for (n, pf), pp in zip(fused.named_parameters(), plain.parameters())}
-    out.update({f"max abs {n}": float((pf - pp).abs().max()) for (n, pf), pp in zip(fused.named_parameters(),
-                                                                                     plain.parameters())})
-    return out
+    return {f"update {n}": rel(pf.detach() - start[n], pp.detach() - start[n])
+            for (n, pf), pp in zip(fused.named_parameters(), plain.parameters())}
 
 
 def check_topk(device: torch.device) -> dict[str, float]:
@@ -214,7 +218,7 @@ def run_checks(device: torch.device, *, quick: bool = False, log=print) -> list[
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     adam = check_fused_adam(device)
-    ok = max(v for k, v in adam.items() if k.startswith("max abs")) <= 1e-6
+    ok = max(adam.values()) <= 1e-5
     rows.append({"case": "SAEAdam vs unfused sequence (L=4096, D=768, 3 steps)", "dtype": "float32", "ok": ok,
                  "worst": max(adam.values()), **adam})
     log(f"{'PASS' if ok else 'FAIL'} fused optimiser step vs unfused: {adam}")

@@ -1,0 +1,169 @@
+"""Keeping the device fed: harvest against the bare forward, buffer and live training against memory.
+
+Part of ``python -m sae.bench.gpu --feed``; on a CPU the same code runs at toy sizes (a smoke run).
+
+1. Harvest: ``harvest_to_buffer`` (tokenise, forward with hooks and early stop, device-to-host
+   copies, row filtering, writer thread: serialisation, checksums, fsync) against the bare
+   truncated forward of the same random Llama-style model on the same contexts plus a copy of
+   the hidden state to the host; input tokens/s of each and their ratio (target >= 0.85 on a GPU).
+2. Buffer vs memory: the trainer's real steps on batches from a bfloat16 buffer on disk
+   (``ShardReader`` + ``DeviceFeed``) against the same SAE on batches already on the device;
+   tokens/s of each and the ratio (target >= 0.9 at 768 x 24576, k=32). Also the reader's rate
+   into device memory (GB/s of activations).
+3. Live vs buffer: training while harvesting the model from (1) (``data=live``, the forward and
+   the SAE step sharing the device) against training from the buffer (1) wrote.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sae.buffer.config import DataConfig, LiveConfig, WriterConfig
+from sae.buffer.device_feed import DeviceFeed
+from sae.buffer.fill import harvest_to_buffer
+from sae.buffer.reader import ShardReader
+from sae.buffer.tensor_source import TensorSource
+from sae.buffer.writer import ShardWriter
+from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
+from sae.harvest.harvester import Chunk
+from sae.harvest.model import load_model
+from sae.harvest.text import iter_batches, iter_contexts, load_text_dataset
+from sae.harvest.tiny import save_tiny_model
+from sae.models import SAEConfig, build_sae
+from sae.train.config import TrainConfig
+from sae.train.trainer import Trainer
+
+from .gpu_step import sync
+
+
+def _sizes(device: torch.device) -> dict[str, int]:
+    if device.type == "cuda":
+        return {"layers": 8, "hidden": 2048, "vocab": 2048, "tokens": 400_000, "d": 768, "L": 24576, "k": 32,
+                "rows": 2 ** 20, "steps": 60, "live_L": 16384}
+    return {"layers": 2, "hidden": 64, "vocab": 512, "tokens": 20_000, "d": 64, "L": 1024, "k": 8,
+            "rows": 2 ** 16, "steps": 12, "live_L": 512}
+
+
+def harvest_vs_forward(device: torch.device, root: Path, s: dict[str, int]) -> dict:
+    """(1): rows/s and input tokens/s of the harvest, and of the bare forward + host copy."""
+    folder = save_tiny_model(root / "model", "llama", layers=s["layers"], hidden=s["hidden"], vocab_size=s["vocab"])
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    model_cfg = ModelConfig(name=str(folder), device=str(device), dtype=dtype)
+    text, batch_size, depth = TextConfig(context_length=128), 64, s["layers"] // 2
+    result = harvest_to_buffer(model_cfg, text, HarvestConfig(batch_size=batch_size, max_tokens=s["tokens"],
+                                                              progress=False),
+                               WriterConfig(out_dir=str(root / "buf"), dtype="bfloat16",
+                                            shard_tokens=min(65536, s["tokens"] // 8)),
+                               [f"layers.{depth}"])
+    contexts = result.manifest["shards"][-1]["last_context"] + 1
+    lm = load_model(model_cfg)
+    layers = lm.model.layers if hasattr(lm.model, "layers") else lm.model.model.layers
+    batches = list(iter_batches((c for c in iter_contexts(load_text_dataset(text), lm.tokenizer, text)
+                                 if c.index < contexts), batch_size, lm.tokenizer.pad_token_id or 0))
+    n_input = sum(int(b.attention_mask.sum()) for b in batches)
+    base = lm.model.model if hasattr(lm.model, "model") else lm.model
+    base.layers = layers[:depth + 1]
+    with torch.inference_mode():
+        base(input_ids=batches[0].input_ids.to(device))  # warm-up
+        sync(device)
+        t = time.perf_counter()
+        for b in batches:
+            h = base(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)).last_hidden_state
+            h[b.attention_mask.to(device).bool()].to("cpu")
+        sync(device)
+        bare = time.perf_counter() - t
+    out = {"input_tokens": n_input, "rows": result.new_tokens, "harvest_s": result.seconds, "bare_s": bare,
+           "harvest_tok_s": n_input / result.seconds, "bare_tok_s": n_input / bare, "ratio": bare / result.seconds,
+           "hookpoint": f"layers.{depth}",
+           "model": f"random Llama, {s['layers']} layers, hidden {s['hidden']}, {dtype}"}
+    del lm, base
+    return out
+
+
+def _tokens_per_s(trainer: Trainer, steps: int, warm: int = 10) -> float:
+    """Tokens/s of ``trainer.fit()`` over its steps after ``warm`` (data init, compilation, capture)."""
+    marks: dict[int, float] = {}
+
+    def mark(t: Trainer) -> None:
+        if t.step in (warm, steps):
+            sync(t.device)
+            marks[t.step] = time.perf_counter()
+
+    trainer.step_hooks.append(mark)
+    trainer.fit()
+    return trainer.cfg.batch_size * (steps - warm) / (marks[steps] - marks[warm])
+
+
+def _trainer(source, d: int, L: int, k: int, steps: int, device: torch.device, out: Path) -> Trainer:
+    cfg = TrainConfig(batch_size=4096, steps=steps, device=str(device), progress=False, out_dir=str(out), eval_every=0,
+                      final_report=False, checkpoint_every=0)
+    return Trainer(cfg, {"topk": build_sae(SAEConfig(num_latents=L, k=k), d, seed=0)}, source)
+
+
+def buffer_vs_memory(device: torch.device, root: Path, s: dict[str, int]) -> dict:
+    """(2): training tokens/s from a bf16 buffer against from device memory; reader GB/s to the device."""
+    d, rows = s["d"], s["rows"]
+    g = torch.Generator().manual_seed(0)
+    shard = min(65536, rows // 8)
+    w = ShardWriter(root / "rand", {"hookpoints": {"x": {"d": d}}, "hookpoint_order": ["x"]}, shard, "bfloat16")
+    for start in range(0, rows, shard):
+        n = torch.arange(start, start + shard)
+        w.append(Chunk({"x": torch.randn(shard, d, generator=g).to(torch.bfloat16)}, n.int(), n.int(), n))
+    w.finish()
+    reader = ShardReader(root / "rand", 4096, heldout_shards=1)
+    t, moved = time.perf_counter(), 0
+    for batch, _, _ in DeviceFeed(reader, device, 2):
+        moved += batch.x.numel() * batch.x.element_size()
+        if moved > 2 ** 30:
+            break
+    sync(device)
+    read_gb_s = moved / (time.perf_counter() - t) / 1e9
+    memory = torch.randn(16 * 4096, d, generator=g).to(device)
+    steps = s["steps"]
+    from_buffer = _tokens_per_s(_trainer(ShardReader(root / "rand", 4096, heldout_shards=1), d, s["L"], s["k"],
+                                         steps, device, root / "t_buf"), steps)
+    from_memory = _tokens_per_s(_trainer(TensorSource(memory, batch_size=4096), d, s["L"], s["k"], steps, device,
+                                         root / "t_mem"), steps)
+    return {"d": d, "L": s["L"], "k": s["k"], "buffer_tok_s": from_buffer, "memory_tok_s": from_memory,
+            "ratio": from_buffer / from_memory, "reader_to_device_gb_s": read_gb_s,
+            "into": "device memory" if device.type == "cuda" else "host memory (no GPU)"}
+
+
+def live_vs_buffer(device: torch.device, root: Path, s: dict[str, int], hookpoint: str) -> dict:
+    """(3): training while harvesting the model of (1), against training from its buffer."""
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    live = LiveConfig(model=ModelConfig(name=str(root / "model"), device=str(device), dtype=dtype),
+                      text=TextConfig(context_length=128), harvest=HarvestConfig(batch_size=64, progress=False))
+    data = DataConfig(source="live", hookpoint=hookpoint, live=live)
+    from sae.train.run import build_source
+
+    steps, d = s["steps"], s["hidden"]
+    live_rate = _tokens_per_s(_trainer(build_source(data, 4096), d, s["live_L"], s["k"], steps, device,
+                                       root / "t_live"), steps)
+    buf_rate = _tokens_per_s(_trainer(ShardReader(root / "buf", 4096, heldout_shards=1, epochs=0), d, s["live_L"],
+                                      s["k"], steps, device, root / "t_buf2"), steps)
+    return {"d": d, "L": s["live_L"], "k": s["k"], "live_tok_s": live_rate, "buffer_tok_s": buf_rate,
+            "ratio": live_rate / buf_rate}
+
+
+def run_feed(device: torch.device, log=print) -> dict:
+    """All three, in a scratch folder."""
+    s = _sizes(device)
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        out["harvest"] = h = harvest_vs_forward(device, root, s)
+        log(f"harvest ({h['model']}, hook {h['hookpoint']}): {h['harvest_tok_s']:,.0f} input tok/s vs bare forward "
+            f"+ host copy {h['bare_tok_s']:,.0f}: ratio {h['ratio']:.2f}")
+        out["buffer"] = b = buffer_vs_memory(device, root, s)
+        log(f"training {b['d']} x {b['L']}, k={b['k']}: from a bf16 buffer {b['buffer_tok_s']:,.0f} tok/s, from "
+            f"memory {b['memory_tok_s']:,.0f}: ratio {b['ratio']:.2f}; reader into {b['into']} "
+            f"{b['reader_to_device_gb_s']:.2f} GB/s")
+        out["live"] = v = live_vs_buffer(device, root, s, h["hookpoint"])
+        log(f"training {v['d']} x {v['L']}, k={v['k']} live (harvesting as it trains): {v['live_tok_s']:,.0f} tok/s, "
+            f"from the buffer: {v['buffer_tok_s']:,.0f}: ratio {v['ratio']:.2f}")
+    return out
