@@ -16,6 +16,8 @@ Prints, in one run, on the packaged MiniLM over the built-in corpus:
     into one reused buffer (no page faults: an upper bound no batch-producing reader reaches).
 (c) peak memory of a harvest of ``--memory-tokens`` rows (default 1M) in a fresh process: peak
     RSS (VmHWM) and RSS after 10%, 50% and 90% of the rows; flat and under 2 GiB is the target.
+(d) the reader into the training device (``ShardReader`` + ``DeviceFeed``: pinned staging and a
+    copy stream on a GPU), GB/s of bf16 activations; on a machine without a GPU, into host memory.
 """
 
 from __future__ import annotations
@@ -95,6 +97,33 @@ def bench_harvest(hookpoint: str, contexts: int, batch_size: int, repeats: int) 
     return {"input_tokens": n_input, "rows": rows, "bare_tok_s": n_input / tb, "harvest_tok_s": n_input / th,
             "harvest_rows_s": rows / th, "ratio": tb / th, "overhead": 1 - tb / th,
             "sync_tok_s": n_input / ts, "sync_overhead": 1 - tb / ts}
+
+
+def bench_to_device(shards: int, shard_tokens: int, d: int, batch_size: int, dtype: str = "bfloat16") -> dict:
+    """(d): ShardReader + DeviceFeed into the training device (a GPU when there is one: pinned staging,
+    copy stream), GB/s of activations as stored; one epoch after a warm-up epoch."""
+    from sae.buffer.device_feed import DeviceFeed
+    from sae.buffer.writer import ShardWriter
+    from sae.harvest.harvester import Chunk
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        w = ShardWriter(tmp, {"hookpoints": {"x": {"d": d}}, "hookpoint_order": ["x"]}, shard_tokens, dtype)
+        n = torch.arange(shard_tokens)
+        for _ in range(shards):
+            w.append(Chunk({"x": torch.randn(shard_tokens, d)}, n.int(), n.int(), n))
+        w.finish()
+
+        def epoch() -> float:
+            moved, t0 = 0, time.perf_counter()
+            for batch, _, _ in DeviceFeed(ShardReader(tmp, batch_size, heldout_shards=0, epochs=1), device, 2):
+                moved += batch.x.numel() * batch.x.element_size()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return moved / (time.perf_counter() - t0) / 1e9
+
+        epoch()
+        return {"device": str(device), "dtype": dtype, "gb_s": epoch()}
 
 
 def bench_reader(shards: int, shard_tokens: int, d: int, batch_size: int, repeats: int) -> dict[str, float]:
@@ -223,8 +252,12 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(["peak RSS MiB", "RSS @10% MiB", "RSS @50% MiB", "RSS @90% MiB"],
                          [[mem["peak_rss_mib"], mem["rss_mib_at_10pct"], mem["rss_mib_at_50pct"],
                            mem["rss_mib_at_90pct"]]]))
+    dev = bench_to_device(4 if a.quick else 8, 32768 if a.quick else 65536, 384, 4096)
+    where = "device memory (GPU)" if dev["device"] != "cpu" else "host memory (no GPU here)"
+    print(f"\n(d) reader into the training device: {dev['gb_s']:.2f} GB/s of {dev['dtype']} activations into {where}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "harvest": h, "reader": r, "memory": mem}, indent=2))
+        Path(a.json).write_text(json.dumps({"args": vars(a), "harvest": h, "reader": r, "memory": mem,
+                                            "to_device": dev}, indent=2))
 
 
 if __name__ == "__main__":
