@@ -114,7 +114,8 @@ def check_autoencode(c: Case, dtype: torch.dtype, device: torch.device) -> dict[
     _, rx, rerr = reference_autoencode(x.double(), idx, We, be, Wd, bd, b_pre_D=bd, y_BE=y.double())
     (rerr + 0.5 * rx.sum()).backward()
     names = ("g_W_enc", "g_b_enc", "g_W_dec", "g_b_dec")
-    errs = {"autoencode x_hat": rel(x_hat, rx), "autoencode err": abs(float(err) - float(rerr)) / abs(float(rerr))}
+    errs = {"autoencode x_hat": rel(x_hat, rx),
+            "autoencode err": abs(float(err.detach()) - float(rerr.detach())) / abs(float(rerr.detach()))}
     errs.update({f"autoencode {n}": rel(g, r.grad) for n, g, r in zip(names, grads, ref_leaves)})
     errs["bitwise repeat"] = 0.0 if deterministic else 1.0
     return errs
