@@ -22,6 +22,7 @@ for a negative one, which orders keys as the values (NaN above +inf, as in ``tor
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -31,6 +32,8 @@ import triton.language as tl
 from .dispatch import Backend, resolve_backend
 
 ENV_VAR = "SAE_TOPK_KERNEL"
+log = logging.getLogger(__name__)
+_failed: dict[str, str] = {}  # device type -> why the radix kernel could not run there (then torch.topk)
 
 
 @triton.jit
@@ -98,6 +101,14 @@ def _topk_bf16_kernel(s_ptr, vals_ptr, idx_ptr, L, K, s_sb, s_vb, s_ib, BLOCK: t
         ties_seen += tl.sum(eq, axis=0)
 
 
+def _check_args(scores_BL: torch.Tensor, k: int) -> None:
+    if scores_BL.dim() != 2 or scores_BL.dtype != torch.bfloat16 or scores_BL.stride(1) != 1:
+        raise ValueError(f"topk_bf16 needs a [B, L] bf16 tensor with contiguous rows; got {scores_BL.dtype} "
+                         f"{tuple(scores_BL.shape)} strides {scores_BL.stride()}")
+    if not 1 <= k <= scores_BL.shape[1]:
+        raise ValueError(f"k={k} must be in [1, L={scores_BL.shape[1]}]")
+
+
 def topk_bf16(scores_BL: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries of each row of a bf16 matrix: (values [B, k] bf16, indices [B, k]
     int64), in index order; ties at the k-th value go to the lower indices.
@@ -105,12 +116,8 @@ def topk_bf16(scores_BL: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     Raises:
         ValueError: not a 2-d bf16 tensor with unit stride along rows, or k outside [1, L].
     """
-    if scores_BL.dim() != 2 or scores_BL.dtype != torch.bfloat16 or scores_BL.stride(1) != 1:
-        raise ValueError(f"topk_bf16 needs a [B, L] bf16 tensor with contiguous rows; got {scores_BL.dtype} "
-                         f"{tuple(scores_BL.shape)} strides {scores_BL.stride()}")
+    _check_args(scores_BL, k)
     B, L = scores_BL.shape
-    if not 1 <= k <= L:
-        raise ValueError(f"k={k} must be in [1, L={L}]")
     vals = torch.empty(B, k, dtype=torch.bfloat16, device=scores_BL.device)
     idx = torch.empty(B, k, dtype=torch.int64, device=scores_BL.device)
     if B == 0:
@@ -131,6 +138,12 @@ def topk(scores_BL: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if choice not in ("radix", "torch"):
         raise ValueError(f"{ENV_VAR}={choice!r}; use radix (default) or torch")
     if choice == "radix" and scores_BL.dtype == torch.bfloat16 and scores_BL.dim() == 2 and \
-            scores_BL.stride(1) == 1 and resolve_backend(scores_BL.device) is Backend.TRITON:
-        return topk_bf16(scores_BL, k)
+            scores_BL.stride(1) == 1 and resolve_backend(scores_BL.device) is Backend.TRITON and \
+            scores_BL.device.type not in _failed:
+        _check_args(scores_BL, k)  # a bad call is the caller's error, not a reason to fall back
+        try:
+            return topk_bf16(scores_BL, k)
+        except Exception as e:  # noqa: BLE001 - a compiler or driver that cannot build or run it
+            _failed[scores_BL.device.type] = f"{type(e).__name__}: {e}"
+            log.warning("the radix top-k kernel failed on %s (%s); using torch.topk", scores_BL.device, e)
     return scores_BL.topk(k, dim=1, sorted=False)

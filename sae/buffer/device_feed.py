@@ -17,6 +17,7 @@ Sits between ``sae.buffer`` (sources) and ``sae.train`` (the trainer); shape leg
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,8 @@ from torch import Tensor
 
 from .prefetch import prefetched
 from .source import Batch
+
+log = logging.getLogger(__name__)
 
 Item = Batch | dict[str, Batch]
 
@@ -50,6 +53,13 @@ class DeviceFeed:
             return
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         for item, state, event in prefetched(lambda: self._stage_all(stream), self.depth):
+            if isinstance(event, Exception):  # staging failed (first batch): plain copies from here on
+                log.warning("staging batches onto %s failed (%s: %s); moving them in the training thread instead",
+                            self.device, type(event).__name__, event)
+                yield _map(item, lambda name, t: None if t is None else t.to(self.device)), None, None
+                for rest in self.source:
+                    yield rest, None, None
+                return
             if event is not None:
                 current = torch.cuda.current_stream(self.device)
                 current.wait_event(event)
@@ -63,17 +73,27 @@ class DeviceFeed:
         events: list[Any] = [None] * ring
         for i, item in enumerate(self.source):
             state = copy.deepcopy(self.source.state_dict())
-            if stream is None:
-                yield item, state, None
-                continue
             s = i % ring
-            if events[s] is not None:
-                events[s].synchronize()
-            with torch.cuda.stream(stream):
-                moved = _map(item, lambda name, t, bufs=slots[s]: self._to_device(bufs, name, t))
-                events[s] = torch.cuda.Event()
-                events[s].record(stream)
-            yield moved, state, events[s]
+            try:
+                moved, event = self._stage(item, slots[s], events[s], stream)
+            except Exception as e:  # noqa: BLE001 - handed over with the batch, which is not lost
+                yield item, state, e
+                return
+            events[s] = event
+            yield moved, state, event
+
+    def _stage(self, item: Item, bufs: dict[str, Tensor], last: Any, stream) -> tuple[Item, Any]:
+        """``item`` copied to the device through the pinned buffers ``bufs`` (after ``last``, the event
+        of their previous copies), and the event of these copies; on a CPU, ``item`` unchanged."""
+        if stream is None:
+            return item, None
+        if last is not None:
+            last.synchronize()
+        with torch.cuda.stream(stream):
+            moved = _map(item, lambda name, t: self._to_device(bufs, name, t))
+            event = torch.cuda.Event()
+            event.record(stream)
+        return moved, event
 
     def _to_device(self, bufs: dict[str, Tensor], name: str, t: Tensor | None) -> Tensor | None:
         if t is None:

@@ -241,9 +241,7 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 try:
-                    batch, state, _ = next(batches)
-                    if state is not None:
-                        self._source_state = state
+                    batch, self._source_state, _ = next(batches)  # None: the source itself is current
                 except StopIteration:
                     log.warning("activation source exhausted after %d steps", self.step)
                     break

@@ -63,3 +63,22 @@ def test_dispatch_and_bad_input(triton_ops, monkeypatch):
         topk_bf16(s.float(), 4)
     with pytest.raises(ValueError, match="k=41"):
         topk_bf16(s, 41)
+
+
+def test_a_kernel_that_cannot_run_falls_back_to_torch_topk(triton_ops, monkeypatch, caplog):
+    import sae_kernels.topk_select as T
+
+    monkeypatch.setattr(T, "_failed", {})
+
+    def broken(scores, k):
+        raise RuntimeError("ptxas: unsupported architecture")
+
+    monkeypatch.setattr(T, "topk_bf16", broken)
+    s = torch.randn(3, 40).to(torch.bfloat16)
+    with caplog.at_level("WARNING"):
+        vals, _ = topk(s, 4)
+        topk(s, 4)
+    torch.testing.assert_close(vals.float().sort(1).values, s.topk(4).values.float().sort(1).values)
+    assert caplog.text.count("failed on cpu") == 1 and "cpu" in T._failed
+    with pytest.raises(ValueError, match="k=41"):  # a bad call is still an error, not a fallback
+        topk(s, 41)

@@ -115,3 +115,20 @@ def test_batches_read_ahead_by_a_device_feed_resume_exactly(tmp_path, source):
     resumed.fit()
     for name, p in straight.saes["topk"].state_dict().items():
         assert torch.equal(resumed.saes["topk"].state_dict()[name], p), name
+
+
+def test_a_feed_that_cannot_stage_falls_back_without_losing_a_batch(tmp_path, caplog):
+    """If staging onto the device fails (a driver without pinned memory, say), the batch it held is
+    still trained on, the rest move in the training thread, and a warning says so."""
+    from sae.buffer.device_feed import DeviceFeed
+
+    class Broken(DeviceFeed):
+        def _stage(self, item, bufs, last, stream):
+            raise RuntimeError("no pinned memory here")
+
+    x = torch.arange(64 * 4, dtype=torch.float32).reshape(64, 4)
+    src = TensorSource(x, batch_size=8, shuffle=False, epochs=1)
+    with caplog.at_level("WARNING"):
+        got = [(b.x[0, 0].item(), state) for b, state, _ in Broken(src, torch.device("cpu"), 2, threaded=True)]
+    assert [v for v, _ in got] == [float(8 * 4 * i) for i in range(8)]  # every batch, in order
+    assert all(state is None for _, state in got[1:]) and "no pinned memory here" in caplog.text
