@@ -51,6 +51,9 @@ class EvalConfig:
     dead_window_tokens: int = 0  # > 0: also report latents silent for this many tokens; 0: whole eval set only
     splice: SpliceConfig = field(default_factory=SpliceConfig)
     examples: ExamplesConfig = field(default_factory=ExamplesConfig)
+    # Feature statistics (mean max cosine between encoder rows / decoder rows): over this many
+    # sampled latents, each compared with all of them (0: every latent; cost samples x L x d).
+    feature_stats_latents: int = 4096
     plots: bool = True
     html: bool = True
     # Let the model of a live-trained SAE run its own Python (transformers' trust_remote_code). Only
@@ -68,6 +71,8 @@ def validate_eval(cfg: EvalConfig) -> None:
         (cfg.batch_size > 0, "batch_size", cfg.batch_size, "must be > 0"),
         (0 < cfg.dense_threshold <= 1, "dense_threshold", cfg.dense_threshold, "must be in (0, 1]"),
         (cfg.dead_window_tokens >= 0, "dead_window_tokens", cfg.dead_window_tokens, "must be >= 0"),
+        (cfg.feature_stats_latents >= 0, "feature_stats_latents", cfg.feature_stats_latents,
+         "must be >= 0 (0: every latent)"),
         (cfg.splice.contexts > 0, "splice.contexts", cfg.splice.contexts, "must be > 0 (or splice.enabled=false)"),
         (cfg.splice.batch_size > 0, "splice.batch_size", cfg.splice.batch_size, "must be > 0"),
         (cfg.splice.kind in SPLICE_KINDS, "splice.kind", cfg.splice.kind, f"must be one of {', '.join(SPLICE_KINDS)}"),

@@ -117,6 +117,8 @@ class ReconstructionStats:
     shift: Tensor | None = None
     y_sum: Tensor | None = None  # sum of (y - shift)
     y_sq_sum: float = 0.0  # sum of ||y - shift||^2
+    y_hat_sq_sum: float = 0.0  # sum of ||y_hat||^2
+    dot_sum: float = 0.0  # sum of <y, y_hat>
 
     def update(self, y_hat: Tensor, y: Tensor) -> ReconstructionStats:
         y64, yh64 = y.double(), y_hat.double()
@@ -134,6 +136,8 @@ class ReconstructionStats:
         s = c.sum(0)
         self.y_sum = s if self.y_sum is None else self.y_sum + s
         self.y_sq_sum += c.pow(2).sum().item()
+        self.y_hat_sq_sum += yh64.pow(2).sum().item()
+        self.dot_sum += (yh64 * y64).sum().item()
         return self
 
     @property
@@ -166,11 +170,38 @@ class ReconstructionStats:
         """Mean ||y_hat|| / ||y|| over tokens with y != 0 (shrinkage below 1)."""
         return self.norm_ratio_sum / self.n_nonzero if self.n_nonzero else float("nan")
 
+    @property
+    def relative_reconstruction_bias(self) -> float:
+        """``E ||y_hat||^2 / E <y, y_hat>`` (Rajamanoharan et al. 2024, eq. 10; SAEBench core): the
+        scale of the best rescaling of y_hat onto y, inverted; 1 is unbiased, < 1 shrinkage."""
+        return self.y_hat_sq_sum / self.dot_sum if self.dot_sum else float("nan")
+
     def as_dict(self) -> dict[str, float]:
         return {
             "mse": self.mse, "fvu": self.fvu, "explained_variance": self.explained_variance,
             "cosine": self.cosine, "relative_norm": self.relative_norm,
+            "relative_reconstruction_bias": self.relative_reconstruction_bias,
         }
+
+
+@torch.no_grad()
+def mean_max_cosine(W_LD: Tensor, sample: int = 0, seed: int = 0, chunk: int = 1024) -> float:
+    """Mean over latents of the largest cosine between a latent's row of ``W`` and any other row
+    (SAEBench's feature statistics: encoder rows, decoder rows). ``sample > 0`` averages over that
+    many seeded latents, each still compared with all L (cost ``sample x L x D``)."""
+    W = torch.nn.functional.normalize(W_LD.detach().float(), dim=1)
+    L = W.shape[0]
+    if L < 2:
+        return float("nan")
+    rows = torch.arange(L) if not 0 < sample < L else torch.randperm(L, generator=torch.Generator().manual_seed(
+        seed))[:sample].sort().values
+    best = []
+    for start in range(0, rows.numel(), chunk):
+        r = rows[start:start + chunk].to(W.device)
+        sims = W[r] @ W.T
+        sims[torch.arange(r.numel(), device=W.device), r] = -2.0  # not the latent itself
+        best.append(sims.max(dim=1).values)
+    return float(torch.cat(best).double().mean())
 
 
 @dataclass

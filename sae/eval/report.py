@@ -27,6 +27,7 @@ SUMMARY_ROWS = [
     ("mse", "MSE", "{:.4g}"),
     ("cosine", "cosine similarity", "{:.4f}"),
     ("relative_norm", "relative norm ||x̂|| / ||x||", "{:.4f}"),
+    ("relative_reconstruction_bias", "relative reconstruction bias E||x̂||² / E⟨x, x̂⟩", "{:.4f}"),
     ("l0", "L0 (mean active latents per token)", "{:.2f}"),
     ("l0_p50", "L0 median", "{:.0f}"),
     ("l0_p90", "L0 90th percentile", "{:.0f}"),
@@ -34,6 +35,8 @@ SUMMARY_ROWS = [
     ("dead_fraction", "dead latents (never fired on the eval set)", "{:.2%}"),
     ("dead_fraction_window", "dead latents (silent for the window)", "{:.2%}"),
     ("dense_fraction", "dense latents (fire on > threshold of tokens)", "{:.2%}"),
+    ("encoder_mean_max_cosine", "mean max cosine between encoder rows", "{:.4f}"),
+    ("decoder_mean_max_cosine", "mean max cosine between decoder rows", "{:.4f}"),
     ("tokens", "eval tokens", "{:,.0f}"),
 ]
 SPLICE_ROWS = [
@@ -45,6 +48,7 @@ SPLICE_ROWS = [
     ("ce_loss_mean", "CE loss, mean ablation", "{:.4f}"),
     ("kl_div_sae", "KL(clean || SAE), next-token", "{:.4g}"),
     ("kl_div_zero", "KL(clean || zero ablation)", "{:.4g}"),
+    ("kl_div_score", "KL score (KL_zero - KL_SAE) / KL_zero", "{:.4f}"),
     ("pooled_cosine_sae", "sentence embedding cosine, SAE vs clean", "{:.4f}"),
     ("pooled_cosine_zero", "sentence embedding cosine, zero ablation", "{:.4f}"),
     ("pooled_cosine_mean", "sentence embedding cosine, mean ablation", "{:.4f}"),

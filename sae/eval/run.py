@@ -46,7 +46,7 @@ from .data import (
 )
 from .examples import pick_latents, top_examples
 from .lm import SAEReconstructor, load_eval_model, normalizer_from_dict
-from .metrics import ReconstructionStats, SparsityStats
+from .metrics import ReconstructionStats, SparsityStats, mean_max_cosine
 from .report import examples_json, package_versions, render_html
 from .splice import resolve_site, splice_eval
 
@@ -301,6 +301,9 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     inp = open_inputs(cfg, meta)
     rec, spa = score_rows(sae, inp.rows, device, cfg.dead_window_tokens)
     metrics = {**rec.as_dict(), **spa.as_dict(cfg.dense_threshold), "tokens": float(rec.n_tokens)}
+    n = cfg.feature_stats_latents
+    metrics["encoder_mean_max_cosine"] = mean_max_cosine(sae.W_enc, n)
+    metrics["decoder_mean_max_cosine"] = mean_max_cosine(sae.W_dec, n)
     if inp.rows.source == "synthetic":
         from sae.buffer.synthetic import feature_recovery
 

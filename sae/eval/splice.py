@@ -194,6 +194,9 @@ class _CausalScores:
         for abl, key in (("zero", "ce_loss_recovered"), ("mean", "ce_loss_recovered_mean")):
             gap = ce[abl] - ce["clean"]
             out[key] = (ce[abl] - ce["sae"]) / gap if gap != 0 else float("nan")
+        # SAEBench's normalized KL score: the share of the zero ablation's KL the SAE avoids.
+        kz = out.get("kl_div_zero", 0.0)
+        out["kl_div_score"] = (kz - out["kl_div_sae"]) / kz if kz else float("nan")
         out["tokens"] = float(self.n_ce)
         return out
 
