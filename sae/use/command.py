@@ -1,0 +1,131 @@
+"""``sae-steer`` and ``sae-attribute``: the command-line side of :mod:`.steer` and :mod:`.attribute`.
+
+Both load the SAE with :func:`sae.export.load_pretrained` (our, SAELens or sparsify format, a
+folder or a Hub repo; raw-activation space) and the causal LM it was trained on (recorded in the
+SAE's folder, or ``--model``), at the hook point it was trained on (or ``--hook``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+STEER_HELP = """Generate with and without SAE-latent interventions; write steering.jsonl and steering.html.
+
+  sae-steer --sae runs/x/final/topk --prompt "The capital of France is" --intervene add:123:8
+  sae-steer --sae out/layers.3 --model gpt2 --prompts prompts.txt --intervene clamp:77:0@5 --out runs/steer
+
+Interventions (repeatable): add:LATENT:COEFFICIENT (adds COEFFICIENT x W_dec[LATENT]) or
+clamp:LATENT:VALUE (sets the latent to VALUE, keeping the SAE's error term; VALUE may be 'own'),
+each optionally followed by @POSITION (from that token position on)."""
+
+ATTRIBUTE_HELP = """Attribute the logit of a target token to SAE latents (activation x gradient, every position).
+
+  sae-attribute --sae runs/x/final/topk --prompt "The capital of France is" --target " Paris" --check 10"""
+
+
+def recorded_model(info) -> str:
+    """The model an SAE was trained on, from what its folder records ("" when nothing does)."""
+    if info.model_name:
+        return info.model_name
+    data = (info.cfg or {}).get("data") or {}
+    if data.get("source") == "live":
+        return ((data.get("live") or {}).get("model") or {}).get("name", "")
+    path = (data.get("buffer") or {}).get("path")
+    if data.get("source") == "buffer" and path and (Path(path) / "manifest.json").is_file():
+        return json.loads((Path(path) / "manifest.json").read_text()).get("model", {}).get("name", "")
+    return ""
+
+
+def load(args) -> tuple[Any, Any, Any, str]:
+    """(causal LM, tokenizer, SAE, hook point) from the shared arguments."""
+    from sae.eval.lm import load_eval_model
+    from sae.export import load_pretrained_with_info
+    from sae.harvest.config import ModelConfig
+
+    info = load_pretrained_with_info(args.sae, args.sae_hookpoint or None, device="cpu")
+    model_name = args.model or recorded_model(info)
+    if not model_name:
+        raise ValueError(f"{args.sae} does not record the model it was trained on; pass --model")
+    hook = args.hook or info.hookpoint
+    if not hook:
+        raise ValueError(f"{args.sae} does not record its hook point; pass --hook")
+    lm, kind = load_eval_model(ModelConfig(name=model_name, device=args.device, dtype=args.dtype), "causal_lm")
+    return lm.model, lm.tokenizer, info.sae.to(lm.device), hook
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sae", required=True, help="SAE folder or Hub repo (our, SAELens or sparsify format)")
+    p.add_argument("--sae-hookpoint", default="", help="which SAE of a folder/repo holding several")
+    p.add_argument("--model", default="", help="causal LM (default: the one the SAE records)")
+    p.add_argument("--hook", default="", help="hook point (default: the one the SAE records)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32")
+
+
+def steer_main(argv: list[str] | None = None) -> None:
+    from .steer import Intervention, describe, steer_prompts, write_outputs
+
+    p = argparse.ArgumentParser(prog="sae-steer", description=STEER_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    p.add_argument("--prompts", default="", help="a text file, one prompt per line")
+    p.add_argument("--intervene", action="append", default=[], help="add:LATENT:COEF or clamp:LATENT:VALUE[@POS]")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--out", default="runs/steer")
+    a = p.parse_args(argv)
+    try:
+        prompts = list(a.prompt) + ([ln for ln in Path(a.prompts).read_text().splitlines() if ln.strip()]
+                                    if a.prompts else [])
+        if not prompts or not a.intervene:
+            raise ValueError("give at least one --prompt (or --prompts FILE) and one --intervene")
+        ivs = [Intervention.parse(t) for t in a.intervene]
+        model, tok, sae, hook = load(a)
+        rows = steer_prompts(model, tok, sae, hook, prompts, ivs, a.max_new_tokens)
+        jsonl, page = write_outputs(rows, a.out, f"Steering at {hook}: {a.sae}")
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"sae-steer: error: {e}")
+    for r in rows:
+        print(f"prompt:   {r['prompt']!r}\n baseline: {r['baseline']!r}\n steered:  {r['steered']!r}")
+    print(f"{'; '.join(describe(iv) for iv in rows[0]['interventions'])}\nwrote {jsonl} and {page}")
+
+
+def attribute_main(argv: list[str] | None = None) -> None:
+    from .attribute import ablation_effects, attribute, spearman
+
+    p = argparse.ArgumentParser(prog="sae-attribute", description=ATTRIBUTE_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    p.add_argument("--target", required=True, help="the next token (one token) or its id (#ID)")
+    p.add_argument("--position", type=int, default=-1, help="whose next-token logit (default: the last)")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--check", type=int, default=0, help="also ablate the top N latents and compare ranks")
+    p.add_argument("--out", default="", help="write the attributions as JSON here")
+    a = p.parse_args(argv)
+    try:
+        if len(a.prompt) != 1:
+            raise ValueError("give exactly one --prompt")
+        model, tok, sae, hook = load(a)
+        target = int(a.target[1:]) if a.target.startswith("#") and a.target[1:].isdigit() else a.target
+        result = attribute(model, tok, sae, hook, a.prompt[0], target, a.position)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"sae-attribute: error: {e}")
+    print(f"target {result.target!r} (id {result.target_id}) after position {result.position}: logit "
+          f"{result.logit:.4f}\n latent   attribution")
+    for latent, total in result.top(a.top):
+        print(f" {latent:6d}   {total:+.5f}")
+    out = result.as_json(max(a.top, a.check))
+    if a.check:
+        top = [latent for latent, _ in result.top(a.check)]
+        effects = ablation_effects(model, tok, sae, hook, result, top)
+        rho = spearman([result.totals[latent] for latent in top], [effects[latent] for latent in top])
+        out["ablation_check"] = {"effects": effects, "spearman": rho}
+        print(f"ablating the top {len(top)} one at a time: rank correlation with the attributions {rho:.3f}")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(out, indent=1))
+        print(f"wrote {a.out}")
