@@ -33,6 +33,9 @@ class ExamplesConfig:
     before: int = 12  # tokens shown before the activating token
     after: int = 4  # tokens shown after it
     seed: int = 0
+    histogram_bins: int = 24  # bins of each latent's activation histogram
+    logit_tokens: int = 8  # promoted and suppressed tokens shown (causal LMs; 0: none)
+    neighbours: int = 5  # nearest decoder neighbours shown (0: none)
 
 
 @dataclass
@@ -80,6 +83,9 @@ def validate_eval(cfg: EvalConfig) -> None:
         (cfg.examples.per_latent > 0, "examples.per_latent", cfg.examples.per_latent, "must be > 0"),
         (cfg.examples.before >= 0 and cfg.examples.after >= 0, "examples.before", cfg.examples.before,
          "and examples.after must be >= 0"),
+        (cfg.examples.histogram_bins > 0, "examples.histogram_bins", cfg.examples.histogram_bins, "must be > 0"),
+        (cfg.examples.logit_tokens >= 0, "examples.logit_tokens", cfg.examples.logit_tokens, "must be >= 0"),
+        (cfg.examples.neighbours >= 0, "examples.neighbours", cfg.examples.neighbours, "must be >= 0"),
     ]
     for ok, name, value, msg in checks:
         if not ok:

@@ -10,7 +10,7 @@ a context are consecutive in the buffer, in position order).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from sae.models import Codes, SparseCoder, SparseCodes
 
+from .dashboards import Dashboard, activation_histogram
 from .data import EvalSet
 
 
@@ -42,6 +43,8 @@ class LatentExamples:
     frequency: float
     max_activation: float
     examples: list[Example]
+    dashboard: Dashboard = field(default_factory=Dashboard)
+    """Histogram of its activations, decoder neighbours, promoted/suppressed tokens (:mod:`.dashboards`)."""
 
 
 def pick_latents(frequencies_L: Tensor, n: int, seed: int = 0) -> list[int]:
@@ -81,8 +84,10 @@ def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
 
 @torch.no_grad()
 def top_examples(sae: SparseCoder, rows: EvalSet, latents: list[int], tokenizer: Any, *, per_latent: int,
-                 before: int, after: int, device: torch.device | str = "cpu") -> list[LatentExamples]:
-    """Top contexts of ``latents`` over ``rows`` (which must carry token ids).
+                 before: int, after: int, device: torch.device | str = "cpu", bins: int = 24
+                 ) -> list[LatentExamples]:
+    """Top contexts of ``latents`` over ``rows`` (which must carry token ids), and the histogram
+    (``bins`` bins) of each latent's non-zero activations.
 
     Raises:
         ValueError: rows without token ids (synthetic data).
@@ -129,5 +134,5 @@ def top_examples(sae: SparseCoder, rows: EvalSet, latents: list[int], tokenizer:
             if len(examples) == per_latent:
                 break
         out.append(LatentExamples(latent, float(mask.sum()) / offset, float(vals_s.max()) if vals_s.numel() else 0.0,
-                                  examples))
+                                  examples, Dashboard(histogram=activation_histogram(vals_s, bins))))
     return out

@@ -1,22 +1,26 @@
 """The outputs of ``sae-eval``: ``report.json`` (everything, machine-readable) and ``report.html``.
 
 The HTML is one static file that opens offline: a summary table, the spliced-model table, the
-plots embedded as base64 PNG (the PNG files sit next to it as well), and the top-activating
-contexts of sampled latents with each token shaded by the latent's activation. A small inline
-script counts images that failed to decode and shows a warning banner if any did; it also marks
-``<body>`` with ``data-images-ok="<loaded>/<total>"`` and the page boxes (x,y,w,h) of every image
-and table, which the headless-browser check (:mod:`sae.eval.screenshot`) reads.
+plots embedded as base64 PNG (the PNG files sit next to it as well), and a dashboard for each
+sampled latent: its activation histogram (inline SVG), the tokens its decoder direction promotes
+and suppresses (causal LMs), its nearest decoder neighbours, and its top-activating contexts with
+each token shaded by the latent's activation. A small inline script counts images that failed to
+decode and shows a warning banner if any did; it also marks ``<body>`` with
+``data-images-ok="<loaded>/<total>"`` and the page boxes (x,y,w,h) of every image, table and
+latent dashboard panel, which the headless-browser check (:mod:`sae.eval.screenshot`) reads.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import importlib.metadata
 import platform
 from pathlib import Path
 from typing import Any
 
+from .dashboards import Dashboard, Histogram
 from .examples import LatentExamples
 
 PACKAGES = ("sae-forge", "torch", "transformers", "safetensors", "numpy", "matplotlib", "hydra-core")
@@ -68,7 +72,10 @@ td,th{border:1px solid #ddd;padding:4px 10px;font-size:14px;text-align:left}td.v
 .plots img{max-width:540px;border:1px solid #eee}.plots img.wide{max-width:1100px}
 .latent{margin:14px 0}.ex{font-family:monospace;font-size:13px;white-space:pre-wrap;margin:2px 0;padding:2px 4px;
 background:#fafafa;border-left:3px solid #ddd}.ex .val{color:#888;display:inline-block;width:64px}
-.tok{border-radius:2px}.focus{outline:1px solid #c05000}#broken{display:none;background:#fdd;padding:8px;
+.dash{display:flex;flex-wrap:wrap;gap:18px;margin:4px 0 6px 0}.panel{font-size:13px;max-width:300px}
+.panel .meta{font-size:12px}.chip{display:inline-block;font-family:monospace;font-size:12px;padding:1px 4px;margin:1px;
+border-radius:3px}.up{background:#d6f0d6}.down{background:#f6d6d6}svg.hist rect{fill:#e08a2c}
+svg.hist text{font-size:10px;fill:#666}.tok{border-radius:2px}.focus{outline:1px solid #c05000}#broken{display:none;background:#fdd;padding:8px;
 border:1px solid #c00;color:#900}
 """
 _SCRIPT = """
@@ -82,6 +89,9 @@ window.addEventListener('load', function () {
   document.body.setAttribute('data-images-ok', ok + '/' + imgs.length);
   document.body.setAttribute('data-image-boxes', imgs.map(box).join(';'));
   document.body.setAttribute('data-table-boxes', Array.prototype.map.call(document.querySelectorAll('table'), box)
+    .join(';'));
+  document.body.setAttribute('data-page-height', document.documentElement.scrollHeight);
+  document.body.setAttribute('data-panel-boxes', Array.prototype.map.call(document.querySelectorAll('.panel'), box)
     .join(';'));
   if (ok < imgs.length) {
     var b = document.getElementById('broken');
@@ -127,11 +137,53 @@ def _token_span(tok: str, act: float, peak: float, focus: bool) -> str:
     return f"<span class='{cls}' style='background:rgba(255,140,0,{alpha:.2f})'{title}>{text}</span>"
 
 
-def _examples_html(latents: list[LatentExamples]) -> str:
+def _histogram_svg(h: Histogram, width: int = 240, height: int = 64) -> str:
+    peak = max(h.counts) or 1
+    bar_w = width / len(h.counts)
+    bars = []
+    for i, c in enumerate(h.counts):
+        bh = (height - 14) * c / peak
+        lo, hi = h.edges[i], h.edges[i + 1]
+        bars.append(f"<rect x='{i * bar_w:.1f}' y='{height - 14 - bh:.1f}' width='{max(bar_w - 1, 1):.1f}' "
+                    f"height='{bh:.1f}'><title>{lo:.3g} to {hi:.3g}: {c}</title></rect>")
+    return (f"<svg class='hist' width='{width}' height='{height}' role='img'>" + "".join(bars)
+            + f"<text x='0' y='{height - 2}'>{h.edges[0]:.3g}</text>"
+            + f"<text x='{width}' y='{height - 2}' text-anchor='end'>{h.edges[-1]:.3g}</text></svg>")
+
+
+def _chips(effects: list, cls: str) -> str:
+    return "".join(f"<span class='chip {cls}' title='{e.value:+.3g} (token {e.token_id})'>"
+                   f"{html.escape(e.token.replace(chr(10), '↵'))}</span>" for e in effects)
+
+
+def _dashboard_html(d: Dashboard, shown: set[int], tokens_note: str) -> str:
+    panels = []
+    if d.histogram is not None:
+        n = sum(d.histogram.counts)
+        panels.append(f"<div class='panel'><div class='meta'>activations when firing ({n:,} tokens)</div>"
+                      f"{_histogram_svg(d.histogram)}</div>")
+    if d.promoted or d.suppressed:
+        panels.append(f"<div class='panel'><div class='meta'>promotes (W_U · decoder)</div>{_chips(d.promoted, 'up')}"
+                      f"<div class='meta'>suppresses</div>{_chips(d.suppressed, 'down')}</div>")
+    elif tokens_note:
+        panels.append(f"<div class='panel'><div class='meta'>promoted tokens: {html.escape(tokens_note)}</div></div>")
+    if d.neighbours:
+        items = []
+        for nb in d.neighbours:
+            name = f"<a href='#latent-{nb.latent}'>{nb.latent}</a>" if nb.latent in shown else str(nb.latent)
+            items.append(f"<div>{name} <span class='meta'>cos {nb.cosine:.3f}</span></div>")
+        panels.append("<div class='panel'><div class='meta'>nearest decoder neighbours</div>" + "".join(items)
+                      + "</div>")
+    return "<div class='dash'>" + "".join(panels) + "</div>" if panels else ""
+
+
+def _examples_html(latents: list[LatentExamples], tokens_note: str = "") -> str:
     parts = []
+    shown = {le.latent for le in latents}
     for le in latents:
-        parts.append(f"<div class='latent'><b>latent {le.latent}</b> <span class='meta'>frequency "
-                     f"{le.frequency:.3g}, max activation {le.max_activation:.3g}</span>")
+        parts.append(f"<div class='latent' id='latent-{le.latent}'><b>latent {le.latent}</b> <span class='meta'>"
+                     f"frequency {le.frequency:.3g}, max activation {le.max_activation:.3g}</span>")
+        parts.append(_dashboard_html(le.dashboard, shown, tokens_note))
         for ex in le.examples:
             toks = "".join(_token_span(t, a, le.max_activation, i == ex.focus)
                            for i, (t, a) in enumerate(zip(ex.tokens, ex.acts)))
@@ -160,11 +212,14 @@ def render_html(report: dict[str, Any], plots: dict[str, Path], examples: list[L
         body.append("<h2>Plots</h2><div class='plots'>")
         body += [_img(p, name) for name, p in plots.items()]
         body.append("</div>")
-    body.append("<h2>Top-activating contexts</h2>")
+    body.append("<h2>Latent dashboards</h2>")
     if examples:
-        body.append("<p class='meta'>Sampled latents across the frequency range; each line is one context, the "
-                    "outlined token is where the latent fires most, shading is the activation.</p>")
-        body.append(_examples_html(examples))
+        body.append("<p class='meta'>Sampled latents across the frequency range. For each: the histogram of its "
+                    "non-zero activations on the eval rows; the tokens its decoder direction promotes and suppresses "
+                    "on the direct path through the unembedding (causal LMs; hover for the logit change per unit "
+                    "activation); its nearest latents by decoder cosine; then its top-activating contexts, one per "
+                    "line, the outlined token where it fires most, shading the activation.</p>")
+        body.append(_examples_html(examples, report.get("logit_tokens_skipped", "")))
     else:
         body.append(f"<p class='meta'>none: {html.escape(report.get('examples_skipped', 'no token ids'))}</p>")
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
@@ -173,4 +228,4 @@ def render_html(report: dict[str, Any], plots: dict[str, Path], examples: list[L
 
 def examples_json(examples: list[LatentExamples]) -> list[dict[str, Any]]:
     return [{"latent": le.latent, "frequency": le.frequency, "max_activation": le.max_activation,
-             "examples": [vars(ex) for ex in le.examples]} for le in examples]
+             "examples": [vars(ex) for ex in le.examples], **dataclasses.asdict(le.dashboard)} for le in examples]

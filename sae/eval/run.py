@@ -44,6 +44,7 @@ from .data import (
     synthetic_rows,
     text_config_from_manifest,
 )
+from .dashboards import add_panels, unembedding
 from .examples import pick_latents, top_examples
 from .lm import SAEReconstructor, load_eval_model, normalizer_from_dict
 from .metrics import ReconstructionStats, SparsityStats, mean_max_cosine
@@ -309,13 +310,19 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
 
         metrics["feature_recovery"] = feature_recovery(inp.rows.info["features"], sae.W_dec.cpu()).item()
     splice = _splice(cfg, sae, inp)
-    examples, examples_skipped = [], ""
+    examples, examples_skipped, tokens_skipped = [], "", ""
     if inp.lm is None:
         examples_skipped = inp.no_model
     elif cfg.examples.num_latents > 0:
-        latents = pick_latents(spa.frequencies, cfg.examples.num_latents, cfg.examples.seed)
-        examples = top_examples(sae, inp.rows, latents, inp.lm.tokenizer, per_latent=cfg.examples.per_latent,
-                                before=cfg.examples.before, after=cfg.examples.after, device=device)
+        ex = cfg.examples
+        latents = pick_latents(spa.frequencies, ex.num_latents, ex.seed)
+        examples = top_examples(sae, inp.rows, latents, inp.lm.tokenizer, per_latent=ex.per_latent,
+                                before=ex.before, after=ex.after, device=device, bins=ex.histogram_bins)
+        W_U = unembedding(inp.lm.model) if inp.kind == "causal_lm" else None
+        tokens_skipped = add_panels([le.dashboard for le in examples], sae.W_dec, [le.latent for le in examples],
+                                    neighbours=ex.neighbours, tokens=ex.logit_tokens, W_U=W_U,
+                                    out_scale=inp.y_norm.scale if inp.y_norm.mode != "none" else 1.0,
+                                    tokenizer=inp.lm.tokenizer)
     out = Path(cfg.out_dir) if cfg.out_dir else sae_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     norms = plots.decoder_norms(sae.W_dec)
@@ -340,6 +347,8 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     }
     if examples_skipped:
         report["examples_skipped"] = examples_skipped
+    if tokens_skipped:
+        report["logit_tokens_skipped"] = tokens_skipped
     made = _write_plots(out, sae_dir, spa, norms, metrics) if cfg.plots else {}
     report["plots"] = {name: p.name for name, p in made.items()}
     write_json_atomic(out / "report.json", _finite(report))

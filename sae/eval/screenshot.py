@@ -2,9 +2,10 @@
 
     python -m sae.eval.screenshot runs/x/final/topk/eval/report.html report.png
 
-Two browser runs at the same window size: ``--dump-dom`` reads the marks the page's own script
-sets after its load event (images decoded, and the page boxes of images and tables), then
-``--screenshot`` renders the page. Every image or table box inside the screenshot must hold
+Two browser runs at the same window width: ``--dump-dom`` reads the marks the page's own script
+sets after its load event (images decoded, the page boxes of images, tables and latent dashboard
+panels, and the page height), then ``--screenshot`` renders the whole page (window as tall as the
+page, at most ``max_height``). Every image, table or panel box inside the screenshot must hold
 pixels that are not uniform (a broken or empty image renders blank). Prints the result and exits
 1 on any failure. Needs the Debian ``chromium`` package (``launch/setup.sh`` installs it when
 run as root) or any Chrome on PATH.
@@ -29,13 +30,29 @@ Box = tuple[int, int, int, int]
 
 
 @dataclass
+class PageMarks:
+    """What the page's script recorded after its load event."""
+
+    images_ok: int
+    images: int
+    image_boxes: list[Box]
+    table_boxes: list[Box]
+    panel_boxes: list[Box]
+    """Latent dashboard panels (histogram, promoted/suppressed tokens, neighbours)."""
+    height: int
+    """Page height in CSS pixels (0 when the page did not say)."""
+
+
+@dataclass
 class PageCheck:
     images_ok: int
     images: int
     image_boxes: list[Box]
     table_boxes: list[Box]
+    panel_boxes: list[Box]
     blank: list[Box]
-    """Image/table boxes inside the screenshot whose pixels are uniform."""
+    """Image/table/panel boxes inside the screenshot whose pixels are uniform."""
+    screenshot_height: int
 
     @property
     def ok(self) -> bool:
@@ -83,9 +100,8 @@ def _boxes(dom: str, attr: str) -> list[Box]:
     return [tuple(int(v) for v in part.split(",")) for part in m.group(1).split(";")]
 
 
-def page_marks(html: str | Path, width: int = 1200, height: int = 2000, timeout: float = 120
-               ) -> tuple[int, int, list[Box], list[Box]]:
-    """(images decoded, images, image boxes, table boxes) after the page's load event.
+def page_marks(html: str | Path, width: int = 1200, height: int = 2000, timeout: float = 120) -> PageMarks:
+    """The marks the page's script set after its load event.
 
     Raises:
         RuntimeError: the page set no ``data-images-ok`` mark (its script did not run).
@@ -95,8 +111,10 @@ def page_marks(html: str | Path, width: int = 1200, height: int = 2000, timeout:
     if m is None:
         raise RuntimeError(f"the page set no data-images-ok mark (exit {proc.returncode}); stderr: "
                            f"{proc.stderr[-2000:]}")
-    return int(m.group(1)), int(m.group(2)), _boxes(proc.stdout, "data-image-boxes"), _boxes(
-        proc.stdout, "data-table-boxes")
+    h = re.search(r'data-page-height="(\d+)"', proc.stdout)
+    return PageMarks(int(m.group(1)), int(m.group(2)), _boxes(proc.stdout, "data-image-boxes"),
+                     _boxes(proc.stdout, "data-table-boxes"), _boxes(proc.stdout, "data-panel-boxes"),
+                     int(h.group(1)) if h else 0)
 
 
 def blank_boxes(png: str | Path, boxes: list[Box], min_std: float = 2.0) -> list[Box]:
@@ -114,11 +132,15 @@ def blank_boxes(png: str | Path, boxes: list[Box], min_std: float = 2.0) -> list
     return out
 
 
-def check_report(html: str | Path, png: str | Path, width: int = 1200, height: int = 2000) -> PageCheck:
-    """Screenshot ``html`` into ``png`` and check images decoded and image/table areas are not blank."""
-    ok, total, images, tables = page_marks(html, width, height)
-    screenshot(html, png, width, height)
-    return PageCheck(ok, total, images, tables, blank_boxes(png, images + tables))
+def check_report(html: str | Path, png: str | Path, width: int = 1200, height: int = 2000,
+                 max_height: int = 16000) -> PageCheck:
+    """Screenshot the whole of ``html`` (up to ``max_height`` pixels) into ``png`` and check that
+    images decoded and that image, table and panel areas are not blank."""
+    m = page_marks(html, width, height)
+    shot_h = max(height, min(m.height, max_height))
+    screenshot(html, png, width, shot_h)
+    return PageCheck(m.images_ok, m.images, m.image_boxes, m.table_boxes, m.panel_boxes,
+                     blank_boxes(png, m.image_boxes + m.table_boxes + m.panel_boxes), shot_h)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,11 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("html")
     ap.add_argument("png")
     ap.add_argument("--width", type=int, default=1200)
-    ap.add_argument("--height", type=int, default=2000)
+    ap.add_argument("--height", type=int, default=2000, help="window height for layout (the screenshot is as tall "
+                    "as the page, up to --max-height)")
+    ap.add_argument("--max-height", type=int, default=16000)
     args = ap.parse_args(argv)
-    check = check_report(args.html, args.png, args.width, args.height)
-    print(f"images decoded: {check.images_ok}/{check.images}; tables: {len(check.table_boxes)}; "
-          f"blank areas: {len(check.blank)}; screenshot: {Path(args.png).resolve()}")
+    check = check_report(args.html, args.png, args.width, args.height, args.max_height)
+    print(f"images decoded: {check.images_ok}/{check.images}; tables: {len(check.table_boxes)}; dashboard panels: "
+          f"{len(check.panel_boxes)}; blank areas: {len(check.blank)}; screenshot ({check.screenshot_height} px "
+          f"tall): {Path(args.png).resolve()}")
     return 0 if check.ok else 1
 
 

@@ -104,9 +104,19 @@ def test_report_renders_in_headless_chromium(trained, browser, tmp_path):
     check = check_report(html, tmp_path / "shot.png")
     assert check.images == 4 and check.images_ok == 4
     assert len(check.table_boxes) == 2 and not check.blank, check
+    # Each sampled latent's dashboard: histogram, "not a causal LM" note, decoder neighbours; all
+    # inside the (whole-page) screenshot and drawn.
+    n = len(result.reports["topk"].report["examples"])
+    assert n > 0 and len(check.panel_boxes) == 3 * n
+    assert all(y + h <= check.screenshot_height for _, y, _, h in check.panel_boxes)
     assert check.ok
     # A corrupted plot is caught: the page reports it and the check fails.
     broken = tmp_path / "broken.html"
     broken.write_text(html.read_text().replace("data:image/png;base64,", "data:image/png;base64,AAAA", 1))
-    ok, total, _, _ = page_marks(broken)
-    assert (ok, total) == (3, 4)
+    marks = page_marks(broken)
+    assert (marks.images_ok, marks.images) == (3, 4)
+    # A panel that draws nothing is caught as blank.
+    emptied = tmp_path / "empty_panel.html"
+    emptied.write_text(html.read_text().replace("<div class='panel'>", "<div class='panel' style='visibility:hidden'>",
+                                                1))
+    assert len(check_report(emptied, tmp_path / "shot2.png").blank) == 1
