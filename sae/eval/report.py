@@ -75,8 +75,8 @@ background:#fafafa;border-left:3px solid #ddd}.ex .val{color:#888;display:inline
 .dash{display:flex;flex-wrap:wrap;gap:18px;margin:4px 0 6px 0}.panel{font-size:13px;max-width:300px}
 .panel .meta{font-size:12px}.chip{display:inline-block;font-family:monospace;font-size:12px;padding:1px 4px;margin:1px;
 border-radius:3px}.up{background:#d6f0d6}.down{background:#f6d6d6}svg.hist rect{fill:#e08a2c}
-svg.hist text{font-size:10px;fill:#666}.tok{border-radius:2px}.focus{outline:1px solid #c05000}#broken{display:none;background:#fdd;padding:8px;
-border:1px solid #c00;color:#900}
+svg.hist text{font-size:10px;fill:#666}.tok{border-radius:2px}.focus{outline:1px solid #c05000}
+#broken{display:none;background:#fdd;padding:8px;border:1px solid #c00;color:#900}
 """
 _SCRIPT = """
 window.addEventListener('load', function () {

@@ -34,6 +34,7 @@ from sae.train.artifact import CFG, load_sae, read_sae_cfg
 
 from . import plots
 from .config import EvalConfig, validate_eval
+from .dashboards import add_panels, unembedding
 from .data import (
     EvalSet,
     buffer_rows,
@@ -44,7 +45,6 @@ from .data import (
     synthetic_rows,
     text_config_from_manifest,
 )
-from .dashboards import add_panels, unembedding
 from .examples import pick_latents, top_examples
 from .lm import SAEReconstructor, load_eval_model, normalizer_from_dict
 from .metrics import ReconstructionStats, SparsityStats, mean_max_cosine
