@@ -59,3 +59,21 @@ def save_tiny_model(folder: str | Path, family: str = "gpt2", *, layers: int = 2
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sae.harvest.tiny FOLDER [--family gpt2] [--layers 2] [--hidden 64]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write a tiny random-weight causal LM (a local Hugging Face folder).")
+    p.add_argument("folder")
+    p.add_argument("--family", default="gpt2", choices=FAMILIES)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    print(save_tiny_model(a.folder, a.family, layers=a.layers, hidden=a.hidden, seed=a.seed))
+
+
+if __name__ == "__main__":
+    main()
