@@ -111,3 +111,22 @@ def test_generation_outputs_and_command(steered_setup, tmp_path, capsys):
     with pytest.raises(SystemExit, match="sae-steer: error: latent 999 does not exist"):
         steer_main(["--sae", str(folder), "--prompt", PROMPT, "--intervene", "add:999:1", "--device", "cpu",
                     "--out", str(tmp_path / "cli2")])
+
+
+@pytest.mark.parametrize("fmt", ["saelens", "sparsify"])
+def test_steering_a_saelens_or_sparsify_export_matches_our_folder(steered_setup, tmp_path, capsys, fmt):
+    from sae.export import export_checkpoint
+    from sae.use.command import steer_main
+
+    model, tok, sae, folder = steered_setup
+    export_checkpoint(folder, tmp_path / fmt, fmt, hookpoint="layers.0")
+    args = ["--prompt", PROMPT, "--intervene", "add:3:40", "--intervene", "clamp:5:2@3", "--max-new-tokens", "6",
+            "--device", "cpu"]
+    steer_main(["--sae", str(folder), *args, "--out", str(tmp_path / "ours")])
+    capsys.readouterr()
+    # The export records no model (sparsify) or records it under its own names: name both.
+    steer_main(["--sae", str(tmp_path / fmt / "layers.0"), "--model", str(model.name_or_path), "--hook", "layers.0",
+                *args, "--out", str(tmp_path / "theirs")])
+    ours, theirs = ((tmp_path / d / "steering.jsonl").read_text() for d in ("ours", "theirs"))
+    assert json.loads(ours)["steered"] == json.loads(theirs)["steered"]
+    assert json.loads(ours)["steered"] != json.loads(ours)["baseline"]
