@@ -105,7 +105,9 @@ def logit_effects(directions: Tensor, W_U: Tensor, k: int, tokenizer: Any = None
     if directions.shape[1] != W_U.shape[1]:
         raise ValueError(f"decoder directions have d={directions.shape[1]} but the unembedding takes "
                          f"d={W_U.shape[1]}")
-    logits = directions.detach().float().to(W_U.device) @ W_U.detach().float().T  # [S, V]
+    dirs = directions.detach().float().to(W_U.device)
+    # [S, V] in fp32, the unembedding converted a block at a time (a bf16 W_U is not copied whole).
+    logits = torch.cat([dirs @ W_U[i:i + _CHUNK].detach().float().T for i in range(0, W_U.shape[0], _CHUNK)], 1)
     k = min(k, logits.shape[1])
     up_v, up_i = logits.topk(k, dim=1)
     down_v, down_i = logits.topk(k, dim=1, largest=False)

@@ -49,7 +49,11 @@ def test_decoder_neighbours_by_hand(monkeypatch):
     assert decoder_neighbours(W, [0], k=10)[0][-1].latent == 3  # k above L-1: every other latent, -1 last
 
 
-def test_logit_effects_by_hand():
+@pytest.mark.parametrize("chunk", [65536, 3])
+def test_logit_effects_by_hand(monkeypatch, chunk):
+    import sae.eval.dashboards as dash
+
+    monkeypatch.setattr(dash, "_CHUNK", chunk)  # 3: the unembedding in blocks of 3 and 1 rows
     W_U = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-2.0, 0.0], [0.5, 0.5]])  # 4 tokens, d = 2
     (up, down), = logit_effects(torch.tensor([[2.0, 1.0]]), W_U, k=2)
     # logits = W_U @ (2, 1) = (2, 1, -4, 1.5)
