@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -12,7 +12,8 @@ class SAEConfig:
     ``num_latents`` wins over ``expansion_factor`` when set (> 0).
     """
 
-    architecture: str = "topk"  # topk | batchtopk | relu | jumprelu
+    # topk | batchtopk | relu | jumprelu | gated | matryoshka_topk | matryoshka_batchtopk | clt
+    architecture: str = "topk"
     expansion_factor: int = 16
     num_latents: int = 0
     k: int = 32
@@ -46,3 +47,13 @@ class SAEConfig:
     normalize_decoder: bool = True
     # Pre-encoder bias initialisation from data: geometric_median | mean | zeros.
     b_dec_init: str = "geometric_median"
+    # Matryoshka (Bussmann et al. 2025; Nabeshima 2024): latent counts of the nested groups, in
+    # order; prefix m is groups[0..m]. They must sum to the number of latents. Empty: halving
+    # groups L/2^(n-1), ..., L/4, L/2 with the smallest at least k (paper's default shape).
+    matryoshka_groups: list[int] = field(default_factory=list)
+    # Cross-layer transcoder / crosscoder: number of layers (d_in = d_out = clt_layers * d_model,
+    # the layers' activations side by side); activation of each layer's latents (topk | batchtopk
+    # | jumprelu); acausal: every latent reads every layer and writes every layer (crosscoder).
+    clt_layers: int = 0
+    clt_activation: str = "topk"
+    clt_acausal: bool = False
