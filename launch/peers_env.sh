@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv-peers (once): SAELens and EleutherAI sparsify next to the CPU torch wheel, apart from
+# Create .venv-peers (once): SAELens, EleutherAI sparsify and circuit-tracer next to the CPU torch wheel, apart from
 # .venv because their dependency pins may clash with ours. The interop tests (pytest -m peers) run
 # small scripts inside it. Idempotent: re-installs only when launch/constraints-peers.txt changes.
 # Usage: bash launch/peers_env.sh        (prints the venv's python on success)
@@ -14,8 +14,8 @@ if [ ! -f "$STAMP" ]; then
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -qq --upgrade pip
   "$VENV/bin/python" -m pip install -qq -c launch/constraints-peers.txt "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -qq -c launch/constraints-peers.txt sae-lens eai-sparsify safetensors
-  SPARSIFY_DISABLE_TRITON=1 "$VENV/bin/python" -c "import sae_lens, sparsify" >/dev/null
+  "$VENV/bin/python" -m pip install -qq -c launch/constraints-peers.txt sae-lens eai-sparsify circuit-tracer safetensors
+  SPARSIFY_DISABLE_TRITON=1 "$VENV/bin/python" -c "import sae_lens, sparsify, circuit_tracer.transcoder, circuit_tracer.utils.hf_utils" >/dev/null
   rm -f "$VENV"/.installed-*
   touch "$STAMP"
 fi
