@@ -1,0 +1,484 @@
+"""Cross-layer transcoder (CLT) and acausal crosscoder (Ameisen et al. 2025, "Circuit Tracing";
+Lindsey et al. 2024, "Sparse Crosscoders"), on the SparseCoder contract.
+
+Layout: the N layers' activations side by side, so ``d_in = d_out = N * M`` (M = d_model,
+N = ``sae.clt_layers``): ``x`` concatenates every layer's MLP input (``layers.i.mlp_in``), ``y``
+every layer's MLP output (``layers.i.mlp``). Each layer i owns a group of L = ``latents_per_layer``
+latents (``num_latents`` of the config is per layer; ``expansion_factor`` is relative to M):
+
+    a_i = act_i(W_enc[i] x_i + b_enc[i])                       [B, L]   group i reads layer i
+    y_hat_j = sum_{i <= j} a_i W_dec[i][:, j - i] + b_dec[j]    [B, M]   group i writes layers j >= i
+
+``W_enc`` [N, L, M], ``b_enc`` [N, L], ``W_dec`` a ParameterList with ``W_dec[i]`` [L, N - i, M],
+``b_dec`` [N, M]. The acausal crosscoder (``sae.clt_acausal=true``) is the same code with another
+mask: every group reads the concatenation of all layers and writes all layers, so ``W_enc`` is
+[N, L, N * M] and every ``W_dec[i]`` is [L, N, M] (``first_out(i)`` is 0 instead of i; group i
+is still "the latents of layer i" in name, for the layout and the sharding).
+
+Activations, per layer group (``sae.clt_activation``):
+    topk       the k largest of each token's L pre-activations, per group (k per layer per token)
+    batchtopk  the k * B largest of the group over the batch (cap * k candidates per token, as in
+               :mod:`.batchtopk`), with a running threshold per layer for inference
+    jumprelu   per-latent thresholds with the straight-through estimators of :mod:`.jumprelu`,
+               dense codes, plus ``l0_coefficient`` * L0 (summed over layers) in the loss
+TopK/BatchTopK select without autograd and decode only the selected latents
+(:func:`sae_kernels.gather_encode` / :func:`sae_kernels.sparse_decode`, sparse backwards): no
+[B, L] tensor lies on the gradient path. Selection is always fp32 (``sae.selection_dtype`` is
+ignored). Codes on the concatenated layout index latent ``l`` of group i as ``i * L + l``.
+
+Loss: the sum over output layers of each layer's FVU (``fvu/layer{j}``; their sum ``fvu``), plus
+``auxk_alpha`` * AuxK (TopK/BatchTopK: the k_aux largest dead latents of each group reconstruct the
+residual, scaled by min(1, dead / (N k_aux))), plus the JumpReLU L0 term.
+
+Decoder normalisation: a latent's decoder row spans every layer it writes; with
+``sae.normalize_decoder=true`` the *concatenated* row ``W_dec[i][l]`` ([N - i, M] flattened) is
+kept at unit norm, so an activation is the norm of the latent's whole contribution (what TopK
+ranks and what an L0 penalty should not be able to shrink away), and the gradient component along
+that row is projected out (:meth:`remove_parallel_grad_`). The fused GPU optimiser step renormalises
+only a single ``W_dec`` tensor: for this list the model renormalises at the next training forward
+whenever the decoder changed since its own last normalisation (tracked by tensor versions), so
+both optimiser paths train on unit rows.
+
+Memory: the causal decoder holds sum_i (N - i) L M = N (N + 1) / 2 * M * L parameters, O(N^2 / 2 *
+M * L), against N * M * L for the encoder. Gemma-2-2B-like sizes (N = 26, M = 2304, L = 16384 per
+layer): 351 * 2304 * 16384 = 13.25e9 decoder parameters, 49.4 GiB in fp32, and 4x that (197 GiB)
+with its gradient and two Adam moments; the encoder adds 0.98e9 (3.7 GiB). The acausal crosscoder
+has N^2 blocks in both directions: 676 * 2304 * 16384 = 25.5e9 parameters (95.1 GiB fp32) for the
+decoder and as many for the encoder. ``train.parallel=latent`` splits every group's latents (and
+their decoder rows) over the ranks.
+
+Shape legend: B tokens, N layers, M d_model, L latents per layer, K slots per token, D = N * M.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from sae_kernels import gather_encode, sparse_decode
+from sae_kernels.topk_select import topk
+from torch import Tensor, nn
+
+from .base import Codes, ForwardOutput, SparseCoder, SparseCodes, VarianceFn, fvu_from_error, geometric_median
+from .config import SAEConfig
+from .dense import activation_scale
+from .jumprelu import _JumpReLU, _Step
+from .registry import register
+
+ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
+
+
+class LocalLatents:
+    """Where a CLT's latents live: here, all of them (one process).
+
+    A latent-parallel strategy hands the model another implementation (each rank holds a slice
+    of every group): ``topk`` then returns the exact global selection with the slots other ranks
+    own marked, ``reduce`` sums partial reconstructions over ranks, ``count`` sums counts.
+    """
+
+    def topk(self, scores_BL: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(values [B, k] fp32, local indices [B, k], own mask [B, k] or None when every slot is here)."""
+        vals, idx = topk(scores_BL, min(k, scores_BL.shape[1]))
+        return vals.float(), idx, None
+
+    def reduce(self, t: Tensor) -> Tensor:
+        return t
+
+    def copy_in(self, t: Tensor) -> Tensor:
+        return t
+
+    def count(self, n: int) -> int:
+        return n
+
+
+@register("clt")
+class CrossLayerTranscoder(SparseCoder):
+    unit_norm_decoder = True
+
+    def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
+        nn.Module.__init__(self)
+        n, d_out = cfg.clt_layers, d_in if d_out is None else d_out
+        if n < 1:
+            raise ValueError(f"sae.clt_layers={n}: architecture clt needs the number of layers (>= 1) whose "
+                             "activations sit side by side in d_in")
+        if d_in != d_out or d_in % n:
+            raise ValueError(f"d_in={d_in}, d_out={d_out}: a CLT over sae.clt_layers={n} layers needs d_in = d_out = "
+                             "clt_layers * d_model")
+        if cfg.clt_activation not in ACTIVATIONS:
+            raise ValueError(f"sae.clt_activation={cfg.clt_activation!r}; use one of {', '.join(ACTIVATIONS)}")
+        if cfg.skip_connection:
+            raise ValueError("sae.skip_connection=true is not supported by architecture clt; set it to false")
+        M = d_in // n
+        L = cfg.num_latents if cfg.num_latents > 0 else cfg.expansion_factor * M
+        if not 0 < cfg.k < L:
+            raise ValueError(f"sae.k={cfg.k} must be in [1, latents per layer={L}) (k is per layer and token)")
+        self.cfg = cfg
+        self.n_layers, self.d_model, self.latents_per_layer = n, M, L
+        self.d_in, self.d_out, self.num_latents = d_in, d_out, n * L
+        self.activation, self.acausal = cfg.clt_activation, cfg.clt_acausal
+        self.sparse_codes = self.activation != "jumprelu"
+        self.k = cfg.k
+        self.k_aux = cfg.k_aux if cfg.k_aux > 0 else max(1, M // 2)
+        self.normalize_decoder = cfg.normalize_decoder
+        self.apply_b_dec_to_input = not cfg.transcode  # y = x: a multi-layer SAE / crosscoder on one point
+        self.W_skip = None
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        d_enc = n * M if self.acausal else M
+        self.W_enc = nn.Parameter(torch.randn(n, L, d_enc, generator=gen) / d_enc**0.5)
+        self.b_enc = nn.Parameter(torch.zeros(n, L))
+        self.W_dec = nn.ParameterList()
+        for i in range(n):
+            W = torch.randn(L, n - self.first_out(i), M, generator=gen)
+            self.W_dec.append(nn.Parameter(W / W.flatten(1).norm(dim=1)[:, None, None]))
+        self.b_dec = nn.Parameter(torch.zeros(n, M))
+        if self.activation == "jumprelu":
+            if cfg.jumprelu_bandwidth <= 0 or cfg.jumprelu_init_threshold <= 0:
+                raise ValueError(f"sae.jumprelu_bandwidth={cfg.jumprelu_bandwidth} and sae.jumprelu_init_threshold="
+                                 f"{cfg.jumprelu_init_threshold} must be positive")
+            self.log_threshold = nn.Parameter(torch.full((n, L), math.log(cfg.jumprelu_init_threshold)))
+            self.register_buffer("act_scale", torch.ones(n))
+        if self.activation == "batchtopk":
+            if cfg.batch_topk_cap < 1 or not 0.0 <= cfg.threshold_momentum < 1.0:
+                raise ValueError(f"sae.batch_topk_cap={cfg.batch_topk_cap} must be >= 1 and sae.threshold_momentum="
+                                 f"{cfg.threshold_momentum} in [0, 1)")
+            self.num_candidates = min(L, cfg.batch_topk_cap * cfg.k)
+            self.register_buffer("threshold", torch.full((n,), -1.0))  # < 0: not estimated yet
+            self.last_cap_hit = 0.0
+        self._mark_normalized()
+
+    # --- layout ----------------------------------------------------------------------------
+    def first_out(self, i: int) -> int:
+        """The first output layer group i writes (i for the CLT, 0 for the acausal crosscoder)."""
+        return 0 if self.acausal else i
+
+    def layer_inputs(self, x_in_BD: Tensor) -> list[Tensor]:
+        """What each group's encoder reads: layer i's slice (CLT) or every layer (crosscoder)."""
+        if self.acausal:
+            return [x_in_BD] * self.n_layers
+        M = self.d_model
+        return [x_in_BD[:, i * M:(i + 1) * M].contiguous() for i in range(self.n_layers)]
+
+    def dec_rows(self, i: int) -> Tensor:
+        """``W_dec[i]`` as rows [L, (N - first_out(i)) M] (a view)."""
+        return self.W_dec[i].view(self.W_dec[i].shape[0], -1)
+
+    def dense_decoder(self) -> Tensor:
+        """[N L, D] decoder of the concatenated layout, zeros where a group does not write (no grad)."""
+        with torch.no_grad():
+            L = self.W_dec[0].shape[0]
+            out = self.b_dec.new_zeros(self.n_layers * L, self.d_out)
+            for i in range(self.n_layers):
+                out[i * L:(i + 1) * L, self.first_out(i) * self.d_model:] = self.dec_rows(i)
+            return out
+
+    # --- contract --------------------------------------------------------------------------
+    def encode(self, x_BD: Tensor) -> Codes:
+        self.check_x(x_BD)
+        with torch.no_grad():
+            return self._encode(self.encoder_input(x_BD), LocalLatents())[0]
+
+    def decode(self, codes: Codes) -> Tensor:
+        L = self.W_dec[0].shape[0]
+        if isinstance(codes, SparseCodes):
+            per_layer = self._split_sparse(codes)
+            return self._decode_sparse([i for i, _ in per_layer], [v for _, v in per_layer])
+        if codes.shape[1] != self.n_layers * L:
+            raise ValueError(f"dense codes have {codes.shape[1]} latents, the CLT has {self.n_layers * L}")
+        return self._decode_dense(list(codes.split(L, dim=1)))
+
+    def forward(self, x_BD: Tensor, y_BE: Tensor | None = None, *, dead_mask: Tensor | None = None,
+                sparsity_scale: float = 1.0, variance_fn: VarianceFn | None = None) -> ForwardOutput:
+        return self.forward_with(LocalLatents(), x_BD, y_BE, dead_mask=dead_mask, sparsity_scale=sparsity_scale,
+                                 variance_fn=variance_fn)
+
+    def forward_with(self, latents: LocalLatents, x_BD: Tensor, y_BE: Tensor | None = None, *,
+                     dead_mask: Tensor | None = None, sparsity_scale: float = 1.0,
+                     variance_fn: VarianceFn | None = None) -> ForwardOutput:
+        """:meth:`forward` with the latents placed by ``latents`` (a strategy's, or local)."""
+        y_BE = self.check_input(x_BD, y_BE)
+        if self.training and torch.is_grad_enabled():
+            self._renormalize_if_stale()
+        x_in = latents.copy_in(self.encoder_input(x_BD))
+        losses: dict[str, Tensor] = {}
+        xs = self.layer_inputs(x_in)
+        sel: dict = {}
+        if self.activation == "jumprelu":
+            codes, parts, l0 = self._jumprelu(xs, latents)
+            y_hat = self._finish(latents.reduce(parts))
+        else:
+            codes, sel = self._encode(x_in, latents, train=True, dead_mask=dead_mask, xs=xs)
+            W, b = self.W_enc.unbind(0), self.b_enc.unbind(0)
+            vals = [gather_encode(xs[i], W[i], b[i], idx, pre).relu() for i, (pre, idx) in enumerate(sel["main"])]
+            codes = SparseCodes(torch.cat(vals, 1), codes.idx)
+            y_hat = self._finish(latents.reduce(self._partial_sparse([idx for _, idx in sel["main"]], vals)))
+        total = self._layer_fvus(y_hat, y_BE, variance_fn, losses)
+        if self.activation == "jumprelu":
+            losses["l0"] = latents.reduce(l0)
+            total = total + self.cfg.l0_coefficient * sparsity_scale * losses["l0"]
+        elif sel.get("aux"):
+            auxk = self._auxk(xs, sel["aux"], sel["n_dead"], (y_BE - y_hat).detach(), latents, variance_fn)
+            losses["auxk"] = auxk
+            total = total + self.cfg.auxk_alpha * auxk
+        if self.activation == "batchtopk":
+            losses["cap_hit"] = torch.tensor(self.last_cap_hit)
+        losses["loss"] = total
+        return ForwardOutput(y_hat, codes, losses)
+
+    # --- per-layer API (circuit-tracer export) ----------------------------------------------
+    def encode_layers(self, x_list: list[Tensor]) -> list[Tensor]:
+        """Dense codes [B, L] of each layer's group from each layer's MLP input [B, M]."""
+        codes = self.encode(torch.cat(list(x_list), dim=1))
+        L = self.latents_per_layer
+        if not isinstance(codes, SparseCodes):
+            return list(codes.split(L, dim=1))
+        dense = codes.vals.new_zeros(codes.vals.shape[0], self.n_layers * L).scatter_add_(1, codes.idx, codes.vals)
+        return list(dense.split(L, dim=1))
+
+    def decode_layers(self, codes_list: list[Tensor]) -> list[Tensor]:
+        """Reconstruction [B, M] of each output layer's MLP output from dense per-layer codes [B, L]."""
+        return list(self._decode_dense(list(codes_list)).split(self.d_model, dim=1))
+
+    # --- encoding ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def pre_activations(self, x_i: Tensor, i: int) -> Tensor:
+        """Pre-activations [B, L] of group i from its encoder input (no autograd, fp32)."""
+        return torch.addmm(self.b_enc[i], x_i, self.W_enc[i].T).float()
+
+    def _encode(self, x_in: Tensor, latents: LocalLatents, *, train: bool = False, dead_mask: Tensor | None = None,
+                xs: list[Tensor] | None = None) -> tuple[Codes, dict]:
+        """Codes on the concatenated layout and, per group, the selection (pre values, local idx)."""
+        xs, n = xs if xs is not None else self.layer_inputs(x_in), self.n_layers
+        if self.activation == "jumprelu":
+            return torch.cat([self._jump(self.pre_activations(xs[i], i).relu(), i) for i in range(n)], 1), {}
+        L = self.W_dec[0].shape[0]
+        dead = dead_mask.view(n, L) if dead_mask is not None and self.cfg.auxk_alpha > 0 and train else None
+        n_dead = latents.count(int(dead.sum())) if dead is not None else 0
+        sel: dict = {"main": [], "aux": [] if n_dead else None, "n_dead": n_dead}
+        self._cap_hits: list[float] = []
+        for i in range(n):
+            with torch.no_grad():
+                pre = self.pre_activations(xs[i], i)
+                sel["main"].append(self._select(pre, i, latents))
+                if n_dead:
+                    masked = pre.masked_fill_(~dead[i], -math.inf)
+                    vals, idx, own = latents.topk(masked, min(self.k_aux, L))
+                    keep = torch.isfinite(vals) if own is None else torch.isfinite(vals) & own
+                    sel["aux"].append((vals.where(keep, 0.0), idx))
+        if self._cap_hits:
+            self.last_cap_hit = sum(self._cap_hits) / len(self._cap_hits)
+        vals = torch.cat([pre.relu() for pre, _ in sel["main"]], 1)
+        idx = torch.cat([idx + i * L for i, (_, idx) in enumerate(sel["main"])], 1)
+        return SparseCodes(vals, idx), sel
+
+    def _select(self, pre_BL: Tensor, i: int, latents: LocalLatents) -> tuple[Tensor, Tensor]:
+        """(pre-activation values, local indices) of group i's selected latents; values of slots not
+        kept (BatchTopK) or owned by another rank are 0."""
+        if self.activation == "topk":
+            vals, idx, own = latents.topk(pre_BL, self.k)
+            return (vals if own is None else vals * own), idx
+        cand, idx, own = latents.topk(pre_BL, self.num_candidates)
+        cand = cand.relu()
+        if self.training:
+            n_keep = min(self.k * cand.shape[0], cand.numel())
+            kth = cand.flatten().topk(n_keep, sorted=False).values.min()
+            keep = cand >= kth
+            kept_pos = cand[keep & (cand > 0)]
+            if kept_pos.numel() > 0:
+                self._update_threshold(i, kept_pos.min())
+            capped = self.num_candidates < self.latents_per_layer  # a token kept all its candidates
+            self._cap_hits.append(keep.all(1).float().mean().item() if capped else 0.0)
+        else:
+            keep = cand > self.threshold[i].clamp_min(0.0)
+        keep = keep if own is None else keep & own
+        return cand * keep, idx
+
+    @torch.no_grad()
+    def _update_threshold(self, i: int, batch_min: Tensor) -> None:
+        t = self.threshold[i]
+        m = self.cfg.threshold_momentum
+        t.copy_(batch_min if t < 0 else m * t + (1 - m) * batch_min)
+
+    @property
+    def threshold_values(self) -> Tensor:
+        """JumpReLU thresholds [N, L] (exp of ``log_threshold``)."""
+        return self.log_threshold.exp()
+
+    def _jump(self, z_BL: Tensor, i: int) -> Tensor:
+        """Group i's JumpReLU of non-negative pre-activations, without autograd."""
+        return z_BL * (z_BL > self.threshold_values[i])
+
+    def _jumprelu(self, xs: list[Tensor], latents: LocalLatents) -> tuple[Tensor, Tensor, Tensor]:
+        """(dense codes [B, N L], partial reconstruction [B, N, M], L0 per token summed over groups)."""
+        W, b, theta = self.W_enc.unbind(0), self.b_enc.unbind(0), self.threshold_values.unbind(0)
+        fs, l0 = [], 0.0
+        for i in range(self.n_layers):
+            z = torch.addmm(b[i], xs[i], W[i].T).relu()
+            eps = self.cfg.jumprelu_bandwidth * float(self.act_scale[i])
+            fs.append(_JumpReLU.apply(z, theta[i], eps))
+            l0 = l0 + _Step.apply(z, theta[i], eps).sum(-1).mean()
+        return torch.cat(fs, 1), self._partial_dense(fs), l0
+
+    # --- decoding ----------------------------------------------------------------------------
+    def _split_sparse(self, codes: SparseCodes) -> list[tuple[Tensor, Tensor]]:
+        """Per group (local idx, vals) of concatenated-layout codes: slices when the slots come in
+        equal blocks per group (what :meth:`encode` makes), else a masked copy per group."""
+        n, L = self.n_layers, self.W_dec[0].shape[0]
+        K = codes.idx.shape[1] // n
+        group = torch.div(codes.idx, L, rounding_mode="floor")
+        if codes.idx.shape[1] == n * K and bool((group == torch.arange(n, device=group.device)
+                                                 .repeat_interleave(K)).all()):
+            return [(codes.idx[:, i * K:(i + 1) * K] - i * L, codes.vals[:, i * K:(i + 1) * K]) for i in range(n)]
+        return [((codes.idx - i * L).where(group == i, 0), codes.vals.where(group == i, 0.0)) for i in range(n)]
+
+    def _partial_sparse(self, idx: list[Tensor], vals: list[Tensor]) -> Tensor:
+        """sum_i of group i's decoded codes into the layers it writes: [B, N, M], no b_dec."""
+        B, M = vals[0].shape[0], self.d_model
+        dtype = torch.promote_types(torch.promote_types(vals[0].dtype, self.W_dec[0].dtype), torch.float32)
+        out = torch.zeros(B, self.n_layers, M, device=vals[0].device, dtype=dtype)
+        for i in range(self.n_layers):
+            out[:, self.first_out(i):] += sparse_decode(idx[i], vals[i], self.dec_rows(i)).view(B, -1, M)
+        return out
+
+    def _partial_dense(self, codes: list[Tensor]) -> Tensor:
+        B, M = codes[0].shape[0], self.d_model
+        dtype = torch.promote_types(torch.promote_types(codes[0].dtype, self.W_dec[0].dtype), torch.float32)
+        out = torch.zeros(B, self.n_layers, M, device=codes[0].device, dtype=dtype)
+        for i in range(self.n_layers):
+            out[:, self.first_out(i):] += (codes[i].to(dtype) @ self.dec_rows(i).to(dtype)).view(B, -1, M)
+        return out
+
+    def _finish(self, partial_BNM: Tensor) -> Tensor:
+        return (partial_BNM + self.b_dec).flatten(1)
+
+    def _decode_sparse(self, idx: list[Tensor], vals: list[Tensor]) -> Tensor:
+        return self._finish(self._partial_sparse(idx, vals))
+
+    def _decode_dense(self, codes: list[Tensor]) -> Tensor:
+        if len(codes) != self.n_layers:
+            raise ValueError(f"codes for {len(codes)} layers; the CLT has {self.n_layers}")
+        return self._finish(self._partial_dense(codes))
+
+    # --- losses ------------------------------------------------------------------------------
+    def _layer_fvus(self, y_hat: Tensor, y: Tensor, variance_fn: VarianceFn | None,
+                    losses: dict[str, Tensor]) -> Tensor:
+        """Adds ``fvu/layer{j}`` and ``fvu`` (their sum) to ``losses``; returns the sum."""
+        B, M = y.shape[0], self.d_model
+        err = (y_hat.float() - y.float()).pow(2).view(B, self.n_layers, M).sum((0, 2))
+        total = 0.0
+        for j in range(self.n_layers):
+            losses[f"fvu/layer{j}"] = fvu_from_error(err[j], y[:, j * M:(j + 1) * M], variance_fn)
+            total = total + losses[f"fvu/layer{j}"]
+        losses["fvu"] = total
+        return total
+
+    def _auxk(self, xs: list[Tensor], aux: list[tuple[Tensor, Tensor]], n_dead: int, residual: Tensor,
+              latents: LocalLatents, variance_fn: VarianceFn | None) -> Tensor:
+        """AuxK: the dead latents' reconstruction of the residual, FVU summed over layers."""
+        W, b = self.W_enc.unbind(0), self.b_enc.unbind(0)
+        vals = [gather_encode(xs[i], W[i], b[i], idx, pre).relu() for i, (pre, idx) in enumerate(aux)]
+        e_hat = latents.reduce(self._partial_sparse([idx for _, idx in aux], vals)).flatten(1)
+        err = (e_hat - residual.float()).pow(2).view(residual.shape[0], self.n_layers, -1).sum((0, 2))
+        M = self.d_model
+        rec = sum(fvu_from_error(err[j], residual[:, j * M:(j + 1) * M], variance_fn) for j in range(self.n_layers))
+        return min(n_dead / (self.n_layers * self.k_aux), 1.0) * rec
+
+    # --- decoder norm ------------------------------------------------------------------------
+    def _mark_normalized(self) -> None:
+        self.__dict__["_dec_versions"] = [p._version for p in self.W_dec]
+
+    def _renormalize_if_stale(self) -> None:
+        if self.normalize_decoder and self.__dict__["_dec_versions"] != [p._version for p in self.W_dec]:
+            self.normalize_decoder_()
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale each latent's concatenated decoder row (every layer it writes) to unit norm."""
+        if self.normalize_decoder:
+            for i in range(self.n_layers):
+                rows = self.dec_rows(i)
+                rows /= rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).eps)
+        self._mark_normalized()
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Project out the gradient component along each latent's concatenated decoder row."""
+        if not self.normalize_decoder:
+            return
+        for i, p in enumerate(self.W_dec):
+            if p.grad is not None:
+                g, W = p.grad.view(p.shape[0], -1), self.dec_rows(i)
+                g.addcmul_(torch.einsum("ld,ld->l", g, W).unsqueeze(1), W, value=-1)
+
+    # --- data-dependent init -----------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_data(self, x_sample_ND: Tensor, y_sample_NE: Tensor | None = None) -> None:
+        """b_dec per layer from the target sample; JumpReLU thresholds at each latent's (1 - k/L)
+        quantile; then each group's encoder scaled by the least-squares factors that best fit the
+        initial reconstruction to the sample (TopK family: when ``sae.fit_encoder_scale``)."""
+        y = (x_sample_ND if y_sample_NE is None else y_sample_NE).float()
+        n, M = self.n_layers, self.d_model
+        for j in range(n):
+            self.b_dec[j].copy_(self._b_dec_init(y[:, j * M:(j + 1) * M]))
+        xs = self.layer_inputs(self.encoder_input(x_sample_ND.float()))
+        if self.activation == "jumprelu":
+            for j in range(n):
+                self.act_scale[j] = activation_scale(y[:, j * M:(j + 1) * M])
+            L = self.latents_per_layer
+            for i in range(n):
+                z = self.pre_activations(xs[i], i).relu()
+                q = torch.quantile(z, 1.0 - self.k / L, dim=0) if z.shape[0] > 1 else z[0]
+                floor = self.cfg.jumprelu_init_threshold * float(self.act_scale[i])
+                self.log_threshold[i].copy_(q.clamp_min(floor).log())
+            codes = []
+            for i in range(n):  # kept sparse: (values, indices) of each token's active latents
+                f = self._jump(self.pre_activations(xs[i], i).relu(), i)
+                v, idx = f.topk(max(1, int((f > 0).sum(1).max())), dim=1, sorted=False)
+                codes.append(SparseCodes(v, idx))
+        elif self.cfg.fit_encoder_scale:
+            codes = []
+            for i in range(n):  # per-token top-k, also for BatchTopK (as topk.py)
+                v, idx = self.pre_activations(xs[i], i).topk(self.k, dim=1, sorted=False)
+                codes.append(SparseCodes(v.relu(), idx))
+        else:
+            return
+        scale = self._encoder_scales(codes, y - self.b_dec.flatten())
+        self.W_enc.mul_(scale[:, None, None])
+        self.b_enc.mul_(scale[:, None])
+        if self.activation == "jumprelu":
+            self.log_threshold.add_(scale.log()[:, None])
+        self._mark_normalized()
+
+    def _b_dec_init(self, y_NM: Tensor) -> Tensor:
+        method = self.cfg.b_dec_init
+        if method == "zeros":
+            return torch.zeros_like(y_NM[0])
+        if method == "mean":
+            return y_NM.mean(0)
+        if method == "geometric_median":
+            return geometric_median(y_NM)
+        raise ValueError(f"sae.b_dec_init={method!r}; use geometric_median, mean or zeros")
+
+    def _encoder_scales(self, codes: list[SparseCodes], target_ND: Tensor, sweeps: int = 200) -> Tensor:
+        """Factors s [N] > 0 minimising ||sum_i s_i decode_i(codes_i) - target||^2: the normal
+        equations accumulated one output layer at a time (memory O(N B M)), solved by coordinate
+        descent from s = 1 with each s_i kept above 1e-3 of its own natural scale (a positive factor
+        keeps every selection; a group whose output only hurts starts near silent, not dead)."""
+        n, M = self.n_layers, self.d_model
+        G, r = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        for j in range(n):
+            writers = [i for i in range(n) if self.first_out(i) <= j]
+            C = torch.stack([sparse_decode(codes[i].idx, codes[i].vals, self.W_dec[i][:, j - self.first_out(i)]
+                                           .contiguous()) for i in writers]).double()
+            w = torch.tensor(writers)
+            G[w[:, None], w[None, :]] += torch.einsum("anm,bnm->ab", C, C)
+            r[w] += torch.einsum("anm,nm->a", C, target_ND[:, j * M:(j + 1) * M].double())
+        diag = G.diag()
+        if not bool(torch.isfinite(G).all() and torch.isfinite(r).all()):
+            return torch.ones(n)
+        floor = 1e-3 * (target_ND.double().pow(2).sum() / diag.clamp_min(1e-30)).sqrt()
+        s = torch.ones(n, dtype=torch.float64)
+        for _ in range(sweeps):
+            for a in range(n):
+                if diag[a] > 0:
+                    s[a] = max(float(floor[a]), float((r[a] - G[a] @ s + diag[a] * s[a]) / diag[a]))
+        return s.float()
