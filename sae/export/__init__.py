@@ -1,8 +1,10 @@
-"""Export and import: Hugging Face folders in our, SAELens' and sparsify's formats, model cards, Hub upload.
+"""Export and import: Hugging Face folders in our, SAELens', sparsify's and circuit-tracer's formats,
+model cards, Hub upload.
 
 The last stage (harvest -> buffer -> train -> eval -> export). ``sae-export`` writes a checkpoint
-as one folder per hook point (:mod:`.export`); :func:`load_pretrained` reads any of the three
-formats back into our classes (:mod:`.load`).
+as one folder per hook point (:mod:`.export`), or a model's transcoders as one circuit-tracer
+folder (:mod:`.circuit_tracer`); :func:`load_pretrained` reads any of these formats back into our
+classes (:mod:`.load`).
 """
 
 from .export import ExportResult, export_checkpoint, export_items

@@ -3,6 +3,7 @@
     sae-export runs/x/final/topk runs/x/hf --format saelens
     sae-export runs/x runs/x/hf --format sparsify --push-to-hub me/sae-pythia-70m --private
     sae-export EleutherAI/sae-pythia-70m-32k out --hookpoint layers.3 --format ours   # convert
+    sae-export runs/tc-layer0 runs/tc-layer1 runs/tc-layer2 runs/tc-hf --format circuit-tracer
 """
 
 from __future__ import annotations
@@ -15,21 +16,26 @@ from .hub import MissingTokenError
 from .load import FORMATS
 
 DESCRIPTION = """Write trained SAEs as Hugging Face folders (one per hook point: weights, cfg.json, README.md
-model card) in our format, SAELens' or sparsify's, and optionally upload them to the Hub.
+model card) in our format, SAELens' or sparsify's, and optionally upload them to the Hub. With
+--format circuit-tracer, a model's transcoders (one per layer, layers.N.mlp_in -> layers.N.mlp, or
+one cross-layer transcoder) go into OUT_DIR itself as one set circuit-tracer loads.
 
 examples:
     sae-export runs/x/final/topk runs/x/hf --format saelens
     sae-export runs/x runs/x/hf --format sparsify --push-to-hub me/sae-pythia-70m --private
-    sae-export EleutherAI/sae-pythia-70m-32k out --hookpoint layers.3 --format ours   # convert"""
+    sae-export EleutherAI/sae-pythia-70m-32k out --hookpoint layers.3 --format ours   # convert
+    sae-export runs/tc-layer0 runs/tc-layer1 runs/tc-layer2 runs/tc-hf --format circuit-tracer"""
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sae-export", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="SAE folder (final/<name>, checkpoints/step_N/<name>, latent-parallel "
-                                      "shards), a checkpoint step, final/ or run folder, or a SAELens/sparsify "
-                                      "folder or Hub repo")
-    p.add_argument("out_dir", help="export folder: one sub-folder per hook point plus README.md")
+    p.add_argument("checkpoint", nargs="+", help="SAE folder (final/<name>, checkpoints/step_N/<name>, "
+                                                 "latent-parallel shards), a checkpoint step, final/ or run folder, "
+                                                 "or a SAELens/sparsify/circuit-tracer folder or Hub repo; several "
+                                                 "are exported together")
+    p.add_argument("out_dir", help="export folder: one sub-folder per hook point plus README.md (circuit-tracer: "
+                                   "config.yaml and the weights)")
     p.add_argument("--format", choices=FORMATS, default="saelens", help="weights layout (default: saelens)")
     p.add_argument("--hookpoint", default=None, help="folder name for a single SAE (default: its training hook point); "
                                                      "for a foreign multi-SAE source, the SAE to take")
@@ -44,7 +50,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
-        result = export_checkpoint(args.checkpoint, args.out_dir, args.format, hookpoint=args.hookpoint,
+        sources = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint
+        result = export_checkpoint(sources, args.out_dir, args.format, hookpoint=args.hookpoint,
                                    model_name=args.model_name, dtype=args.dtype, push_to_hub=args.push_to_hub,
                                    private=args.private, revision=args.revision)
     except (MissingTokenError, FileNotFoundError, ValueError) as e:  # user errors: the message says the fix

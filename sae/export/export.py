@@ -8,6 +8,9 @@ Layout written under ``out_dir``::
 
 The folder is the SAE's hook point (``layers.3``), or its name in the run when the hook point is
 unknown (synthetic data); SAEs sharing a hook point (a sweep over k) get ``<hookpoint>/<name>``.
+circuit-tracer takes all of a model's transcoders from one folder: ``--format circuit-tracer``
+writes them (per-layer transcoders, or one cross-layer transcoder) into ``out_dir`` itself, with
+``config.yaml`` and a README.md (see :mod:`.circuit_tracer`).
 These are the ``sae_id`` of ``sae_lens.SAE.from_pretrained(repo, sae_id)`` and the ``hookpoint``
 of ``sparsify.Sae.load_from_hub(repo, hookpoint)``. Output bytes depend only on the inputs, so
 exporting again and re-uploading an unchanged checkpoint commits nothing.
@@ -17,13 +20,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import native, saelens, sparsify
+from . import circuit_tracer, native, saelens, sparsify
 from .card import CardEntry, repo_card, sae_card
 from .load import FORMATS
 from .source import ExportItem, collect
@@ -75,6 +78,13 @@ def export_items(items: list[ExportItem], out_dir: str | Path, fmt: str = "saele
     torch_dtype = check_options(fmt, dtype)
     if not items:
         raise ValueError("nothing to export")
+    if fmt == "circuit-tracer":  # one folder for the whole set
+        out = Path(out_dir)
+        circuit_tracer.write_circuit_tracer(items, out, torch_dtype, repo_id)
+        (out / "README.md").write_text(circuit_tracer.card(items, repo_id), encoding="utf-8")
+        names = [i.name for i in items]  # one run per layer: often the same name, then the hook point tells
+        return ExportResult(out, {i.name if names.count(i.name) == 1 else i.hookpoint or i.name: out for i in items},
+                            fmt)
     for item in items:  # fail before writing anything
         if fmt == "saelens":
             saelens.saelens_architecture(item.sae)
@@ -113,29 +123,33 @@ def check_apart(source: str | Path, out_dir: str | Path) -> None:
                          f"(e.g. {src.parent / (src.name + '-export')})")
 
 
-def export_checkpoint(path: str | Path, out_dir: str | Path, fmt: str = "saelens", *, hookpoint: str | None = None,
-                      model_name: str | None = None, dtype: str = "float32", push_to_hub: str = "",
-                      private: bool = False, revision: str | None = None) -> ExportResult:
+def export_checkpoint(path: str | Path | Sequence[str | Path], out_dir: str | Path, fmt: str = "saelens", *,
+                      hookpoint: str | None = None, model_name: str | None = None, dtype: str = "float32",
+                      push_to_hub: str = "", private: bool = False, revision: str | None = None) -> ExportResult:
     """``sae-export``: read the SAEs at ``path``, write them to ``out_dir``, optionally upload.
 
     Args:
         path: an SAE folder, shard folder, checkpoint step, ``final/`` or run folder, or a folder /
-            Hub repo id in another supported format (converted).
+            Hub repo id in another supported format (converted); or several of them, exported
+            together (a circuit-tracer set of transcoders trained one layer per run).
         hookpoint: folder name to use for a single SAE (and the SAE to pick from a foreign
             multi-SAE source).
         model_name: model recorded in the card and SAELens metadata when the checkpoint lacks it.
         push_to_hub: repo id to upload ``out_dir`` to ("" : no upload).
     """
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
     check_options(fmt, dtype)
-    check_apart(path, out_dir)
+    for p in paths:
+        check_apart(p, out_dir)
     if push_to_hub:  # fail before any work when the upload cannot happen
         from .hub import resolve_token
 
         resolve_token()
-    items = collect(path, hookpoint)
+    items = [item for p in paths for item in collect(p, hookpoint)]
     if hookpoint:
         if len(items) > 1:
-            raise ValueError(f"--hookpoint {hookpoint!r} names one SAE but {path} holds {len(items)} "
+            where = f"{paths[0]} holds" if len(paths) == 1 else f"{', '.join(map(str, paths))} hold"
+            raise ValueError(f"--hookpoint {hookpoint!r} names one SAE but {where} {len(items)} "
                              f"({', '.join(i.name for i in items)}); export them separately or drop --hookpoint")
         items[0].hookpoint = hookpoint
     for item in items:
