@@ -1,6 +1,7 @@
 """circuit-tracer export and import (sae/export/circuit_tracer.py): the files and tensors its loaders
-read, round trips to 1e-6, normalisation folded, refusals; the peer test in test_peers_circuit_tracer
-below loads our exports with circuit-tracer's own loaders in .venv-peers."""
+read, round trips to 1e-6, normalisation folded, refusals, Hub download of one layer; and, marked
+``peers``, circuit-tracer's own loaders (run once per module in .venv-peers by
+peer_circuit_tracer.py) on our exports, and our import of what circuit-tracer saves."""
 
 from __future__ import annotations
 
@@ -259,3 +260,161 @@ def test_what_circuit_tracer_cannot_load_as_a_clt_is_refused(tmp_path, case, mat
     with pytest.raises(ValueError, match=match):
         export_items(items, tmp_path / "ct", "circuit-tracer")
     assert not (tmp_path / "ct").exists()
+
+
+def test_load_pretrained_fetches_one_layer_of_a_hub_set(tmp_path):
+    import subprocess
+    import sys
+
+    from fake_hub import FakeHub
+    from safetensors.torch import load_file
+    from test_export_hub import hub_env
+
+    items = layer_items("jumprelu", skip=True)
+    export_items(items, tmp_path / "set", "circuit-tracer")
+    export_items([clt_item(make_clt())], tmp_path / "clt", "circuit-tracer")
+    code = ("import sys; from safetensors.torch import save_file\n"
+            "from sae.export import load_pretrained_with_info\n"
+            "p = load_pretrained_with_info('me/set', hookpoint='layers.1.mlp_in')\n"
+            "c = load_pretrained_with_info('me/clt')\n"
+            "print(p.format, p.hookpoint, p.target_hookpoint, c.sae.architecture)\n"
+            "save_file({k: v.contiguous() for k, v in p.sae.state_dict().items()}, sys.argv[1])")
+    with FakeHub() as hub:
+        hub.seed("me/set", tmp_path / "set")
+        hub.seed("me/clt", tmp_path / "clt")
+        got = subprocess.run([sys.executable, "-c", code, str(tmp_path / "got.safetensors")],
+                             env=hub_env(tmp_path, hub.url), capture_output=True, text=True, timeout=300)
+        assert got.returncode == 0, got.stderr
+        fetched = {r.path.rsplit("/", 1)[-1] for r in hub.calls("GET", r"/resolve/")}
+    assert got.stdout.split() == ["circuit-tracer", "layers.1.mlp_in", "layers.1.mlp", "clt"]
+    assert "layer_1.safetensors" in fetched and not {"layer_0.safetensors", "layer_2.safetensors"} & fetched
+    state = load_file(str(tmp_path / "got.safetensors"))
+    torch.testing.assert_close(state["W_skip"], items[1].sae.W_skip.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(state["log_threshold"], items[1].sae.log_threshold.detach(), rtol=0, atol=1e-6)
+
+
+# --- circuit-tracer itself (in .venv-peers) ------------------------------------------------------------
+B = 40
+# name -> (kind, per-layer architecture, skip) of our exports loaded by circuit-tracer
+PEER_CASES = {"set_jumprelu_skip": ("set", "jumprelu", True), "set_relu": ("set", "relu", False),
+              "clt_jumprelu": ("clt", "jumprelu", False)}
+PEER_CLASS = {"set": ("TranscoderSet", "JumpReLU"), "clt": ("CrossLayerTranscoder", "JumpReLU")}
+
+
+@torch.no_grad()
+def our_outputs(kind: str, models, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What circuit-tracer computes, by our classes: codes [N, B, L], recon [N, B, D], and the
+    reconstruction from codes with position 0 zeroed (its attribution path)."""
+    if kind == "clt":
+        codes = models.encode_layers(list(x))
+        zeroed = [c.clone().index_fill_(0, torch.tensor([0]), 0.0) for c in codes]
+        return {"codes": torch.stack(codes), "recon": torch.stack(models.decode_layers(codes)),
+                "attr_recon": torch.stack(models.decode_layers(zeroed))}
+    codes = [outputs(m, xi)[0] for m, xi in zip(models, x)]
+    zeroed = [c.clone().index_fill_(0, torch.tensor([0]), 0.0) for c in codes]
+    return {"codes": torch.stack(codes),
+            "recon": torch.stack([m.reconstruct(xi, c) for m, xi, c in zip(models, x, codes)]),
+            "attr_recon": torch.stack([m.reconstruct(xi, c) for m, xi, c in zip(models, x, zeroed)])}
+
+
+@pytest.fixture(scope="module")
+def ct_peers(tmp_path_factory):
+    """Export ours, run peer_circuit_tracer.py once in .venv-peers, return (folder, report, our outputs)."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from fake_hub import FakeHub
+    from safetensors.torch import save_file
+    from test_peers import peers_python
+
+    py = peers_python()
+    tmp = tmp_path_factory.mktemp("ct_peers")
+    job: dict[str, list] = {"load": [], "save": []}
+    ours = {}
+    for name, (kind, arch, skip) in PEER_CASES.items():
+        if kind == "clt":
+            models, x = make_clt(arch), torch.stack(layer_x(B))
+            export_items([clt_item(models)], tmp / name, "circuit-tracer")
+        else:
+            items = layer_items(arch, skip)
+            models, x = [i.sae for i in items], activations(N_LAYERS * B).view(N_LAYERS, B, D)
+            export_items(items, tmp / name, "circuit-tracer")
+        ours[name] = our_outputs(kind, models, x)
+        save_file({"x": x.contiguous()}, str(tmp / f"x_{name}.safetensors"))
+        job["load"].append({"folder": str(tmp / name), "ref": str(tmp / f"x_{name}.safetensors"),
+                            "out": str(tmp / f"got_{name}.safetensors")})
+    for name in ("set_jumprelu_skip", "clt_jumprelu"):  # the Hub layout, through circuit-tracer's Hub loader
+        job["load"].append({"repo": f"me/{name}", "ref": str(tmp / f"x_{name}.safetensors"),
+                            "out": str(tmp / f"got_hub_{name}.safetensors")})
+    for i, kind in enumerate(("set", "clt")):
+        job["save"].append({"kind": kind, "folder": str(tmp / "theirs" / kind), "out": str(tmp / f"theirs_{kind}.st"),
+                            "n_layers": N_LAYERS, "d_model": M, "d_transcoder": LP, "seed": 20 + i})
+    (tmp / "job.json").write_text(json.dumps(job))
+    with FakeHub() as hub:
+        for name in ("set_jumprelu_skip", "clt_jumprelu"):
+            hub.seed(f"me/{name}", tmp / name)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp / "hf_home"),
+                   HF_HUB_DISABLE_TELEMETRY="1", CIRCUIT_TRACER_CACHE_DIR=str(tmp / "ct_cache"))
+        script = Path(__file__).with_name("peer_circuit_tracer.py")
+        done = subprocess.run([str(py), str(script), str(tmp / "job.json")], env=env, capture_output=True, text=True,
+                              timeout=600, cwd=tmp)
+    assert done.returncode == 0, f"peer_circuit_tracer.py failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    if "unavailable" in report:
+        pytest.skip(f"circuit-tracer is not installed in {py} ({report['unavailable']}): re-run "
+                    "`bash launch/peers_env.sh`")
+    assert report["versions"]["circuit_tracer"] == ct.FORMAT_VERSION
+    return tmp, report, ours
+
+
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    codes = want["codes"]
+    assert (codes > 0).any() and (codes == 0).any()
+    assert torch.equal(got["codes"] > 0, codes > 0), "different latents fire"
+    for key in ("codes", "recon", "attr_recon"):
+        assert got[key].shape == want[key].shape, key
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("name", list(PEER_CASES))
+def test_circuit_tracer_loads_our_export_with_equal_outputs(ct_peers, name):
+    from safetensors.torch import load_file
+
+    tmp, report, ours = ct_peers
+    info = report["load"][list(PEER_CASES).index(name)]
+    kind, arch, skip = PEER_CASES[name]
+    assert (info["class"], info["activation"]) == (PEER_CLASS[kind][0], "JumpReLU" if arch == "jumprelu" else "relu")
+    assert (info["n_layers"], info["skip"]) == (N_LAYERS, skip)
+    assert (info["feature_input_hook"], info["feature_output_hook"]) == ("mlp.hook_in", "mlp.hook_out")
+    assert info["model_name"] == "EleutherAI/pythia-70m"
+    assert_same(load_file(str(tmp / f"got_{name}.safetensors")), ours[name])
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("name", ["set_jumprelu_skip", "clt_jumprelu"])
+def test_circuit_tracer_loads_our_export_from_the_hub(ct_peers, name):
+    from safetensors.torch import load_file
+
+    tmp, _, ours = ct_peers
+    assert_same(load_file(str(tmp / f"got_hub_{name}.safetensors")), ours[name])
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("kind", ["set", "clt"])
+def test_we_load_what_circuit_tracer_saves(ct_peers, kind):
+    from safetensors.torch import load_file
+
+    tmp, _, _ = ct_peers
+    theirs = load_file(str(tmp / f"theirs_{kind}.st"))
+    folder = tmp / "theirs" / kind  # to_safetensors writes no config.yaml: found by its files
+    if kind == "clt":
+        models = load_pretrained(folder)
+        assert models.architecture == "clt" and models.activation == "jumprelu"
+    else:
+        models = [load_pretrained(folder, hookpoint=f"layer_{i}") for i in range(N_LAYERS)]
+        assert all(m.architecture == "jumprelu" and m.W_skip is not None for m in models)
+    assert_same(theirs, our_outputs(kind, models, theirs["x"]))
