@@ -289,6 +289,7 @@ def card(items: list[ExportItem], repo_id: str = "") -> str:
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model):
         head += f"base_model:\n- {model}\n"
     repo, name = repo_id or "<repo id>", model or "<model>"
+    ours = "" if clt else ', hookpoint="layers.0.mlp_in"'
     if clt:
         sae = items[0].sae
         act = "JumpReLU" + (" (BatchTopK's thresholds)" if sae.activation == "batchtopk" else "")
@@ -316,9 +317,8 @@ def card(items: list[ExportItem], repo_id: str = "") -> str:
             f"# from a local copy\n{local}\n"
             f'model = ReplacementModel.from_pretrained_and_transcoders("{name}", '
             f"{'clt' if clt else 'transcoders'})\n```\n\n"
-            "In sae-forge: `load_pretrained(folder)` (a CLT) or `load_pretrained(folder, hookpoint="
-            "\"layers.3.mlp_in\")`.\nThe weights expect raw model activations (the training normalisation is "
-            "folded in).\n")
+            f"In sae-forge: `load_pretrained(\"{repo}\"{ours})` (also a local folder).\n"
+            "The weights expect raw model activations (the training normalisation is folded in).\n")
 
 
 # --- import ------------------------------------------------------------------------------------------

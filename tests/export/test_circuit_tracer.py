@@ -235,6 +235,20 @@ def test_clt_files_and_round_trip(tmp_path, activation):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_cli_exports_a_trained_clt(tmp_path, capsys):
+    clt = make_clt()
+    rec = {"layers": [0, 1, 2], "d_model": M, "inputs": [f"layers.{i}.mlp_in" for i in range(N_LAYERS)],
+           "targets": [f"layers.{i}.mlp" for i in range(N_LAYERS)]}
+    save_sae(clt, tmp_path / "run" / "final" / "clt", data={"source": "buffer", "normalize": "none"}, clt=rec)
+    export_main([str(tmp_path / "run"), str(tmp_path / "out"), "--format", "circuit-tracer", "--model-name", "gpt2"])
+    assert capsys.readouterr().out.strip().endswith("out (circuit-tracer)")
+    back = load_pretrained(tmp_path / "out")
+    xs = layer_x()
+    for a, b in zip(sum(clt_outputs(back, xs), []), sum(clt_outputs(clt, xs), [])):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert "load_clt(" in (tmp_path / "out" / "README.md").read_text()
+
+
 @pytest.mark.parametrize("case,match", [
     ("acausal", r"clt: circuit-tracer's CLT is causal .* acausal crosscoder \(sae.clt_acausal=true\); export it"),
     ("topk", r"clt: circuit-tracer's CLT is ReLU or JumpReLU \(no TopK\), and this one is TopK"),
