@@ -461,7 +461,7 @@ class CrossLayerTranscoder(SparseCoder):
     def _encoder_scales(self, codes: list[SparseCodes], target_ND: Tensor, sweeps: int = 200) -> Tensor:
         """Factors s [N] > 0 minimising ||sum_i s_i decode_i(codes_i) - target||^2: the normal
         equations accumulated one output layer at a time (memory O(N B M)), solved by coordinate
-        descent from s = 1 with each s_i kept above 1e-3 of its own natural scale (a positive factor
+        descent from s = 1 with each s_i kept above 0.1 of its own natural scale (a positive factor
         keeps every selection; a group whose output only hurts starts near silent, not dead)."""
         n, M = self.n_layers, self.d_model
         G, r = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
@@ -475,7 +475,7 @@ class CrossLayerTranscoder(SparseCoder):
         diag = G.diag()
         if not bool(torch.isfinite(G).all() and torch.isfinite(r).all()):
             return torch.ones(n)
-        floor = 1e-3 * (target_ND.double().pow(2).sum() / diag.clamp_min(1e-30)).sqrt()
+        floor = 0.1 * (target_ND.double().pow(2).sum() / diag.clamp_min(1e-30)).sqrt()
         s = torch.ones(n, dtype=torch.float64)
         for _ in range(sweeps):
             for a in range(n):

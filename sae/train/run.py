@@ -173,7 +173,13 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
     torch.manual_seed(run.train.seed)
     rank, world = strategy.data_split()
     hp_of: dict[str, str] | None = None  # data.hookpoints: SAE name -> its hook point
-    if run.data.hookpoints:
+    clt_meta: dict[str, Any] = {}
+    if any(c.architecture == "clt" for c in cfgs.values()):  # every layer's MLP in/out, side by side
+        from .clt_source import build_clt_source, clt_configs
+
+        source = build_clt_source(run.data, run.train.batch_size, rank=rank, world_size=world)
+        cfgs, clt_meta = clt_configs(cfgs, source), {"clt": source.meta()}
+    elif run.data.hookpoints:
         if run.train.init_from:
             raise ValueError("train.init_from fine-tunes one published SAE; it does not combine with data.hookpoints")
         source, by_name = build_hookpoint_source(run, strategy, list(cfgs))
@@ -194,7 +200,7 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
         saes = {name: build_sae(c, source.d_in, source.d_out, seed=run.train.seed + i)
                 for i, (name, c) in enumerate(cfgs.items())}
     out_dir = Path(run.train.out_dir)
-    meta = {"data": dataclasses.asdict(run.data)}
+    meta = {"data": dataclasses.asdict(run.data), **clt_meta}
     meta_by_name: dict[str, dict[str, Any]] = {}
     if hp_of is not None:  # each SAE's cfg.json names its own hook point, as if trained alone
         one = dataclasses.asdict(dataclasses.replace(run.data, hookpoints=[]))
