@@ -12,6 +12,18 @@ E||x||^2 = d, the paper's units). Thresholds start from data: each latent's thre
 (1 - k / L) quantile of its pre-activations on the init sample, so training starts near L0 = k
 (``sae.k`` is the initial L0 target; ``l0_coefficient`` then sets the trade-off), and the
 encoder is rescaled so the initial reconstruction is the least-squares fit to the sample.
+
+Training step without a dense backward: the dense pre-activations are computed without autograd and
+only the entries that can carry gradient are kept, the active ones (z > theta) and those in the
+straight-through band (|z - theta| < eps / 2), in bags of slots
+(:func:`sae_kernels.jumprelu.threshold_select`). Their pre-activations get the
+sparse encoder gradient (:func:`sae_kernels.gather_encode`), the JumpReLU and its estimators act
+per slot (:func:`sae_kernels.jumprelu.jumprelu_slots`) and the codes decode sparsely
+(:func:`sae_kernels.sparse_decode`, whose backward gives dL/df at band slots too). Losses and
+gradients equal the dense path's (:meth:`JumpReLUSAE.forward_dense`, the reference, or set
+``dense_backward = True``) up to summation order. ``forward`` returns the codes as
+:class:`SparseCodes` [B, M] (each token's active latents, M = the most of one token, 0-padded);
+``encode`` returns dense [B, L] codes, and ``decode`` takes either.
 """
 
 from __future__ import annotations
@@ -19,9 +31,11 @@ from __future__ import annotations
 import math
 
 import torch
+from sae_kernels import gather_encode, sparse_decode
+from sae_kernels.jumprelu import candidate_floor, jumprelu_slots, threshold_select, token_codes
 from torch import Tensor, nn
 
-from .base import ForwardOutput, VarianceFn, fvu
+from .base import Codes, ForwardOutput, SparseCodes, VarianceFn, fvu
 from .config import SAEConfig
 from .dense import DenseCodeSAE, activation_scale
 from .registry import register
@@ -62,6 +76,9 @@ class _Step(torch.autograd.Function):
 
 @register("jumprelu")
 class JumpReLUSAE(DenseCodeSAE):
+    #: Train through the dense [B, L] autograd graph (:meth:`forward_dense`, the reference).
+    dense_backward: bool = False
+
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         super().__init__(cfg, d_in, d_out, seed=seed)
         if cfg.jumprelu_bandwidth <= 0 or cfg.jumprelu_init_threshold <= 0:
@@ -107,8 +124,38 @@ class JumpReLUSAE(DenseCodeSAE):
     def activation(self, pre_BL: Tensor) -> Tensor:
         return _JumpReLU.apply(pre_BL.relu(), self.threshold, self.bandwidth)
 
+    def decode(self, codes: Codes) -> Tensor:
+        """Dense [B, L] codes (``encode``) or the :class:`SparseCodes` that ``forward`` returns."""
+        if isinstance(codes, SparseCodes):
+            return sparse_decode(codes.idx, codes.vals, self.W_dec, self.b_dec)
+        return super().decode(codes)
+
     def forward(self, x_BD: Tensor, y_BE: Tensor | None = None, *, dead_mask: Tensor | None = None,
                 sparsity_scale: float = 1.0, variance_fn: VarianceFn | None = None) -> ForwardOutput:
+        if self.dense_backward:
+            return self.forward_dense(x_BD, y_BE, sparsity_scale=sparsity_scale, variance_fn=variance_fn)
+        y_BE = self.check_input(x_BD, y_BE)
+        x_in = self.encoder_input(x_BD)
+        theta, eps = self.threshold, self.bandwidth
+        with torch.no_grad():
+            slots = threshold_select(self.pre_activations_nograd(x_in), candidate_floor(theta, eps))
+        # Bags of slots (several per token when it keeps many entries): inputs gathered per bag,
+        # bag reconstructions summed per token.
+        pre = gather_encode(x_in.index_select(0, slots.token), self.W_enc, self.b_enc, slots.idx, slots.vals)
+        f, l0 = jumprelu_slots(pre, theta, slots.idx, slots.valid, eps, num_tokens=x_BD.shape[0])
+        decoded = sparse_decode(slots.idx, f, self.W_dec)
+        x_hat = decoded.new_zeros(x_BD.shape[0], self.d_out).index_add(0, slots.token, decoded) + self.b_dec
+        skip = self.skip(x_BD)
+        if skip is not None:
+            x_hat = x_hat + skip
+        rec = fvu(x_hat, y_BE, variance_fn)
+        loss = rec + self.cfg.l0_coefficient * sparsity_scale * l0
+        codes = SparseCodes(*token_codes(f, slots, x_BD.shape[0]))
+        return ForwardOutput(x_hat, codes, {"fvu": rec, "l0": l0, "loss": loss})
+
+    def forward_dense(self, x_BD: Tensor, y_BE: Tensor | None = None, *, sparsity_scale: float = 1.0,
+                      variance_fn: VarianceFn | None = None) -> ForwardOutput:
+        """The reference: autograd through dense [B, L] pre-activations and codes (a dense backward)."""
         y_BE = self.check_input(x_BD, y_BE)
         z = self.pre_activations(self.encoder_input(x_BD)).relu()
         theta, eps = self.threshold, self.bandwidth
@@ -118,3 +165,19 @@ class JumpReLUSAE(DenseCodeSAE):
         l0 = _Step.apply(z, theta, eps).sum(-1).mean()
         loss = rec + self.cfg.l0_coefficient * sparsity_scale * l0
         return ForwardOutput(x_hat, f, {"fvu": rec, "l0": l0, "loss": loss})
+
+    @torch.no_grad()
+    def pre_activations_nograd(self, x_in_BD: Tensor) -> Tensor:
+        """Dense pre-activations [B, L] without autograd, valid until the next call.
+
+        On CPU outside autocast they are written into a reused workspace: a fresh [B, L] buffer per
+        step is large enough to be mmap-ed and page-faulted anew each time (see ``TopKSAE``).
+        """
+        if x_in_BD.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return self.pre_activations(x_in_BD)
+        shape = (x_in_BD.shape[0], self.num_latents)
+        ws = self.__dict__.get("_pre_workspace")
+        if ws is None or ws.shape != shape or ws.dtype != x_in_BD.dtype:
+            ws = torch.empty(shape, dtype=x_in_BD.dtype)
+            self.__dict__["_pre_workspace"] = ws
+        return torch.addmm(self.b_enc, x_in_BD, self.W_enc.T, out=ws)
