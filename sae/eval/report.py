@@ -122,6 +122,23 @@ def _table(rows: list[tuple[str, str, str]], values: dict[str, Any]) -> str:
     return "<table>" + "".join(cells) + "</table>"
 
 
+def _clt_table(clt: dict[str, Any]) -> str:
+    """Per output layer: the FVU, MSE and cosine of its reconstruction, and its latent group's L0 and dead share."""
+    head = "".join(f"<th>{h}</th>" for h in ("layer", "MLP input → output", "FVU", "MSE", "cosine", "L0 of its latents",
+                                             "dead latents"))
+    rows = []
+    for r in clt["layers"]:
+        cells = [html.escape(str(r["layer"])), html.escape(f"{r['input']} → {r['target']}")]
+        cells += [f"{r['fvu']:.4f}", f"{r['mse']:.4g}", f"{r['cosine']:.4f}", f"{r['l0']:.2f}",
+                  f"{r['dead_fraction']:.2%}"]
+        rows.append("<tr>" + "".join(f"<td class='v'>{c}</td>" if i > 1 else f"<td>{c}</td>"
+                                     for i, c in enumerate(cells)) + "</tr>")
+    kind = "acausal crosscoder" if clt["acausal"] else "cross-layer transcoder"
+    note = (f"<div class='meta'>{kind}, {clt['activation']}, {clt['latents_per_layer']} latents per layer; "
+            f"sum of per-layer FVUs (the training loss) {clt['fvu_sum']:.4f}</div>")
+    return note + "<table><tr>" + head + "</tr>" + "".join(rows) + "</table>"
+
+
 def _img(path: Path, caption: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     wide = " class='wide'" if path.stem == "training" else ""
@@ -200,11 +217,17 @@ def render_html(report: dict[str, Any], plots: dict[str, Path], examples: list[L
             f"<div class='meta'>{html.escape(str(s['path']))} · data: {html.escape(report['data']['source'])} · "
             f"created {html.escape(report['created'])}</div>", "<div id='broken'></div>",
             "<h2>Summary</h2>", _table(SUMMARY_ROWS, report["metrics"])]
+    if report.get("clt"):
+        body += ["<h2>Per layer</h2>", _clt_table(report["clt"])]
     splice = report.get("splice") or {}
     body.append("<h2>Spliced model</h2>")
     if splice.get("metrics"):
+        what = ("the SAE's reconstruction replaces the hook point at kept positions" if not report.get("clt") else
+                "the CLT's reconstruction replaces every layer's MLP output at kept positions, its codes from the MLP "
+                + ("inputs of the spliced forward (replacement model)" if splice.get("inputs") == "replacement"
+                   else "inputs of the clean forward"))
         body.append(f"<div class='meta'>{html.escape(splice['kind'])}, model {html.escape(splice['model'])}; "
-                    "the SAE's reconstruction replaces the hook point at kept positions</div>")
+                    f"{what}</div>")
         body.append(_table(SPLICE_ROWS, splice["metrics"]))
     else:
         body.append(f"<p class='meta'>not run: {html.escape(splice.get('skipped', 'no model'))}</p>")

@@ -5,6 +5,8 @@ shards, live held-out contexts, or synthetic held-out batches) and, for real mod
 with its head; score reconstruction and sparsity over all rows; splice the SAE into the model;
 collect top-activating contexts; write ``report.json``, ``latents.safetensors`` (per-latent
 frequency, firing count, decoder norm), PNG plots and ``report.html`` into the output folder.
+A cross-layer transcoder (architecture ``clt``) reads every layer's MLP rows, adds per-layer scores
+and splices into every MLP at once (:mod:`sae.eval.clt`).
 """
 
 from __future__ import annotations
@@ -299,17 +301,26 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     device = resolve_device(cfg.device)
     sae, meta = load_for_eval(sae_dir, device)
     sae.eval()
-    inp = open_inputs(cfg, meta)
-    rec, spa = score_rows(sae, inp.rows, device, cfg.dead_window_tokens)
+    is_clt = meta["architecture"] == "clt"  # every layer's MLP at once: sae.eval.clt
+    if is_clt:
+        from . import clt
+
+        inp = clt.clt_inputs(cfg, meta)
+        rec, spa, layer_stats = clt.score_clt_rows(sae, inp.rows, device, cfg.dead_window_tokens)
+        W_enc, W_dec, directions = clt.weight_views(sae)
+    else:
+        inp = open_inputs(cfg, meta)
+        rec, spa = score_rows(sae, inp.rows, device, cfg.dead_window_tokens)
+        W_enc, W_dec, directions = sae.W_enc, sae.W_dec, sae.W_dec
     metrics = {**rec.as_dict(), **spa.as_dict(cfg.dense_threshold), "tokens": float(rec.n_tokens)}
     n = cfg.feature_stats_latents
-    metrics["encoder_mean_max_cosine"] = mean_max_cosine(sae.W_enc, n)
-    metrics["decoder_mean_max_cosine"] = mean_max_cosine(sae.W_dec, n)
+    metrics["encoder_mean_max_cosine"] = mean_max_cosine(W_enc, n)
+    metrics["decoder_mean_max_cosine"] = mean_max_cosine(W_dec, n)
     if inp.rows.source == "synthetic":
         from sae.buffer.synthetic import feature_recovery
 
         metrics["feature_recovery"] = feature_recovery(inp.rows.info["features"], sae.W_dec.cpu()).item()
-    splice = _splice(cfg, sae, inp)
+    splice = clt.clt_splice(cfg, sae, inp, meta) if is_clt else _splice(cfg, sae, inp)
     examples, examples_skipped, tokens_skipped = [], "", ""
     if inp.lm is None:
         examples_skipped = inp.no_model
@@ -319,13 +330,13 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
         examples = top_examples(sae, inp.rows, latents, inp.lm.tokenizer, per_latent=ex.per_latent,
                                 before=ex.before, after=ex.after, device=device, bins=ex.histogram_bins)
         W_U = unembedding(inp.lm.model) if inp.kind == "causal_lm" else None
-        tokens_skipped = add_panels([le.dashboard for le in examples], sae.W_dec, [le.latent for le in examples],
+        tokens_skipped = add_panels([le.dashboard for le in examples], directions, [le.latent for le in examples],
                                     neighbours=ex.neighbours, tokens=ex.logit_tokens, W_U=W_U,
                                     out_scale=inp.y_norm.scale if inp.y_norm.mode != "none" else 1.0,
                                     tokenizer=inp.lm.tokenizer)
     out = Path(cfg.out_dir) if cfg.out_dir else sae_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    norms = plots.decoder_norms(sae.W_dec)
+    norms = plots.decoder_norms(W_dec)
     save_file({"frequency": spa.frequencies.float(), "fire_counts": spa.fire_counts.float(),
                "decoder_norm": norms.contiguous()}, str(out / "latents.safetensors"))
     hist = spa.density_histogram()
@@ -345,6 +356,9 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
         "versions": package_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if is_clt:
+        report["clt"] = clt.per_layer_report(sae, meta, layer_stats, spa)
+        metrics["fvu_sum"] = report["clt"]["fvu_sum"]
     if examples_skipped:
         report["examples_skipped"] = examples_skipped
     if tokens_skipped:

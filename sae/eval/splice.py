@@ -7,6 +7,12 @@ zero-ablated; with it mean-ablated (the mean activation at that site). For an SA
 read is its input hook point and write its target, so the module's *output* is replaced by the
 transcoder's prediction from its input.
 
+A cross-layer transcoder (:class:`CLTSplicer`, :func:`clt_splice_eval`) replaces every layer's MLP
+output at once; zero and mean ablation then replace all of them too. The causal CLT runs as the
+replacement model: each layer's codes come from its MLP input in the spliced forward itself (errors
+of earlier layers propagate). The acausal crosscoder reads later layers, so its codes come from the
+clean forward's MLP inputs.
+
 Only positions the harvester keeps (no padding, and no special tokens / first position where its
 rules drop them) are replaced and scored; the SAE never saw the others.
 
@@ -146,6 +152,98 @@ class Splicer:
             new[keep] = self.reconstruct(x[keep].float()).to(v.dtype)
         return new
 
+    def captured_mean(self) -> Tensor:
+        """Mean write-site row over the ``capture`` passes."""
+        if self.count == 0:
+            raise ValueError("no kept positions in the splice contexts: nothing to replace")
+        return (self.sum / self.count).float()
+
+    def set_mean(self, mean: Tensor, device: torch.device) -> None:
+        self.mean = mean.to(device)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class CLTSplicer:
+    """Every layer's MLP output replaced at once, by a cross-layer transcoder (:mod:`sae.models.clt`).
+
+    ``inputs="replacement"`` (the causal CLT; Ameisen et al. 2025's replacement model): the forward
+    runs layer by layer and group i's codes come from layer i's MLP input *in the spliced forward*
+    (so reconstruction errors of earlier layers propagate, as when the CLT replaces the MLPs);
+    output layer j gets ``decode_layer(j)`` of the groups computed so far. ``inputs="clean"`` (the
+    acausal crosscoder, whose groups read every layer, later ones included): codes come from the MLP
+    inputs of the clean forward of the same batch, which :func:`_score` always runs first.
+    ``mean`` is a list of per-layer mean MLP outputs. Rows reach the CLT as harvested (it trains
+    without normalisation).
+    """
+
+    def __init__(self, model: nn.Module, reads: list[HookPoint], writes: list[HookPoint], clt: Any,
+                 inputs: str = "replacement"):
+        if inputs not in ("replacement", "clean"):
+            raise ValueError(f"CLT splice inputs={inputs!r}; use replacement or clean")
+        if inputs == "replacement" and getattr(clt, "acausal", False):
+            raise ValueError("the acausal crosscoder reads later layers: splice it with inputs='clean'")
+        self.clt, self.inputs = clt, inputs
+        self.mode, self.keep, self.mean = "clean", None, None
+        n = len(reads)
+        self.codes: list[Tensor | None] = [None] * n
+        self.clean_x: list[Tensor | None] = [None] * n
+        self.sums: list[Tensor | None] = [None] * n
+        self.counts = [0] * n
+        modules = dict(model.named_modules())
+        self.handles = []
+        for i, (r, w) in enumerate(zip(reads, writes)):
+            self.handles.append(Splicer._register(modules[r.module], r.kind, lambda x, i=i: self._on_read(i, x)))
+            self.handles.append(Splicer._register(modules[w.module], w.kind, lambda v, j=i: self._on_write(j, v)))
+
+    @property
+    def count(self) -> int:
+        return min(self.counts)
+
+    def prepare(self, mode: str, keep: Tensor) -> None:
+        self.mode, self.keep = mode, keep
+        self.codes = [None] * len(self.codes)
+        if mode == "clean":
+            self.clean_x = [None] * len(self.clean_x)
+        elif mode == "sae" and self.inputs == "clean":
+            if any(x is None for x in self.clean_x):
+                raise RuntimeError("the clean forward of this batch did not reach every layer's MLP input")
+            self.codes = self.clt.encode_layers([x.to(next(self.clt.parameters()).device) for x in self.clean_x])
+
+    def _on_read(self, i: int, x: Tensor) -> None:
+        if self.mode == "clean" and self.inputs == "clean":
+            self.clean_x[i] = x[self.keep].float()
+        elif self.mode == "sae" and self.inputs == "replacement":
+            self.codes[i] = self.clt.encode_layer(i, x[self.keep].float())
+
+    def _on_write(self, j: int, v: Tensor) -> Tensor | None:
+        keep = self.keep
+        if self.mode == "clean":
+            return None
+        if self.mode == "capture":
+            rows = v[keep].double()
+            self.sums[j] = rows.sum(0) if self.sums[j] is None else self.sums[j] + rows.sum(0)
+            self.counts[j] += rows.shape[0]
+            return None
+        new = v.clone()
+        if self.mode == "zero":
+            new[keep] = 0
+        elif self.mode == "mean":
+            new[keep] = self.mean[j].to(v.dtype)
+        else:
+            new[keep] = self.clt.decode_layer(j, self.codes).to(v.dtype)
+        return new
+
+    def captured_mean(self) -> list[Tensor]:
+        if self.count == 0:
+            raise ValueError("no kept positions in the splice contexts: nothing to replace")
+        return [(s / c).float() for s, c in zip(self.sums, self.counts)]
+
+    def set_mean(self, mean: list[Tensor], device: torch.device) -> None:
+        self.mean = [m.to(device) for m in mean]
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
@@ -250,19 +348,44 @@ def splice_eval(model: nn.Module, read: HookPoint, write: HookPoint, reconstruct
     Raises:
         ValueError: unknown ``kind`` or nothing to score.
     """
+    _check_kind(kind)
+    return _score(Splicer(model, read, write, reconstruct), model, batches, kind, torch.device(device), mean)
+
+
+@torch.inference_mode()
+def clt_splice_eval(model: nn.Module, reads: list[HookPoint], writes: list[HookPoint], clt: Any,
+                    batches: Sequence[SpliceBatch], kind: str, device: torch.device | str = "cpu",
+                    mean: list[Tensor] | None = None, inputs: str = "replacement") -> dict[str, float]:
+    """Spliced-model metrics with every MLP output replaced by a CLT's reconstruction (see
+    :class:`CLTSplicer`); zero and mean ablations replace every one of those MLP outputs too.
+
+    Args:
+        reads, writes: per CLT layer, its MLP input and MLP output hook points of ``model``.
+        clt: a :class:`sae.models.clt.CrossLayerTranscoder` in eval mode on ``device``.
+        mean: per layer, the mean MLP output for the mean ablation; None computes it over ``batches``.
+        inputs: replacement (the codes of each layer from the spliced forward) or clean.
+    """
+    _check_kind(kind)
+    if len(reads) != len(writes) or len(reads) != clt.n_layers:
+        raise ValueError(f"{len(reads)} read and {len(writes)} write sites for a CLT of {clt.n_layers} layers")
+    return _score(CLTSplicer(model, reads, writes, clt, inputs), model, batches, kind, torch.device(device), mean)
+
+
+def _check_kind(kind: str) -> None:
     if kind not in ("causal_lm", "encoder"):
         raise ValueError(f"splice kind {kind!r} must be causal_lm or encoder")
-    device = torch.device(device)
-    splicer = Splicer(model, read, write, reconstruct)
+
+
+def _score(splicer: Splicer | CLTSplicer, model: nn.Module, batches: Sequence[SpliceBatch], kind: str,
+           device: torch.device, mean: Any) -> dict[str, float]:
+    """Clean, spliced, zero- and mean-ablated forwards of every batch, scored against the clean one."""
     try:
         if mean is None:
             for b in batches:
                 splicer.prepare("capture", b.keep.to(device))
                 _forward(model, b, device)
-            if splicer.count == 0:
-                raise ValueError("no kept positions in the splice contexts: nothing to replace")
-            mean = (splicer.sum / splicer.count).float()
-        splicer.mean = mean.to(device)
+            mean = splicer.captured_mean()
+        splicer.set_mean(mean, device)
         scores = _CausalScores() if kind == "causal_lm" else _EncoderScores()
         for b in batches:
             keep = b.keep.to(device)

@@ -238,6 +238,34 @@ class CrossLayerTranscoder(SparseCoder):
         """Reconstruction [B, M] of each output layer's MLP output from dense per-layer codes [B, L]."""
         return list(self._decode_dense(list(codes_list)).split(self.d_model, dim=1))
 
+    @torch.no_grad()
+    def encode_layer(self, i: int, x_i: Tensor) -> Tensor:
+        """Dense codes [B, L] of group i from what its encoder reads (layer i's MLP input [B, M]; the
+        crosscoder's groups read every layer, [B, D]), without autograd: the per-layer step of a
+        replacement model that runs layer by layer."""
+        if self.apply_b_dec_to_input:
+            raise ValueError("encode_layer needs a transcoder (sae.transcode=true); use encode on the full input")
+        want = self.n_layers * self.d_model if self.acausal else self.d_model
+        if x_i.dim() != 2 or x_i.shape[1] != want:
+            raise ValueError(f"group {i} reads [batch, {want}]; got {tuple(x_i.shape)}")
+        pre = self.pre_activations(x_i.float(), i)
+        if self.activation == "jumprelu":
+            return self._jump(pre.relu(), i)
+        vals, idx = self._select(pre, i, LocalLatents())
+        return torch.zeros_like(pre).scatter_(1, idx, vals.relu())
+
+    @torch.no_grad()
+    def decode_layer(self, j: int, codes: list[Tensor | None]) -> Tensor:
+        """Reconstruction [B, M] of output layer j from dense group codes ([B, L] per group; None for
+        groups that do not write layer j, e.g. the CLT's groups after j)."""
+        out = self.b_dec[j].expand(next(c for c in codes if c is not None).shape[0], -1).clone()
+        for i, c in enumerate(codes):
+            if self.first_out(i) <= j:
+                if c is None:
+                    raise ValueError(f"output layer {j} needs the codes of group {i}")
+                out += c.to(out.dtype) @ self.W_dec[i][:, j - self.first_out(i)]
+        return out
+
     # --- encoding ----------------------------------------------------------------------------
     @torch.no_grad()
     def pre_activations(self, x_i: Tensor, i: int) -> Tensor:

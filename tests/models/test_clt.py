@@ -151,6 +151,11 @@ def test_per_layer_api_matches_the_concatenated_layout(act):
     assert [tuple(r.shape) for r in recon] == [(B, M)] * N
     torch.testing.assert_close(torch.cat(recon, 1), clt.decode(codes), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(clt.decode(codes), clt(x, y).x_hat, rtol=1e-5, atol=1e-5)
+    # Layer by layer (the replacement model's order): group i from layer i's input, output j from groups <= j.
+    one = [clt.encode_layer(i, x[:, i * M:(i + 1) * M]) for i in range(N)]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(one, per_layer))
+    for j in range(N):
+        torch.testing.assert_close(clt.decode_layer(j, one[:j + 1] + [None] * (N - j - 1)), recon[j])
     if isinstance(codes, SparseCodes):  # slots in another order decode the same (the general path)
         perm = torch.randperm(codes.idx.shape[1], generator=torch.Generator().manual_seed(0))
         shuffled = SparseCodes(codes.vals[:, perm], codes.idx[:, perm])
@@ -207,7 +212,7 @@ def test_init_from_data_sets_b_dec_per_layer_and_fits_the_encoder_scale():
     for j in range(N):
         torch.testing.assert_close(fitted.b_dec[j].detach(), y[:, j * M:(j + 1) * M].mean(0), atol=0.5, rtol=0)
     f_fit, f_raw = fitted(x, y).losses["fvu"].item(), raw(x, y).losses["fvu"].item()
-    assert f_fit < N + 0.1 and f_fit < 0.8 * f_raw, (f_fit, f_raw)
+    assert f_fit < N + 0.3 and f_fit < 0.8 * f_raw, (f_fit, f_raw)  # each group at least 0.1 of its own scale
 
 
 def test_save_and_load_round_trip(tmp_path):
