@@ -21,7 +21,7 @@ def register(name: str) -> Callable[[type], type]:
 
 
 def architectures() -> list[str]:
-    from . import batchtopk, clt, jumprelu, relu, topk  # noqa: F401  (registration side effect)
+    from . import batchtopk, clt, gated, jumprelu, matryoshka, relu, topk  # noqa: F401  (registration side effect)
 
     return sorted(_REGISTRY)
 
