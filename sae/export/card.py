@@ -50,15 +50,19 @@ def header(fmt: str, items: Sequence[ExportItem]) -> str:
 
 def _sparsity_rule(item: ExportItem) -> str:
     sae = item.sae
-    if sae.architecture == "topk":
-        return f"k = {sae.k} latents per token"
-    if sae.architecture == "batchtopk":
+    groups = getattr(sae, "groups", None)
+    nested = f"; Matryoshka groups {groups} (loss summed over nested prefixes)" if groups else ""
+    if sae.architecture in ("topk", "matryoshka_topk"):
+        return f"k = {sae.k} latents per token" + nested
+    if sae.architecture in ("batchtopk", "matryoshka_batchtopk"):
         return (f"k = {sae.k} on average per batch in training; at inference a global threshold "
-                f"{float(sae.threshold):.4g}")
+                f"{float(sae.threshold):.4g}" + nested)
     if sae.architecture == "jumprelu":
         t = sae.threshold.detach()
         return (f"per-latent thresholds (median {t.median().item():.4g}, "
                 f"range {t.min().item():.4g}..{t.max().item():.4g})")
+    if sae.architecture == "gated":
+        return f"gate with an L1 penalty (coefficient {sae.cfg.l1_coefficient:g}), magnitudes unpenalised"
     return f"L1 penalty (coefficient {sae.cfg.l1_coefficient:g})"
 
 
@@ -106,9 +110,12 @@ def sae_card(fmt: str, entry: CardEntry, repo_id: str = "") -> str:
 
 def repo_card(fmt: str, entries: Sequence[CardEntry], repo_id: str = "") -> str:
     """The README.md at the export root: one line per SAE and how to load them."""
+    def k_of(sae) -> str:
+        return "-" if sae.architecture in ("relu", "gated") else str(getattr(sae, "k", "-"))
+
     lines = "".join(
         f"| `{e.folder}` | {e.item.sae.architecture} | {e.item.hookpoint or '-'} | {e.item.sae.d_in} | "
-        f"{e.item.sae.num_latents} | {getattr(e.item.sae, 'k', '-') if e.item.sae.architecture != 'relu' else '-'} | "
+        f"{e.item.sae.num_latents} | {k_of(e.item.sae)} | "
         f"{_fmt_metric(e.item.metrics.get('fvu'))} | {_fmt_metric(e.item.metrics.get('l0'))} |\n" for e in entries)
     first = entries[0].folder if entries else "<folder>"
     return (f"{header(fmt, [e.item for e in entries])}\n# Sparse autoencoders ({fmt} format)\n\n"

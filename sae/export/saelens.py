@@ -15,6 +15,9 @@ topk                  topk (``k``)                  W_enc [D, L] (= ours.T), b_e
 relu                  standard                      same
 jumprelu              jumprelu                      + threshold [L] = exp(log_threshold)
 batchtopk             jumprelu                      + threshold [L] = the learned scalar threshold
+matryoshka_topk       topk                          as topk (the nested loss is training-only)
+matryoshka_batchtopk  jumprelu                      as batchtopk (SAELens saves its own so too)
+gated                 gated                         W_enc, b_gate (= our b_enc), b_mag, r_mag, W_dec, b_dec
 relu/jumprelu/        transcoder, skip_transcoder,  + W_skip [E, D]; ``apply_b_dec_to_input: false``
 batchtopk transcoder  jumprelu_(skip_)transcoder
 ====================  ===========================  =========================================
@@ -28,7 +31,10 @@ latents above the threshold than that. SAELens has no TopK transcoder: exporting
 Import reads SAELens 6.x folders (and the pre-6.0 config keys), including folders written by
 ``SAE.save_model`` and ``TrainingSAE.save_inference_model``; TopK's
 ``rescale_acts_by_decoder_norm`` and SAEs with ``apply_b_dec_to_input: false`` are folded into
-our convention exactly (up to float rounding).
+our convention exactly (up to float rounding). A folder written by this exporter records our
+training config in ``metadata.sae_forge``, so a Matryoshka TopK SAE comes back as one (groups
+included); SAELens' own ``matryoshka_batchtopk`` training folders (``save_model``) import as our
+Matryoshka BatchTopK with groups from ``matryoshka_widths``.
 """
 
 from __future__ import annotations
@@ -62,11 +68,17 @@ _IMPORT = {
     "topk": ("topk", False, False),
     "jumprelu": ("jumprelu", False, False),
     "batchtopk": ("batchtopk", False, False),  # a BatchTopKTrainingSAE saved with save_model
+    "matryoshka_batchtopk": ("matryoshka_batchtopk", False, False),  # its training SAE's save_model
+    "gated": ("gated", False, False),
     "transcoder": ("relu", True, False),
     "skip_transcoder": ("relu", True, True),
     "jumprelu_transcoder": ("jumprelu", True, False),
     "jumprelu_skip_transcoder": ("jumprelu", True, True),
 }
+
+
+# Families that differ from their base only in the training loss.
+_BASE = {"matryoshka_topk": "topk", "matryoshka_batchtopk": "batchtopk"}
 
 
 def saelens_architecture(sae: SparseCoder) -> str:
@@ -75,9 +87,12 @@ def saelens_architecture(sae: SparseCoder) -> str:
     Raises:
         ValueError: no SAELens equivalent (TopK transcoders).
     """
-    arch = sae.architecture
+    arch = _BASE.get(sae.architecture, sae.architecture)
+    if arch == "gated" and sae.cfg.transcode:
+        raise ValueError("SAELens has no gated transcoder; export this one with --format ours")
     if not sae.cfg.transcode:
-        return {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}[arch]
+        return {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+                "gated": "gated"}[arch]
     if arch == "topk":
         raise ValueError("SAELens has no TopK transcoder (its transcoders are ReLU or JumpReLU); export this one "
                          "with --format ours or --format sparsify (same input and output width), or train "
@@ -91,7 +106,7 @@ def saelens_architecture(sae: SparseCoder) -> str:
 def _thresholds(sae: SparseCoder) -> Tensor | None:
     if sae.architecture == "jumprelu":
         return sae.threshold.detach()
-    if sae.architecture == "batchtopk":
+    if _BASE.get(sae.architecture, sae.architecture) == "batchtopk":
         thr = float(sae.threshold)
         if thr < 0:
             raise ValueError("this BatchTopK SAE has no inference threshold yet (it is estimated during training); "
@@ -109,6 +124,9 @@ def write_saelens(item: ExportItem, folder: Path, dtype: torch.dtype = torch.flo
     arch = saelens_architecture(item.sae)
     sae = fold_normalization(item.sae, item.meta.get("normalization"))
     tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if arch == "gated":
+        tensors = {"W_enc": sae.W_enc.T, "b_gate": sae.b_enc, "b_mag": sae.b_mag, "r_mag": sae.r_mag,
+                   "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     thr = _thresholds(sae)
     if thr is not None:
         tensors["threshold"] = thr
@@ -196,16 +214,26 @@ def read_saelens(folder: Path) -> tuple[SparseCoder, dict[str, Any]]:
                          "into W_dec (W_dec * scaling_factor[:, None]) first")
     d_in, L = int(cfg["d_in"]), int(cfg["d_sae"])
     d_out = int(cfg.get("d_out", d_in)) if transcode else d_in
+    if ours == "gated":
+        state["b_enc"] = state.pop("b_gate")
     W_enc, b_enc, W_dec, b_dec = (state.pop(k) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
     W_enc = W_enc.T.contiguous()  # ours: [L, D]
-    if ours in ("topk", "batchtopk") and cfg.get("rescale_acts_by_decoder_norm"):
+    if _BASE.get(ours, ours) in ("topk", "batchtopk") and cfg.get("rescale_acts_by_decoder_norm"):
         norms = W_dec.norm(dim=1).clamp_min(1e-8)  # SAELens' own fold (TopKSAE._fold_norm_topk)
         W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
     if not transcode and not cfg.get("apply_b_dec_to_input", True):
-        b_enc = b_enc + W_enc @ b_dec  # ours encodes x - b_dec: move b_dec into the encoder bias
+        shift = W_enc @ b_dec  # ours encodes x - b_dec: move b_dec into the encoder bias
+        b_enc = b_enc + shift
+        if ours == "gated":  # the magnitude path reads exp(r_mag) * W_enc x
+            state["b_mag"] = state["b_mag"] + state["r_mag"].exp() * shift
     restored = ((cfg.get("metadata") or {}).get("sae_forge") or {})
     fields = {f.name for f in dataclasses.fields(SAEConfig)}
     base = {k: v for k, v in (restored.get("sae") or {}).items() if k in fields}
+    if ours == "topk" and restored.get("architecture") == "matryoshka_topk":
+        ours = "matryoshka_topk"  # our own export: the training loss comes back with it
+    if ours == "matryoshka_batchtopk" and cfg.get("matryoshka_widths"):
+        widths = [int(w) for w in cfg["matryoshka_widths"]]
+        base["matryoshka_groups"] = [w - p for p, w in zip([0, *widths[:-1]], widths)]
     params = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     k = int(round(float(cfg.get("k", base.get("k", 32)))))
     if ours == "jumprelu":
@@ -217,9 +245,11 @@ def read_saelens(folder: Path) -> tuple[SparseCoder, dict[str, Any]]:
         params["log_threshold"] = thr.clamp_min(0).log()  # thresholds <= 0 act as 0 after the ReLU
         params["act_scale"] = torch.tensor(float(restored.get("act_scale") or 1.0))
         k = min(max(k, 1), L - 1)  # our JumpReLU keeps k as its initial L0 target
-    elif ours == "batchtopk":
+    elif ours in ("batchtopk", "matryoshka_batchtopk"):
         params["threshold"] = state.pop("topk_threshold").float().reshape(())
         base["batch_topk_cap"] = math.ceil(L / max(k, 1))  # every latent a candidate: a pure threshold
+    elif ours == "gated":
+        params["b_mag"], params["r_mag"] = state.pop("b_mag"), state.pop("r_mag")
     if skip:
         params["W_skip"] = state.pop("W_skip")
     if state:

@@ -34,7 +34,7 @@ FORMAT_VERSION = "1.3.3"
 
 def check_exportable(sae: SparseCoder) -> None:
     """Raise ``ValueError`` when sparsify cannot represent ``sae``."""
-    if sae.architecture != "topk":
+    if sae.architecture not in ("topk", "matryoshka_topk"):  # Matryoshka: a training loss only
         raise ValueError(f"sparsify loads TopK sparse coders only, not {sae.architecture!r}; use --format saelens "
                          "(ReLU, JumpReLU, BatchTopK) or --format ours")
     if sae.d_out != sae.d_in:

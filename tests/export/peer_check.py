@@ -75,8 +75,12 @@ def build_saelens(kind, d_in, d_sae, k, d_out, gen):
     from sae_lens import (
         BatchTopKTrainingSAE,
         BatchTopKTrainingSAEConfig,
+        GatedSAE,
+        GatedSAEConfig,
         JumpReLUSAE,
         JumpReLUSAEConfig,
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
         SkipTranscoder,
         SkipTranscoderConfig,
         StandardSAE,
@@ -95,12 +99,17 @@ def build_saelens(kind, d_in, d_sae, k, d_out, gen):
         sae = SkipTranscoder(SkipTranscoderConfig(d_in=d_in, d_sae=d_sae, d_out=d_out, apply_b_dec_to_input=False))
     elif kind == "batchtopk_training":
         sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
+    elif kind == "gated":
+        sae = GatedSAE(GatedSAEConfig(d_in=d_in, d_sae=d_sae))
+    elif kind == "matryoshka_batchtopk_training":
+        sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+            d_in=d_in, d_sae=d_sae, k=k, matryoshka_widths=[d_sae // 4, d_sae]))
     else:
         raise ValueError(kind)
     _perturb(sae, gen, skip=("threshold",))
     if kind == "jumprelu":
         sae.threshold.data = torch.empty(d_sae).uniform_(0.05, 0.6, generator=gen)
-    if kind == "batchtopk_training":
+    if kind in ("batchtopk_training", "matryoshka_batchtopk_training"):
         sae.topk_threshold = torch.tensor(0.3, dtype=torch.double)
     return sae
 
@@ -114,11 +123,18 @@ def save(entry):
         from sae_lens import SAE
 
         sae = build_saelens(entry["kind"], d_in, d_sae, k, d_out, gen)
+        folder = entry["folder"]
         if entry["kind"] == "batchtopk_training":
-            sae.save_inference_model(entry["folder"])  # BatchTopK -> JumpReLU with the learned threshold
+            sae.save_inference_model(folder)  # BatchTopK -> JumpReLU with the learned threshold
+        elif entry["kind"] == "matryoshka_batchtopk_training":
+            # Its training folder (which SAELens itself does not load) is what we import; the
+            # reference outputs come from the inference form SAELens loads.
+            sae.save_model(folder)
+            folder = folder + "_inference"
+            sae.save_inference_model(folder)
         else:
-            sae.save_model(entry["folder"])
-        loaded = SAE.load_from_disk(entry["folder"]).eval()
+            sae.save_model(folder)
+        loaded = SAE.load_from_disk(folder).eval()
         codes, recon = saelens_outputs(loaded, x)
         info = {"class": type(loaded).__name__}
     else:

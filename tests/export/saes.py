@@ -24,7 +24,12 @@ CASES = [
     ("jumprelu_transcoder", "jumprelu", True, False, 10),
     ("jumprelu_skip_transcoder", "jumprelu", True, True, 10),
     ("batchtopk_transcoder", "batchtopk", True, False, 10),
+    ("gated", "gated", False, False, D),
+    ("gated_transcoder", "gated", True, False, 10),
+    ("matryoshka_topk", "matryoshka_topk", False, False, D),
+    ("matryoshka_batchtopk", "matryoshka_batchtopk", False, False, D),
 ]
+BATCHTOPK_FAMILY = ("batchtopk", "matryoshka_batchtopk")
 
 
 def make_sae(arch: str, transcode: bool = False, skip: bool = False, d_out: int = D, seed: int = 0) -> SparseCoder:
@@ -42,7 +47,7 @@ def make_sae(arch: str, transcode: bool = False, skip: bool = False, d_out: int 
         if arch == "jumprelu":
             sae.log_threshold.copy_(torch.empty(L).uniform_(0.05, 0.6, generator=gen).log())
             sae.act_scale.fill_(1.7)
-        if arch == "batchtopk":
+        if arch in BATCHTOPK_FAMILY:
             sae.threshold.fill_(0.3)
     return sae.eval()
 
@@ -70,6 +75,6 @@ def effective_threshold(sae: SparseCoder) -> Tensor | None:
     """[L] inference threshold of the JumpReLU / BatchTopK families (None for the others)."""
     if sae.architecture == "jumprelu":
         return sae.threshold.detach()
-    if sae.architecture == "batchtopk":
+    if sae.architecture in BATCHTOPK_FAMILY:
         return torch.full((sae.num_latents,), float(sae.threshold))
     return None

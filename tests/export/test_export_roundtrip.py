@@ -13,8 +13,8 @@ from sae.export.fold import fold_normalization
 from sae.models import SparseCoder
 
 # Formats that represent each case (the others must refuse it with a clear error).
-SAELENS_OK = {c[0] for c in CASES} - {"topk_transcoder", "topk_skip_transcoder"}
-SPARSIFY_OK = {"topk", "topk_transcoder", "topk_skip_transcoder"}
+SAELENS_OK = {c[0] for c in CASES} - {"topk_transcoder", "topk_skip_transcoder", "gated_transcoder"}
+SPARSIFY_OK = {"topk", "topk_transcoder", "topk_skip_transcoder", "matryoshka_topk"}
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip")
 
 
@@ -44,10 +44,10 @@ def test_roundtrip_same_weights_and_outputs(tmp_path, fmt, case):
     assert (back.d_in, back.d_out, back.num_latents) == (sae.d_in, sae.d_out, sae.num_latents)
     assert back.cfg.transcode == sae.cfg.transcode and (back.W_skip is None) == (sae.W_skip is None)
     ours, theirs = sae.state_dict(), back.state_dict()
-    for name in PARAMS:
+    for name in (*PARAMS, "b_mag", "r_mag"):
         if name in ours:
             assert torch.equal(ours[name], theirs[name]), f"{name} changed"
-    if fmt == "ours" or (fmt == "saelens" and arch != "batchtopk"):
+    if fmt == "ours" or (fmt == "saelens" and arch not in ("batchtopk", "matryoshka_batchtopk")):
         assert back.architecture == arch and back.cfg.k == sae.cfg.k
     thr = effective_threshold(sae)
     if thr is not None:  # SAELens stores exp(log_threshold); BatchTopK's scalar becomes a JumpReLU threshold

@@ -27,13 +27,17 @@ ROOT = Path(__file__).resolve().parents[2]
 # name -> (architecture, transcode, skip, d_out) of our SAEs exported for each library.
 SAELENS_CASES = {"topk": ("topk", False, False, D), "jumprelu": ("jumprelu", False, False, D),
                  "batchtopk": ("batchtopk", False, False, D), "relu": ("relu", False, False, D),
-                 "relu_skip_transcoder": ("relu", True, True, 10), "jumprelu_transcoder": ("jumprelu", True, False, 10)}
+                 "relu_skip_transcoder": ("relu", True, True, 10), "jumprelu_transcoder": ("jumprelu", True, False, 10),
+                 "gated": ("gated", False, False, D), "matryoshka_topk": ("matryoshka_topk", False, False, D),
+                 "matryoshka_batchtopk": ("matryoshka_batchtopk", False, False, D)}
 SPARSIFY_CASES = {"topk": ("topk", False, False, D), "topk_skip_transcoder": ("topk", True, True, D)}
 SAELENS_CLASS = {"topk": "TopKSAE", "jumprelu": "JumpReLUSAE", "batchtopk": "JumpReLUSAE", "relu": "StandardSAE",
-                 "relu_skip_transcoder": "SkipTranscoder", "jumprelu_transcoder": "JumpReLUTranscoder"}
+                 "relu_skip_transcoder": "SkipTranscoder", "jumprelu_transcoder": "JumpReLUTranscoder",
+                 "gated": "GatedSAE", "matryoshka_topk": "TopKSAE", "matryoshka_batchtopk": "JumpReLUSAE"}
 # Models the libraries build and save with their own functions: (library, kind) -> our architecture.
 SAVED = {("saelens", "topk"): "topk", ("saelens", "jumprelu"): "jumprelu", ("saelens", "standard"): "relu",
          ("saelens", "skip_transcoder"): "relu", ("saelens", "batchtopk_training"): "jumprelu",
+         ("saelens", "gated"): "gated", ("saelens", "matryoshka_batchtopk_training"): "matryoshka_batchtopk",
          ("sparsify", "topk"): "topk", ("sparsify", "skip_transcoder"): "topk"}
 
 
@@ -129,3 +133,9 @@ def test_we_load_folders_saved_by_the_peers(peers, lib, kind):
         kind == "skip_transcoder")
     theirs = load_file(str(tmp / f"theirs_{lib}_{kind}.safetensors"))
     assert_same_outputs(*outputs(loaded.sae, theirs["x"]), theirs["codes"], theirs["recon"])
+
+
+def test_saelens_matryoshka_training_folder_keeps_its_groups(peers):
+    tmp, _, _ = peers
+    loaded = load_pretrained_with_info(tmp / "theirs" / "saelens_matryoshka_batchtopk_training")
+    assert loaded.sae.groups == [L // 4, L - L // 4]  # from matryoshka_widths [L/4, L]
