@@ -120,9 +120,10 @@ def load_for_eval(sae_dir: Path, device: torch.device) -> tuple[SparseCoder, dic
     """The SAE (latent-parallel shards joined) and its cfg.json metadata."""
     if (sae_dir / CFG).is_file():
         return load_sae(sae_dir, device), read_sae_cfg(sae_dir)
-    from sae.train.reshard import consolidate_sae, shard_folders
+    from sae.train.clt_parallel import consolidate
+    from sae.train.reshard import shard_folders
 
-    return consolidate_sae(sae_dir).to(device), read_sae_cfg(shard_folders(sae_dir)[0])
+    return consolidate(sae_dir).to(device), read_sae_cfg(shard_folders(sae_dir)[0])
 
 
 def literal(obj: Any) -> Any:

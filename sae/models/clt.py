@@ -114,6 +114,7 @@ class CrossLayerTranscoder(SparseCoder):
             raise ValueError(f"sae.k={cfg.k} must be in [1, latents per layer={L}) (k is per layer and token)")
         self.cfg = cfg
         self.n_layers, self.d_model, self.latents_per_layer = n, M, L
+        self.full_latents_per_layer = L  # of the whole model, also when this module is one latent-parallel shard
         self.d_in, self.d_out, self.num_latents = d_in, d_out, n * L
         self.activation, self.acausal = cfg.clt_activation, cfg.clt_acausal
         self.sparse_codes = self.activation != "jumprelu"
@@ -141,7 +142,7 @@ class CrossLayerTranscoder(SparseCoder):
             if cfg.batch_topk_cap < 1 or not 0.0 <= cfg.threshold_momentum < 1.0:
                 raise ValueError(f"sae.batch_topk_cap={cfg.batch_topk_cap} must be >= 1 and sae.threshold_momentum="
                                  f"{cfg.threshold_momentum} in [0, 1)")
-            self.num_candidates = min(L, cfg.batch_topk_cap * cfg.k)
+            self.num_candidates = min(L, cfg.batch_topk_cap * cfg.k)  # per token and layer
             self.register_buffer("threshold", torch.full((n,), -1.0))  # < 0: not estimated yet
             self.last_cap_hit = 0.0
         self._mark_normalized()
@@ -289,7 +290,7 @@ class CrossLayerTranscoder(SparseCoder):
                 sel["main"].append(self._select(pre, i, latents))
                 if n_dead:
                     masked = pre.masked_fill_(~dead[i], -math.inf)
-                    vals, idx, own = latents.topk(masked, min(self.k_aux, L))
+                    vals, idx, own = latents.topk(masked, self.k_aux)
                     keep = torch.isfinite(vals) if own is None else torch.isfinite(vals) & own
                     sel["aux"].append((vals.where(keep, 0.0), idx))
         if self._cap_hits:
@@ -313,7 +314,7 @@ class CrossLayerTranscoder(SparseCoder):
             kept_pos = cand[keep & (cand > 0)]
             if kept_pos.numel() > 0:
                 self._update_threshold(i, kept_pos.min())
-            capped = self.num_candidates < self.latents_per_layer  # a token kept all its candidates
+            capped = self.num_candidates < self.full_latents_per_layer  # a token kept all its candidates
             self._cap_hits.append(keep.all(1).float().mean().item() if capped else 0.0)
         else:
             keep = cand > self.threshold[i].clamp_min(0.0)
@@ -439,10 +440,13 @@ class CrossLayerTranscoder(SparseCoder):
 
     # --- data-dependent init -----------------------------------------------------------------
     @torch.no_grad()
-    def init_from_data(self, x_sample_ND: Tensor, y_sample_NE: Tensor | None = None) -> None:
+    def init_from_data(self, x_sample_ND: Tensor, y_sample_NE: Tensor | None = None, *,
+                       latents: LocalLatents | None = None) -> None:
         """b_dec per layer from the target sample; JumpReLU thresholds at each latent's (1 - k/L)
         quantile; then each group's encoder scaled by the least-squares factors that best fit the
-        initial reconstruction to the sample (TopK family: when ``sae.fit_encoder_scale``)."""
+        initial reconstruction to the sample (TopK family: when ``sae.fit_encoder_scale``).
+        ``latents``: where the latents live (a latent-parallel strategy's; default all here)."""
+        latents = latents or LocalLatents()
         y = (x_sample_ND if y_sample_NE is None else y_sample_NE).float()
         n, M = self.n_layers, self.d_model
         for j in range(n):
@@ -451,7 +455,7 @@ class CrossLayerTranscoder(SparseCoder):
         if self.activation == "jumprelu":
             for j in range(n):
                 self.act_scale[j] = activation_scale(y[:, j * M:(j + 1) * M])
-            L = self.latents_per_layer
+            L = self.full_latents_per_layer
             for i in range(n):
                 z = self.pre_activations(xs[i], i).relu()
                 q = torch.quantile(z, 1.0 - self.k / L, dim=0) if z.shape[0] > 1 else z[0]
@@ -465,11 +469,11 @@ class CrossLayerTranscoder(SparseCoder):
         elif self.cfg.fit_encoder_scale:
             codes = []
             for i in range(n):  # per-token top-k, also for BatchTopK (as topk.py)
-                v, idx = self.pre_activations(xs[i], i).topk(self.k, dim=1, sorted=False)
-                codes.append(SparseCodes(v.relu(), idx))
+                v, idx, own = latents.topk(self.pre_activations(xs[i], i), self.k)
+                codes.append(SparseCodes(v.relu() if own is None else v.relu() * own, idx))
         else:
             return
-        scale = self._encoder_scales(codes, y - self.b_dec.flatten())
+        scale = self._encoder_scales(codes, y - self.b_dec.flatten(), latents)
         self.W_enc.mul_(scale[:, None, None])
         self.b_enc.mul_(scale[:, None])
         if self.activation == "jumprelu":
@@ -486,7 +490,8 @@ class CrossLayerTranscoder(SparseCoder):
             return geometric_median(y_NM)
         raise ValueError(f"sae.b_dec_init={method!r}; use geometric_median, mean or zeros")
 
-    def _encoder_scales(self, codes: list[SparseCodes], target_ND: Tensor, sweeps: int = 200) -> Tensor:
+    def _encoder_scales(self, codes: list[SparseCodes], target_ND: Tensor, latents: LocalLatents,
+                        sweeps: int = 200) -> Tensor:
         """Factors s [N] > 0 minimising ||sum_i s_i decode_i(codes_i) - target||^2: the normal
         equations accumulated one output layer at a time (memory O(N B M)), solved by coordinate
         descent from s = 1 with each s_i kept above 0.1 of its own natural scale (a positive factor
@@ -495,8 +500,8 @@ class CrossLayerTranscoder(SparseCoder):
         G, r = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
         for j in range(n):
             writers = [i for i in range(n) if self.first_out(i) <= j]
-            C = torch.stack([sparse_decode(codes[i].idx, codes[i].vals, self.W_dec[i][:, j - self.first_out(i)]
-                                           .contiguous()) for i in writers]).double()
+            C = latents.reduce(torch.stack([sparse_decode(codes[i].idx, codes[i].vals, self.W_dec[i][
+                :, j - self.first_out(i)].contiguous()) for i in writers])).double()
             w = torch.tensor(writers)
             G[w[:, None], w[None, :]] += torch.einsum("anm,bnm->ab", C, C)
             r[w] += torch.einsum("anm,nm->a", C, target_ND[:, j * M:(j + 1) * M].double())

@@ -26,8 +26,8 @@ from sae.models import build_sae
 
 from . import dist
 from .checkpoint import latest_checkpoint
+from .clt_parallel import consolidate
 from .logger import JsonlLogger, MultiLogger, StdoutLogger
-from .reshard import consolidate_sae
 from .strategy import build_strategy
 from .trainer import Trainer, validate_train_config
 from .wandb_logger import WandbLogger, all_frequencies, density_hook, validate_wandb
@@ -254,7 +254,7 @@ def _train_claimed(run: TrainRunConfig, trainer: Trainer, source, strategy, out_
     final_dirs = trainer.final_dirs
     if strategy.name == "latent":  # join the shards once; rank 0 scores the full SAE
         final_dirs = {n: out_dir / "final" / n for n in trainer.saes} if dist.is_main() else {}
-        full = {n: consolidate_sae(out_dir / "final" / n) for n in final_dirs}
+        full = {n: consolidate(out_dir / "final" / n) for n in final_dirs}  # CLTs or TopK SAEs
     else:
         full = trainer.saes
     batches = held(heldout, full)

@@ -8,7 +8,8 @@
 - :class:`LatentParallel` (Gao et al. 2024, sec. 5): W_enc/b_enc/W_dec rows sharded over ranks;
   each rank computes its local pre-activations and local top-k, the W*k candidates are gathered
   and the exact global top-k selected; partial reconstructions are summed across ranks. Every
-  rank reads the same batches. TopK only.
+  rank reads the same batches. TopK SAEs, and cross-layer transcoders (every layer's latents
+  sliced alike, :mod:`sae.train.clt_parallel`).
 - :class:`SAEParallel` ("hook-point parallel"): each SAE lives on one rank (round-robin over the
   names of hook points or sweep variants); no communication during training.
 
@@ -27,6 +28,7 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from sae.models import ForwardOutput, SparseCoder, SparseCodes, VarianceFn, fired_counts, fvu, l0_per_token
+from sae.models.clt import CrossLayerTranscoder
 from sae.models.topk import TopKSAE
 
 from . import dist
@@ -195,10 +197,16 @@ class LatentParallel(SingleProcess):
     name = "latent"
 
     def prepare(self, saes: dict[str, SparseCoder]) -> dict[str, SparseCoder]:
+        from .clt_parallel import shard_clt
+
         out = {}
         for name, sae in saes.items():
+            if isinstance(sae, CrossLayerTranscoder):
+                out[name] = shard_clt(sae, dist.rank(), dist.world_size())
+                continue
             if type(sae) is not TopKSAE:
-                raise ValueError(f"latent parallelism supports the topk architecture, not {sae.architecture!r}")
+                raise ValueError(f"latent parallelism supports the topk and clt architectures, not "
+                                 f"{sae.architecture!r}")
             out[name] = shard_topk(sae, dist.rank(), dist.world_size())
         return out
 
@@ -206,6 +214,11 @@ class LatentParallel(SingleProcess):
     def init_from_data(self, sae: SparseCoder, x: Tensor, y: Tensor | None) -> None:
         # Every rank holds the same batch: b_dec is the same everywhere; the encoder scale is fitted
         # to the global reconstruction, as the unsharded SAE does.
+        if isinstance(sae, CrossLayerTranscoder):
+            from .clt_parallel import latents_of
+
+            sae.init_from_data(x, y, latents=latents_of(sae))
+            return
         if not isinstance(sae, TopKSAE) or not sae.cfg.fit_encoder_scale:
             sae.init_from_data(x, y)
             return
@@ -226,6 +239,11 @@ class LatentParallel(SingleProcess):
 
     def forward(self, sae: TopKSAE, x: Tensor, y: Tensor | None, *, dead_mask: Tensor | None = None,
                 sparsity_scale: float = 1.0, variance_fn: VarianceFn | None = None) -> ForwardOutput:
+        if isinstance(sae, CrossLayerTranscoder):
+            from .clt_parallel import latents_of
+
+            return sae.forward_with(latents_of(sae), x, y, dead_mask=dead_mask, sparsity_scale=sparsity_scale,
+                                    variance_fn=variance_fn)
         y = sae.check_input(x, y)
         x_in = dist.copy_to_parallel(sae.encoder_input(x))
         pre = sae.selection_scores(x_in)
@@ -250,8 +268,17 @@ class LatentParallel(SingleProcess):
     def step_dead_mask(self, tracker) -> Tensor | None:
         return tracker.dead_mask  # ranks' local bounds differ; _auxk agrees on the count itself
 
+    @staticmethod
+    def sharded_params(sae: SparseCoder) -> list[Tensor]:
+        """The parameters each rank holds a slice of."""
+        if isinstance(sae, CrossLayerTranscoder):
+            from .clt_parallel import sharded_params
+
+            return sharded_params(sae)
+        return [sae.W_enc, sae.b_enc, sae.W_dec]
+
     def grad_sq_total(self, sae: SparseCoder):
-        sharded = (sae.W_enc, sae.b_enc, sae.W_dec)
+        sharded = self.sharded_params(sae)
 
         def total(parts: dict[Tensor, Tensor]) -> Tensor:
             zero = torch.zeros((), device=sae.W_enc.device)
@@ -262,7 +289,7 @@ class LatentParallel(SingleProcess):
         return total
 
     def clip_grad_norm_(self, sae: SparseCoder, max_norm: float) -> None:
-        sharded = [sae.W_enc, sae.b_enc, sae.W_dec]
+        sharded = self.sharded_params(sae)
         local = sum(p.grad.float().pow(2).sum() for p in sharded if p.grad is not None)
         total = dist.all_reduce_(torch.as_tensor(local, dtype=torch.float32).reshape(1).clone())
         replicated = [p for p in sae.parameters() if all(p is not q for q in sharded) and p.grad is not None]

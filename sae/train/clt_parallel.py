@@ -1,0 +1,117 @@
+"""Latent parallelism for cross-layer transcoders (``train.parallel=latent`` with ``sae=clt``).
+
+Each of W ranks holds latents [r L/W, (r+1) L/W) of *every* layer's group: its slice of ``W_enc``,
+``b_enc``, ``log_threshold`` (dim 1) and of every ``W_dec[i]`` (dim 0), so the quadratic decoder is
+split evenly; ``b_dec`` is replicated. Every rank reads the same batches. The model runs its own
+forward (:meth:`sae.models.clt.CrossLayerTranscoder.forward_with`) with :class:`ShardedLatents`:
+
+- selection (TopK per token, BatchTopK's per-token candidates, AuxK among dead latents): each rank
+  proposes its local top-k of a group, the W*k candidates are all-gathered and the exact global
+  top-k kept, as for TopK SAEs (Gao et al. 2024, sec. 5). Every rank then knows every selected
+  value (BatchTopK's batch-wide cut and its threshold are identical everywhere) and keeps the
+  slots it owns;
+- partial reconstructions (and JumpReLU's L0 term) are summed over ranks with an autograd-aware
+  all-reduce whose backward hands every rank the full gradient of its own slice.
+
+So codes, losses and each slice's gradients equal those of one process holding all latents
+(tests/distributed/test_clt_parallel.py). Shards are written per rank (``shard_RR_of_WW``);
+:func:`consolidate` joins them. Resharding a CLT checkpoint to another world size is not supported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sae.models.clt import CrossLayerTranscoder, LocalLatents
+
+from . import dist
+from .strategy import Shard
+
+#: CLT parameters split along the latent axis: name -> that axis (``W_dec.i`` are split on dim 0).
+LATENT_AXIS = {"W_enc": 1, "b_enc": 1, "log_threshold": 1}
+
+
+class ShardedLatents(LocalLatents):
+    """This rank's slice [offset, offset + L_r) of every group's latents."""
+
+    def __init__(self, shard: Shard, local_latents: int):
+        self.shard, self.local = shard, local_latents
+
+    def topk(self, scores_BL: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        k_local = min(k, scores_BL.shape[1])
+        lv, li = scores_BL.topk(k_local, dim=1, sorted=False)
+        gv = dist.all_gather_stack(lv.float())  # [W, B, k_local]
+        gi = dist.all_gather_stack(li + self.shard.offset)
+        B = gv.shape[1]
+        gv, gi = gv.permute(1, 0, 2).reshape(B, -1), gi.permute(1, 0, 2).reshape(B, -1)
+        top_v, pos = gv.topk(min(k, gv.shape[1]), dim=1, sorted=False)
+        top_i = gi.gather(1, pos)
+        own = (top_i >= self.shard.offset) & (top_i < self.shard.offset + self.local)
+        return top_v, torch.where(own, top_i - self.shard.offset, torch.zeros_like(top_i)), own
+
+    def reduce(self, t: Tensor) -> Tensor:
+        return dist.reduce_from_parallel(t)
+
+    def copy_in(self, t: Tensor) -> Tensor:
+        return dist.copy_to_parallel(t)
+
+    def count(self, n: int) -> int:
+        return int(dist.all_reduce_(torch.tensor([n], dtype=torch.float64)).item())
+
+
+def latents_of(sae: CrossLayerTranscoder) -> ShardedLatents:
+    return ShardedLatents(sae.shard, sae.latents_per_layer)
+
+
+def sharded_params(sae: CrossLayerTranscoder) -> list[Tensor]:
+    """The parameters each rank holds a slice of (their gradients' norms add over ranks)."""
+    out = [sae.W_enc, sae.b_enc, *sae.W_dec]
+    return out + ([sae.log_threshold] if hasattr(sae, "log_threshold") else [])
+
+
+def shard_clt(full: CrossLayerTranscoder, rank: int, world_size: int) -> CrossLayerTranscoder:
+    """Latents [rank L/W, (rank + 1) L/W) of every group of ``full`` as a CLT of width L/W per layer."""
+    L = full.latents_per_layer
+    if L % world_size:
+        raise ValueError(f"latents per layer {L} is not divisible by the latent-parallel world size {world_size}")
+    Lr = L // world_size
+    local = CrossLayerTranscoder(dataclasses.replace(full.cfg, num_latents=Lr), full.d_in, full.d_out)
+    local.full_latents_per_layer, local.k_aux = L, full.k_aux
+    if hasattr(full, "num_candidates"):
+        local.num_candidates = full.num_candidates
+    sl = slice(rank * Lr, (rank + 1) * Lr)
+    state = {k: v[:, sl] if k in LATENT_AXIS else v[sl] if k.startswith("W_dec.") else v
+             for k, v in full.state_dict().items()}
+    local.load_state_dict(state)
+    local._mark_normalized()  # decoder rows are whole on each rank: unit norm as in ``full``
+    local.shard = Shard(rank, world_size, rank * Lr, full.num_latents)
+    return local
+
+
+def consolidate(folder: str | Path):
+    """The full model from a folder of latent-parallel shards: a CLT joined here, others by
+    :func:`sae.train.reshard.consolidate_sae` (a plain SAE folder loads as is)."""
+    from .artifact import load_sae, read_sae_cfg
+    from .reshard import consolidate_sae, shard_folders
+
+    folder = Path(folder)
+    if (folder / "sae.safetensors").is_file():
+        return load_sae(folder)
+    shards = shard_folders(folder)
+    meta = read_sae_cfg(shards[0])
+    if meta["architecture"] != "clt":
+        return consolidate_sae(folder)
+    parts = [load_sae(p) for p in shards]
+    n = meta["sae"]["clt_layers"]
+    L = meta["shard"]["full_num_latents"] // n
+    full = CrossLayerTranscoder(dataclasses.replace(parts[0].cfg, num_latents=L), meta["d_in"], meta["d_out"])
+    states = [p.state_dict() for p in parts]
+    full.load_state_dict({k: torch.cat([s[k] for s in states], LATENT_AXIS[k]) if k in LATENT_AXIS
+                          else torch.cat([s[k] for s in states]) if k.startswith("W_dec.") else v
+                          for k, v in states[0].items()})
+    full._mark_normalized()
+    return full
