@@ -166,7 +166,8 @@ class JumpReLUSlots(torch.autograd.Function):
         active = z > th
         band = rect((z - th) / eps).bool() & valid_BK
         f = z * active
-        l0 = active.to(z.dtype).sum() / num_tokens  # the dense sum(-1).mean(): counts are exact
+        # The dense sum(-1).mean(): counts are exact (in at least fp32: bf16 under autocast would round them).
+        l0 = active.to(torch.promote_types(z.dtype, torch.float32)).sum() / num_tokens
         ctx.save_for_backward(active, band, th, idx_BK)
         ctx.eps, ctx.num_tokens, ctx.num_latents, ctx.theta_dtype = eps, num_tokens, theta_L.shape[0], theta_L.dtype
         ctx.set_materialize_grads(False)
