@@ -37,7 +37,7 @@ ranks and what an L0 penalty should not be able to shrink away), and the gradien
 that row is projected out (:meth:`remove_parallel_grad_`). The fused GPU optimiser step renormalises
 only a single ``W_dec`` tensor: for this list the model renormalises at the next training forward
 whenever the decoder changed since its own last normalisation (tracked by tensor versions), so
-both optimiser paths train on unit rows.
+both optimiser paths train on unit rows (to within 1e-5).
 
 Memory: the causal decoder holds sum_i (N - i) L M = N (N + 1) / 2 * M * L parameters, O(N^2 / 2 *
 M * L), against N * M * L for the encoder. Gemma-2-2B-like sizes (N = 26, M = 2304, L = 16384 per
@@ -415,9 +415,15 @@ class CrossLayerTranscoder(SparseCoder):
     def _mark_normalized(self) -> None:
         self.__dict__["_dec_versions"] = [p._version for p in self.W_dec]
 
+    @torch.no_grad()
     def _renormalize_if_stale(self) -> None:
-        if self.normalize_decoder and self.__dict__["_dec_versions"] != [p._version for p in self.W_dec]:
+        """Renormalise decoder rows that changed since the last normalisation and left unit norm
+        (by more than 1e-5: rows loaded from a checkpoint stay bitwise as saved)."""
+        if not self.normalize_decoder or self.__dict__["_dec_versions"] == [p._version for p in self.W_dec]:
+            return
+        if any(float((self.dec_rows(i).norm(dim=1) - 1).abs().max()) > 1e-5 for i in range(self.n_layers)):
             self.normalize_decoder_()
+        self._mark_normalized()
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

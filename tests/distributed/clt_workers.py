@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import torch
-from workers import _init, train_cfg
+from workers import _init, save_tensors, train_cfg
 
 from sae.models import SAEConfig, build_sae
 from sae.train import dist
-from sae.train.strategy import LatentParallel
+from sae.train.strategy import LatentParallel, build_strategy
 from sae.train.trainer import Trainer
 
 N, M, L, K = 3, 8, 16, 3
@@ -87,7 +87,8 @@ def _dense(codes, width: int) -> torch.Tensor:
 
 
 def train_run(rank: int, world: int, port: int, out: str, steps: int) -> None:
-    """Latent-parallel training of each CLT case; rank 0 writes every step's logged losses."""
+    """Latent-parallel training of each CLT case (rank 0 writes every step's logged losses), then a
+    data-parallel one (rank 0 writes its weights)."""
     _init(rank, world, port)
     try:
         x, y = data(2048, seed=1)
@@ -100,7 +101,12 @@ def train_run(rank: int, world: int, port: int, out: str, steps: int) -> None:
             trainer.step_hooks.append(lambda t, rows=rows: rows.append(t.last_metrics["train/loss/clt"]))
             trainer.fit()
             losses[name] = rows
+        # Data parallel (generic): each rank reads every other batch of 128 rows, as one process would read 256.
+        dp = Trainer(train_cfg(Path(out) / "data", steps, 128, dead_tokens_threshold=256),
+                     {"clt": make_clt("topk")}, (x, y), strategy=build_strategy("data"))
+        dp.fit()
         if rank == 0:
             Path(out, "losses.json").write_text(json.dumps(losses))
+            save_tensors(Path(out) / "data.safetensors", dp.saes)
     finally:
         dist.destroy()

@@ -7,6 +7,7 @@ import json
 import clt_workers as C
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_strategies import assert_close_state, spawn
 from workers import train_cfg
 
@@ -22,7 +23,7 @@ def test_sharded_clt_init_forward_and_backward_equal_one_process(tmp_path):
     assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
 
 
-def test_latent_parallel_training_matches_one_process(tmp_path):
+def test_latent_and_data_parallel_training_match_one_process(tmp_path):
     steps = 6
     spawn(C.train_run, str(tmp_path), steps)
     losses = json.loads((tmp_path / "losses.json").read_text())
@@ -39,3 +40,9 @@ def test_latent_parallel_training_matches_one_process(tmp_path):
         assert [tuple(w.shape) for w in full.W_dec] == [tuple(w.shape) for w in ref.saes["clt"].W_dec]
         assert_close_state(full.state_dict(), ref.saes["clt"].state_dict(), atol=2e-5, rtol=1e-4)
         assert float(torch.stack([p.detach().abs().sum() for p in full.W_dec]).sum()) > 0
+    # Data parallel on 2 x 128 rows equals one process on the 256-row union (TopK: a per-token selection).
+    ref = Trainer(train_cfg(tmp_path / "ref_data", steps, 256, dead_tokens_threshold=256),
+                  {"clt": C.make_clt("topk")}, (x, y))
+    ref.fit()
+    got = load_file(str(tmp_path / "data.safetensors"))
+    assert_close_state(got, {f"clt.{k}": v for k, v in ref.saes["clt"].state_dict().items()}, atol=2e-5, rtol=1e-4)

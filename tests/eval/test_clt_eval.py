@@ -123,6 +123,7 @@ def trained(tmp_path_factory):
     return root, run_training(run)
 
 
+@pytest.mark.slow
 def test_sae_eval_reports_per_layer_fvu_and_the_spliced_replacement_model(trained):
     from sae.config import compose_eval_config
     from sae.eval.run import run_eval, summary_line

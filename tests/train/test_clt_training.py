@@ -36,6 +36,7 @@ def two_layer_toy(n_rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat([s0 @ A0, s1 @ A1], 1), torch.cat([s0 @ P00, s0 @ P01 + s1 @ P11], 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("act", ["topk", "jumprelu"])
 def test_training_on_a_two_layer_toy_reduces_the_loss(act, tmp_path):
     x, y = two_layer_toy(8192)
@@ -128,3 +129,33 @@ def test_a_layer_without_both_hook_points_is_a_clear_error(buffer, tmp_path):
     with pytest.raises(ValueError, match=r"lacks layers\.3\.mlp_in, layers\.3\.mlp"):
         run_training(run)
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(buffer, tmp_path):
+    from sae.buffer.config import DataConfig
+
+    def trainer(out):
+        data = DataConfig(source="buffer")
+        data.buffer.path = str(buffer)
+        clt = build_sae(SAEConfig(architecture="clt", clt_layers=2, clt_activation="batchtopk", num_latents=64, k=4,
+                                  transcode=True), 64, seed=0)
+        cfg = TrainConfig(batch_size=128, steps=12, lr=3e-3, lr_warmup_steps=2, progress=False, log_every=4,
+                          dead_tokens_threshold=512, checkpoint_every=5, out_dir=str(out), eval_every=0)
+        return Trainer(cfg, {"clt": clt}, build_clt_source(data, 128))
+
+    straight = trainer(tmp_path / "straight")
+    straight.fit()
+    killed = trainer(tmp_path / "resumed")  # as if killed after step 7: steps 6-7 are lost
+    batches = iter(killed.source)
+    while killed.step < 7:
+        batch = next(batches)
+        if killed.step == 0:
+            killed.init_from_data(batch)
+        killed.train_step(batch)
+        if killed.step % 5 == 0:
+            killed.save_checkpoint()
+    resumed = trainer(tmp_path / "resumed")
+    resumed.fit()
+    assert resumed.step == 12
+    for (name, a), (_, b) in zip(straight.saes["clt"].state_dict().items(), resumed.saes["clt"].state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs after resume")
