@@ -163,7 +163,7 @@ class JumpReLUSlots(torch.autograd.Function):
         z = pre_BK.relu()
         th = theta_L[idx_BK]
         # The expressions of the dense estimators (sae.models.jumprelu), entry by entry.
-        active = z > th
+        active = (z > th) & valid_BK
         band = rect((z - th) / eps).bool() & valid_BK
         f = z * active
         # The dense sum(-1).mean(): counts are exact (in at least fp32: bf16 under autocast would round them).
