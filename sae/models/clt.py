@@ -93,8 +93,6 @@ class LocalLatents:
 
 @register("clt")
 class CrossLayerTranscoder(SparseCoder):
-    unit_norm_decoder = True
-
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         nn.Module.__init__(self)
         n, d_out = cfg.clt_layers, d_in if d_out is None else d_out
@@ -132,6 +130,10 @@ class CrossLayerTranscoder(SparseCoder):
             W = torch.randn(L, n - self.first_out(i), M, generator=gen)
             self.W_dec.append(nn.Parameter(W / W.flatten(1).norm(dim=1)[:, None, None]))
         self.b_dec = nn.Parameter(torch.zeros(n, M))
+        if not cfg.transcode:  # y = x: each encoder starts as the transpose of its decoder (Gao et al. 2024, A.1)
+            with torch.no_grad():
+                for i in range(n):
+                    self.W_enc[i] = self.W_dec[i].flatten(1) if self.acausal else self.W_dec[i][:, 0]
         if self.activation == "jumprelu":
             if cfg.jumprelu_bandwidth <= 0 or cfg.jumprelu_init_threshold <= 0:
                 raise ValueError(f"sae.jumprelu_bandwidth={cfg.jumprelu_bandwidth} and sae.jumprelu_init_threshold="
@@ -148,6 +150,9 @@ class CrossLayerTranscoder(SparseCoder):
         self._mark_normalized()
 
     # --- layout ----------------------------------------------------------------------------
+    def encoder_input(self, x_BD: Tensor) -> Tensor:
+        return x_BD - self.b_dec.flatten() if self.apply_b_dec_to_input else x_BD
+
     def first_out(self, i: int) -> int:
         """The first output layer group i writes (i for the CLT, 0 for the acausal crosscoder)."""
         return 0 if self.acausal else i

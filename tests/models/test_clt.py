@@ -113,6 +113,13 @@ def test_parameter_interface_and_sizes():
     assert causal == N * (N + 1) // 2 * M * L and sum(w.numel() for w in cc.W_dec) == N * N * M * L
     with_ef = build_sae(SAEConfig(architecture="clt", clt_layers=2, expansion_factor=4, k=2, transcode=True), 2 * 8)
     assert with_ef.latents_per_layer == 32 and with_ef.num_latents == 64  # expansion relative to d_model
+    # transcode=false: reconstruct x itself (a multi-layer SAE), b_dec subtracted from the input per layer.
+    sae = build_sae(SAEConfig(architecture="clt", clt_layers=N, num_latents=L, k=K), N * M, seed=0)
+    x, _ = data(7)
+    sae.init_from_data(x)
+    out = sae(x)
+    assert out.x_hat.shape == x.shape and out.losses["fvu"] < 0.8 * N  # tied init: better than the mean
+    torch.testing.assert_close(sae.encoder_input(x), x - sae.b_dec.flatten())
 
 
 @pytest.mark.parametrize("acausal", [False, True], ids=["clt", "crosscoder"])
