@@ -146,7 +146,7 @@ class CrossLayerTranscoder(SparseCoder):
                                  f"{cfg.threshold_momentum} in [0, 1)")
             self.num_candidates = min(L, cfg.batch_topk_cap * cfg.k)  # per token and layer
             self.register_buffer("threshold", torch.full((n,), -1.0))  # < 0: not estimated yet
-            self.last_cap_hit = 0.0
+            self.last_cap_hit, self._cap_hits = 0.0, []
         self._mark_normalized()
 
     # --- layout ----------------------------------------------------------------------------
@@ -288,7 +288,7 @@ class CrossLayerTranscoder(SparseCoder):
         dead = dead_mask.view(n, L) if dead_mask is not None and self.cfg.auxk_alpha > 0 and train else None
         n_dead = latents.count(int(dead.sum())) if dead is not None else 0
         sel: dict = {"main": [], "aux": [] if n_dead else None, "n_dead": n_dead}
-        self._cap_hits: list[float] = []
+        self._cap_hits = []
         for i in range(n):
             with torch.no_grad():
                 pre = self.pre_activations(xs[i], i)
