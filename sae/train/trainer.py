@@ -81,14 +81,34 @@ class _ChunkVariance:
     """FVU denominator for gradient-accumulation chunks: the variance of the whole batch.
 
     With it the chunk losses sum to the full-batch FVU, so accumulation reproduces the gradient
-    of one large batch. Other tensors (the AuxK residual) use the strategy's own statistic.
+    of one large batch. A column slice of the chunk's target (a cross-layer transcoder's FVU of
+    one layer) gets the whole batch's variance of those columns. Other tensors (the AuxK
+    residual) use the strategy's own statistic.
     """
 
-    def __init__(self, target: Tensor, value: Tensor, fallback):
-        self.target, self.value, self.fallback = target, value, fallback
+    def __init__(self, target: Tensor, value: Tensor, fallback, full: Tensor):
+        self.target, self.value, self.fallback, self.full = target, value, fallback, full
+        self.columns: dict[tuple[int, int], Tensor] = {}
+
+    def _column_slice(self, t: Tensor) -> tuple[int, int] | None:
+        tg = self.target
+        if (t.dim() != 2 or tg.dim() != 2 or t.shape[0] != tg.shape[0] or t.stride() != tg.stride()
+                or t.untyped_storage().data_ptr() != tg.untyped_storage().data_ptr()):
+            return None
+        start = t.storage_offset() - tg.storage_offset()
+        if tg.stride(1) != 1 or not 0 <= start <= tg.shape[1] - t.shape[1]:
+            return None
+        return start, start + t.shape[1]
 
     def __call__(self, t: Tensor) -> Tensor:
-        return self.value if t is self.target else self.fallback(t)
+        if t is self.target:
+            return self.value
+        cols = self._column_slice(t)
+        if cols is None:
+            return self.fallback(t)
+        if cols not in self.columns:
+            self.columns[cols] = self.fallback(self.full[:, cols[0]:cols[1]])
+        return self.columns[cols]
 
 
 def as_source(source: Any, batch_size: int, rank: int, world_size: int) -> ActivationSource:
@@ -377,7 +397,7 @@ class Trainer:
         for xc, yc in zip(x.chunk(n), y.chunk(n) if y is not None else [None] * n):
             if n > 1:
                 target = yc if yc is not None else xc
-                kw["variance_fn"] = _ChunkVariance(target, full_var, base_var)
+                kw["variance_fn"] = _ChunkVariance(target, full_var, base_var, y if y is not None else x)
             with self.autocast():
                 out = self.strategy.forward(sae, xc, yc, **kw)
             (out.losses["loss"] / n).backward()
