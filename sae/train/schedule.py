@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from sae.models import SparseCoder
 
@@ -57,6 +58,15 @@ def build_optimizer(sae: SparseCoder, lr: float, cfg: TrainConfig, *, fused_step
     """
     params = list(sae.parameters())
     betas = (cfg.beta1, cfg.beta2)
+    if fused_step and not isinstance(sae.W_dec, Tensor):
+        # A decoder split over several tensors (a cross-layer transcoder's W_dec[i]) with rows
+        # normalised across them: SAEAdam projects and renormalises one [L, E] tensor, so this SAE
+        # takes torch's Adam and the trainer's own projection and renormalisation passes.
+        fused_step = False
+        if cfg.adam_state_dtype != "float32":
+            raise ValueError(f"train.adam_state_dtype={cfg.adam_state_dtype!r} needs the fused optimiser step, which "
+                             f"architecture {sae.architecture!r} does not use (its decoder spans several tensors); "
+                             "use train.adam_state_dtype=float32")
     if fused_step:
         lowp = sae.lowp_copies() if hasattr(sae, "lowp_copies") else {}
         return SAEAdam(params, lr=lr, betas=betas, eps=cfg.eps, max_grad_norm=cfg.grad_clip,

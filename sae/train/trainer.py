@@ -369,14 +369,16 @@ class Trainer:
     def _eager_step(self, name: str, sae: SparseCoder, x: Tensor, y: Tensor | None, log_now: bool):
         out, loss = self._forward_backward(sae, self.trackers[name], x, y, log_now)
         self.strategy.after_backward(sae)
-        if not self.fused_step:  # SAEAdam projects, clips and renormalises in its own passes
+        # SAEAdam projects, clips and renormalises in its own passes (build_optimizer may decline it).
+        fused = getattr(self.optimizers[name], "fuses_decoder_step", False)
+        if not fused:
             sae.remove_parallel_grad_()
             if self.cfg.grad_clip > 0:
                 self.strategy.clip_grad_norm_(sae, self.cfg.grad_clip)
         self.optimizers[name].step()
         self.schedulers[name].step()
         self.optimizers[name].zero_grad(set_to_none=True)
-        if not self.fused_step:
+        if not fused:
             sae.normalize_decoder_()
         self.strategy.after_step(sae)
         with torch.no_grad():

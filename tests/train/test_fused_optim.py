@@ -10,6 +10,8 @@ the Triton backend outside exact mode.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -158,3 +160,25 @@ def test_trainer_picks_the_fused_step_on_triton_outside_exact_mode(triton_interp
     trainer = Trainer(cfg, {"topk": sae}, SyntheticSource(SyntheticConfig(d=16), 32))
     assert trainer.fused_step is (not deterministic)
     assert isinstance(trainer.optimizers["topk"], SAEAdam) is (not deterministic)
+
+
+def test_a_clt_takes_torch_adam_and_the_trainers_decoder_passes(triton_interpreted, tmp_path):
+    """SAEAdam keeps one [L, E] decoder at unit rows; a CLT's rows span W_dec[0..n-1]: where the
+    trainer would fuse, the CLT gets torch's Adam and the trainer's projection and renormalisation."""
+    from sae.train.trainer import Trainer
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=gen)
+    y = torch.cat([x[:, :8].tanh(), x[:, 8:] @ torch.randn(8, 8, generator=gen)], 1)
+    cfg = SAEConfig(architecture="clt", clt_layers=2, num_latents=32, k=4, transcode=True)
+    sae = build_sae(cfg, 16, 16, seed=0)
+    tc = TrainConfig(batch_size=64, steps=3, lr=1e-2, lr_warmup_steps=0, progress=False, out_dir=str(tmp_path / "r"))
+    trainer = Trainer(tc, {"clt": sae}, (x, y))
+    assert trainer.fused_step  # the Triton backend: other SAEs would take SAEAdam here
+    assert isinstance(trainer.optimizers["clt"], torch.optim.Adam)
+    trainer.fit()
+    for W in trainer.saes["clt"].W_dec:
+        torch.testing.assert_close(W.detach().flatten(1).norm(dim=1), torch.ones(W.shape[0]))
+    with pytest.raises(ValueError, match="adam_state_dtype='bfloat16' .* architecture 'clt'"):
+        Trainer(dataclasses.replace(tc, adam_state_dtype="bfloat16", out_dir=str(tmp_path / "b")),
+                {"clt": build_sae(cfg, 16, 16, seed=0)}, (x, y))
