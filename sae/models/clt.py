@@ -34,10 +34,12 @@ Decoder normalisation: a latent's decoder row spans every layer it writes; with
 ``sae.normalize_decoder=true`` the *concatenated* row ``W_dec[i][l]`` ([N - i, M] flattened) is
 kept at unit norm, so an activation is the norm of the latent's whole contribution (what TopK
 ranks and what an L0 penalty should not be able to shrink away), and the gradient component along
-that row is projected out (:meth:`remove_parallel_grad_`). The fused GPU optimiser step renormalises
-only a single ``W_dec`` tensor: for this list the model renormalises at the next training forward
-whenever the decoder changed since its own last normalisation (tracked by tensor versions), so
-both optimiser paths train on unit rows (to within 1e-5).
+that row is projected out (:meth:`remove_parallel_grad_`). The fused GPU optimiser step
+(:class:`sae.train.optim.SAEAdam`) handles one ``W_dec`` tensor only, so a CLT always trains with
+torch's Adam and the trainer's own projection and renormalisation passes
+(:func:`sae.train.schedule.build_optimizer`). As a safety net the model also renormalises at a
+training forward whenever the decoder changed since its own last normalisation (tracked by tensor
+versions; an optimiser that writes without bumping them defeats it).
 
 Memory: the causal decoder holds sum_i (N - i) L M = N (N + 1) / 2 * M * L parameters, O(N^2 / 2 *
 M * L), against N * M * L for the encoder. Gemma-2-2B-like sizes (N = 26, M = 2304, L = 16384 per
