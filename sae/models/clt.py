@@ -23,8 +23,9 @@ Activations, per layer group (``sae.clt_activation``):
                dense codes, plus ``l0_coefficient`` * L0 (summed over layers) in the loss
 TopK/BatchTopK select without autograd and decode only the selected latents
 (:func:`sae_kernels.gather_encode` / :func:`sae_kernels.sparse_decode`, sparse backwards): no
-[B, L] tensor lies on the gradient path. Selection is always fp32 (``sae.selection_dtype`` is
-ignored). Codes on the concatenated layout index latent ``l`` of group i as ``i * L + l``.
+[B, L] tensor lies on the gradient path. Latents are selected from pre-activations in the
+input's precision: fp32, or bf16 under ``train.mixed_precision=bf16`` autocast
+(``sae.selection_dtype`` is ignored). Codes on the concatenated layout index latent ``l`` of group i as ``i * L + l``.
 
 Loss: the sum over output layers of each layer's FVU (``fvu/layer{j}``; their sum ``fvu``), plus
 ``auxk_alpha`` * AuxK (TopK/BatchTopK: the k_aux largest dead latents of each group reconstruct the
@@ -516,15 +517,16 @@ class CrossLayerTranscoder(SparseCoder):
             C = latents.reduce(torch.stack([sparse_decode(codes[i].idx, codes[i].vals, self.W_dec[i][
                 :, j - self.first_out(i)].contiguous()) for i in writers])).double()
             w = torch.tensor(writers)
-            G[w[:, None], w[None, :]] += torch.einsum("anm,bnm->ab", C, C)
-            r[w] += torch.einsum("anm,nm->a", C, target_ND[:, j * M:(j + 1) * M].double())
+            # The small normal equations live on the host (the solve below reads them element-wise).
+            G[w[:, None], w[None, :]] += torch.einsum("anm,bnm->ab", C, C).cpu()
+            r[w] += torch.einsum("anm,nm->a", C, target_ND[:, j * M:(j + 1) * M].double()).cpu()
         diag = G.diag()
         if not bool(torch.isfinite(G).all() and torch.isfinite(r).all()):
-            return torch.ones(n)
-        floor = 0.1 * (target_ND.double().pow(2).sum() / diag.clamp_min(1e-30)).sqrt()
+            return torch.ones(n, device=target_ND.device)
+        floor = 0.1 * (float(target_ND.double().pow(2).sum()) / diag.clamp_min(1e-30)).sqrt()
         s = torch.ones(n, dtype=torch.float64)
         for _ in range(sweeps):
             for a in range(n):
                 if diag[a] > 0:
                     s[a] = max(float(floor[a]), float((r[a] - G[a] @ s + diag[a] * s[a]) / diag[a]))
-        return s.float()
+        return s.float().to(target_ND.device)

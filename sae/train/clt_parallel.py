@@ -38,8 +38,8 @@ LATENT_AXIS = {"W_enc": 1, "b_enc": 1, "log_threshold": 1}
 class ShardedLatents(LocalLatents):
     """This rank's slice [offset, offset + L_r) of every group's latents."""
 
-    def __init__(self, shard: Shard, local_latents: int):
-        self.shard, self.local = shard, local_latents
+    def __init__(self, shard: Shard, local_latents: int, device: torch.device | None = None):
+        self.shard, self.local, self.device = shard, local_latents, device
 
     def topk(self, scores_BL: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
         k_local = min(k, scores_BL.shape[1])
@@ -60,11 +60,12 @@ class ShardedLatents(LocalLatents):
         return dist.copy_to_parallel(t)
 
     def count(self, n: int) -> int:
-        return int(dist.all_reduce_(torch.tensor([n], dtype=torch.float64)).item())
+        # On the model's device: NCCL reduces device tensors only.
+        return int(dist.all_reduce_(torch.tensor([n], dtype=torch.float64, device=self.device)).item())
 
 
 def latents_of(sae: CrossLayerTranscoder) -> ShardedLatents:
-    return ShardedLatents(sae.shard, sae.latents_per_layer)
+    return ShardedLatents(sae.shard, sae.latents_per_layer, sae.b_enc.device)
 
 
 def sharded_params(sae: CrossLayerTranscoder) -> list[Tensor]:
@@ -77,9 +78,15 @@ def shard_clt(full: CrossLayerTranscoder, rank: int, world_size: int) -> CrossLa
     """Latents [rank L/W, (rank + 1) L/W) of every group of ``full`` as a CLT of width L/W per layer."""
     L = full.latents_per_layer
     if L % world_size:
-        raise ValueError(f"latents per layer {L} is not divisible by the latent-parallel world size {world_size}")
+        raise ValueError(f"a CLT's latents per layer ({L}: sae.num_latents, or sae.expansion_factor x d_model) "
+                         f"must divide evenly over the {world_size} latent-parallel ranks; choose a multiple of "
+                         f"{world_size}")
     Lr = L // world_size
-    local = CrossLayerTranscoder(dataclasses.replace(full.cfg, num_latents=Lr), full.d_in, full.d_out)
+    # The slice may hold fewer latents than k (the global selection takes k over all ranks): build it
+    # with a k it accepts, then give it the model's own.
+    local = CrossLayerTranscoder(dataclasses.replace(full.cfg, num_latents=Lr, k=max(1, min(full.k, Lr - 1))),
+                                 full.d_in, full.d_out)
+    local.cfg, local.k = dataclasses.replace(full.cfg, num_latents=Lr), full.k
     local.full_latents_per_layer, local.k_aux = L, full.k_aux
     if hasattr(full, "num_candidates"):
         local.num_candidates = full.num_candidates

@@ -54,8 +54,12 @@ def consolidate_sae(folder: str | Path) -> SparseCoder:
     folder = Path(folder)
     if (folder / "sae.safetensors").is_file():
         return load_sae(folder)
-    parts = [load_sae(p) for p in shard_folders(folder)]
     meta = read_sae_cfg(shard_folders(folder)[0])
+    if meta["architecture"] == "clt":  # every layer's latents sliced: joined by its own code
+        from .clt_parallel import consolidate
+
+        return consolidate(folder)
+    parts = [load_sae(p) for p in shard_folders(folder)]
     cfg, _ = _full_config(meta)
     full = build_sae(cfg, meta["d_in"], meta["d_out"])
     state = {k: torch.cat([p.state_dict()[k] for p in parts]) if k in SHARDED else parts[0].state_dict()[k]
@@ -78,6 +82,11 @@ def reshard_checkpoint(ckpt: str | Path, out_dir: str | Path, world_size: int) -
     if manifest["strategy"] != "latent":
         raise ValueError(f"{ckpt} was written with strategy {manifest['strategy']!r}; only latent-parallel "
                          "checkpoints are sharded")
+    for name in manifest["saes"]:
+        if read_sae_cfg(shard_folders(ckpt / name)[0])["architecture"] == "clt":
+            raise ValueError(f"{ckpt / name} is a latent-parallel cross-layer transcoder: resharding its checkpoints "
+                             f"to another world size is not supported yet; resume it with {old_world} processes, or "
+                             "join its final weights with `python -m sae.train.reshard consolidate`")
     states = [load_trainer_state(ckpt, r) for r in range(old_world)]
     root = Path(out_dir) / "checkpoints"
     final = root / ckpt.name
