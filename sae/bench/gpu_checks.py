@@ -204,6 +204,41 @@ def check_graph_vs_eager(device: torch.device, steps: int = 8) -> dict[str, floa
     return out
 
 
+def check_families_vs_cpu(device: torch.device, steps: int = 3) -> dict[str, float]:
+    """The newer families (sparse-backward JumpReLU, Gated, Matryoshka BatchTopK, cross-layer
+    transcoders) trained a few exact-mode steps on ``device`` against the same steps on the CPU:
+    max relative difference of the parameters (data init included)."""
+    import tempfile
+
+    from sae.models import SAEConfig, build_sae
+    from sae.train.config import TrainConfig
+    from sae.train.trainer import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g) / 8
+    y = torch.cat([x[:, :32].tanh(), x[:, 32:] @ torch.randn(32, 32, generator=g) / 6], 1)
+    cases = {"jumprelu": (SAEConfig(architecture="jumprelu", num_latents=512, k=16, l0_coefficient=1e-3), x),
+             "gated": (SAEConfig(architecture="gated", num_latents=512), x),
+             "matryoshka_batchtopk": (SAEConfig(architecture="matryoshka_batchtopk", num_latents=512, k=16), x),
+             "clt topk": (SAEConfig(architecture="clt", clt_layers=2, num_latents=128, k=8, transcode=True), (x, y)),
+             "clt jumprelu": (SAEConfig(architecture="clt", clt_layers=2, clt_activation="jumprelu", num_latents=128,
+                                        k=8, transcode=True), (x, y))}
+    out = {}
+    for name, (cfg, data) in cases.items():
+        params = {}
+        for dev in ("cpu", str(device)):
+            sae = build_sae(cfg, 64, 64, seed=0)
+            with tempfile.TemporaryDirectory() as tmp:
+                tc = TrainConfig(batch_size=256, steps=steps, device=dev, progress=False, out_dir=tmp, lr=1e-3,
+                                 lr_warmup_steps=0, deterministic=True, final_report=False, eval_every=0)
+                tr = Trainer(tc, {"s": sae}, data)
+                tr.fit()
+                params[dev] = {n: p.detach().cpu() for n, p in tr.saes["s"].named_parameters()}
+        here, ref = params[str(device)], params["cpu"]
+        out[f"{name} on {device.type} vs cpu"] = max(rel(here[n], ref[n]) for n in ref)
+    return out
+
+
 def run_checks(device: torch.device, *, quick: bool = False, log=print) -> list[dict]:
     """All cases for fp32 and bf16; returns one record per (case, dtype) with errors and PASS/FAIL."""
     rows = []
@@ -229,6 +264,11 @@ def run_checks(device: torch.device, *, quick: bool = False, log=print) -> list[
         rows.append({"case": "radix-select top-k vs torch.topk", "dtype": "bfloat16", "ok": ok,
                      "worst": max(tk.values()), **tk})
         log(f"{'PASS' if ok else 'FAIL'} top-k vs torch.topk: {tk}")
+    fam = check_families_vs_cpu(device)
+    ok = max(fam.values()) <= 1e-3
+    rows.append({"case": "newer families: 3 exact steps vs the CPU", "dtype": "float32", "ok": ok,
+                 "worst": max(fam.values()), **fam})
+    log(f"{'PASS' if ok else 'FAIL'} newer families vs CPU: {fam}")
     if device.type == "cuda":
         gr = check_graph_vs_eager(device)
         worst = max(v for k, v in gr.items() if k.startswith("graph vs eager"))
