@@ -26,7 +26,13 @@ written) and the mask once by the compaction (``nonzero``); everything after is 
 (about the number of kept entries) and O(N K D) sparse products, against the dense path's [B, L]
 autograd graph (several [B, L] tensors saved, a [B, L] gradient and an O(B L D) backward GEMM).
 
-Plain PyTorch ops, on any device (``nonzero`` makes a CUDA host wait once, for K).
+Plain PyTorch ops, on any device. On CUDA the compaction (``nonzero``) and the sizes derived from it
+(bag width, bag count, the widest token) make the host wait a few times per step.
+
+Known limits: ``token_codes`` (the codes ``forward`` returns) pads every token to the busiest
+token's count, so one token that keeps most latents costs a [B, L]-sized buffer; and a latent
+whose threshold sits below half the bandwidth keeps its whole column in the band, at about 50
+bytes per kept entry against 4 for the dense path's [B, L] floats.
 Shape legend: B tokens, L latents, N bags, K slots per bag, M entries per token (at most).
 """
 
@@ -110,7 +116,9 @@ def threshold_select(pre_BL: torch.Tensor, floor_L: torch.Tensor, width: int | N
         raise ValueError(f"width={width} must be >= 1")
     B, L = pre_BL.shape
     dev = pre_BL.device
-    flat = torch.gt(pre_BL, floor_L).view(-1).nonzero().squeeze(1)  # row-major: sorted by token
+    # Not ``pre <= floor``: a NaN pre-activation stays a candidate and reaches the loss, as on the
+    # dense path (where the trainer's non-finite check stops the run), instead of silently dying.
+    flat = torch.le(pre_BL, floor_L).logical_not_().view(-1).nonzero().squeeze(1)  # row-major: by token
     rows = flat // L
     cols = flat - rows * L
     counts = torch.bincount(rows, minlength=B)

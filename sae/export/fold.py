@@ -11,6 +11,7 @@ since W_enc((x - mu) s - b_dec) = s W_enc (x - (mu + b_dec / s)).
 Transcoder (no pre-encoder bias):
     W_enc <- s_x W_enc,   b_enc <- b_enc - s_x W_enc mu_x,   W_dec <- W_dec / s_y,
     W_skip <- (s_x / s_y) W_skip,   b_dec <- b_dec / s_y + mu_y - (s_x / s_y) W_skip mu_x.
+(A gated transcoder's magnitude bias shifts like b_enc, times exp(r_mag).)
 Pre-activations are unchanged, so TopK selections and JumpReLU/BatchTopK thresholds carry over.
 The arithmetic runs in float64; the folded weights differ from exact by float32 rounding only.
 """
@@ -77,6 +78,8 @@ def fold_normalization(sae: SparseCoder, normalization: dict[str, Any] | None) -
     W_enc, b_enc, W_dec, b_dec = (t.double() for t in (out.W_enc, out.b_enc, out.W_dec, out.b_dec))
     out.W_enc.copy_(W_enc * s_x)
     out.b_enc.copy_(b_enc - s_x * (W_enc @ mu_x))
+    if hasattr(out, "b_mag"):  # Gated: the magnitude path reads exp(r_mag) * W_enc x, shifted alike
+        out.b_mag.copy_(out.b_mag.double() - out.r_mag.double().exp() * s_x * (W_enc @ mu_x))
     out.W_dec.copy_(W_dec / s_y)
     new_b_dec = b_dec / s_y + mu_y
     if out.W_skip is not None:

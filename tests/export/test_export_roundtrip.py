@@ -101,7 +101,7 @@ def test_peer_formats_fold_the_training_normalisation(tmp_path, fmt, mode):
     assert cfg.get("normalize_activations", "none") == "none"
 
 
-@pytest.mark.parametrize("arch,skip", [("relu", True), ("jumprelu", False)])
+@pytest.mark.parametrize("arch,skip", [("relu", True), ("jumprelu", False), ("gated", False), ("gated", True)])
 def test_transcoder_fold_maps_both_hook_points(arch, skip):
     sae = make_sae(arch, True, skip, 10)
     norm = {"x": {"mode": "center_scale", "scale": 0.8, "mean": [0.05 * i for i in range(D)]},

@@ -172,3 +172,15 @@ def test_trainer_steps_match_dense_reference(tmp_path):
     assert m["train/l0/sae"] == m_ref["train/l0/sae"] > 0
     torch.testing.assert_close(m["train/loss/sae"], m_ref["train/loss/sae"], rtol=1e-5, atol=0)
     assert torch.equal(t, t_ref)
+
+
+def test_a_nan_encoder_row_reaches_the_loss_as_on_the_dense_path():
+    """NaN must not be filtered out by the candidate selection (the latent would die silently while
+    the loss stays finite); the trainer's non-finite check then stops the run, as for dense."""
+    sae = build_sae(SAEConfig(architecture="jumprelu", num_latents=L, k=4), D, seed=0)
+    x = torch.randn(B, D)
+    sae.init_from_data(x)
+    with torch.no_grad():
+        sae.W_enc[5] = float("nan")
+    assert torch.isnan(sae.forward_dense(x).losses["loss"])
+    assert torch.isnan(sae(x).losses["loss"])
