@@ -474,6 +474,10 @@ def read_circuit_tracer(folder: str | Path, hookpoint: str | None = None) -> Loa
     if cfg["model_kind"] == CLT:
         return read_clt(folder, cfg)
     names = layer_names(folder, cfg)
+    if not names and cfg.get("transcoders"):
+        raise ValueError(f"{folder / CONFIG} lists its transcoders as URIs ({str(cfg['transcoders'][0])[:80]}, ...) "
+                         f"rather than holding {layer_file(0)} files: that layout is not read here; download the "
+                         "files into one folder beside a config.yaml (circuit-tracer's own loaders do so)")
     if hookpoint is None and len(names) == 1:
         return read_layer(folder, cfg, next(iter(names)))
     i = _pick(names, hookpoint) if hookpoint else None

@@ -85,8 +85,8 @@ class _Matryoshka:
         y = x_BD if y_BE is None else y_BE
         losses = dict(out.losses)
         inner = []
+        skip = self.skip(x_BD) if len(self.groups) > 1 else None
         for width, y_hat in zip(self.prefix_widths, self.prefix_reconstructions(out.codes)):
-            skip = self.skip(x_BD)
             losses[f"fvu_prefix_{width}"] = f = fvu(y_hat if skip is None else y_hat + skip, y, variance_fn)
             inner.append(f)
         if inner:

@@ -432,3 +432,14 @@ def test_we_load_what_circuit_tracer_saves(ct_peers, kind):
         models = [load_pretrained(folder, hookpoint=f"layer_{i}") for i in range(N_LAYERS)]
         assert all(m.architecture == "jumprelu" and m.W_skip is not None for m in models)
     assert_same(theirs, our_outputs(kind, models, theirs["x"]))
+
+
+def test_a_config_listing_remote_transcoders_says_the_layout_is_not_read(tmp_path):
+    """circuit-tracer Hub repos such as gemma-scope-transcoders list hf:// URIs instead of files."""
+    (tmp_path / "config.yaml").write_text("model_kind: transcoder_set\nfeature_input_hook: mlp.hook_in\n"
+                                          "feature_output_hook: mlp.hook_out\nscan: s\n"
+                                          "transcoders:\n  - hf://me/tc/layer_0.safetensors\n")
+    from sae.export.circuit_tracer import read_circuit_tracer
+
+    with pytest.raises(ValueError, match="lists its transcoders as URIs .* not read here"):
+        read_circuit_tracer(tmp_path)
