@@ -54,6 +54,9 @@ def _train(cfg: DictConfig) -> None:
         result = run_training(to_object(cfg, TrainRunConfig))
         if dist.is_main():
             print(format_summary(result))
+        # Tear the process group down together: rank 0 evaluates alone after training, and a gloo
+        # group destroyed on one rank while its peer has already exited can abort the process.
+        dist.barrier()
     finally:
         dist.destroy()
 
