@@ -150,3 +150,13 @@ def test_sae_eval_reports_per_layer_fvu_and_the_spliced_replacement_model(traine
     assert "Per layer" in html and "layers.2.mlp_in → layers.2.mlp" in html
     assert "CE recovered=" in summary_line(result)
     assert r["examples"] and r["examples"][0]["promoted"]  # dashboards: residual-stream directions
+    # The page as a person sees it (headless Chromium): plots load, tables (the per-layer one
+    # included) and every dashboard panel are drawn.
+    from sae.eval.screenshot import check_report, find_browser
+
+    if find_browser() is None:
+        return  # tests/eval/test_eval_report_e2e.py reports the missing browser as a skip
+    check = check_report(result.report_html, root / "shot.png")
+    assert check.images > 0 and check.images_ok == check.images
+    assert len(check.table_boxes) == 3 and not check.blank, check  # summary, splice, per layer
+    assert len(check.panel_boxes) == 3 * len(r["examples"]) and check.ok
