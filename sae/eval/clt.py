@@ -24,14 +24,10 @@ from torch import Tensor
 
 from sae.buffer.manifest import read_manifest
 from sae.buffer.normalize import Normalizer
-from sae.harvest.config import ModelConfig
-from sae.harvest.harvester import Harvester
 from sae.harvest.text import load_text_dataset
 
 from .config import EvalConfig
-from .data import EvalSet, RowBatch, buffer_rows, first_contexts, harvest_config_from_manifest, splice_batches
-from .data import text_config_from_manifest as text_of
-from .lm import load_eval_model
+from .data import EvalSet, RowBatch, buffer_rows, first_contexts, splice_batches
 from .metrics import ReconstructionStats, SparsityStats
 from .splice import clt_splice_eval, resolve_site
 
@@ -68,13 +64,7 @@ def clt_inputs(cfg: EvalConfig, meta: dict[str, Any]):
     if all(stats.get(t, {}).get("count") for t in targets):  # buffer-wide means of the MLP outputs
         inp.mean = [torch.tensor(stats[t]["sum"], dtype=torch.float64).div(stats[t]["count"]).float()
                     for t in targets]
-    if cfg.splice.enabled or cfg.examples.num_latents > 0:
-        m = manifest["model"]
-        model = ModelConfig(name=m["name"], revision=m.get("revision", ""), dtype=m.get("dtype", "float32"),
-                            device=cfg.device)
-        inp.lm, inp.kind = load_eval_model(model, cfg.splice.kind)
-        inp.text = text_of(manifest)
-        inp.harvester = Harvester(inp.lm, inputs + targets, inp.text, harvest_config_from_manifest(manifest))
+    inp.attach_buffer_model(cfg, manifest, inputs + targets)
     return inp
 
 

@@ -86,6 +86,18 @@ class EvalInputs:
     no_model: str = ""
     """Why there is no model (synthetic data), for the report."""
 
+    def attach_buffer_model(self, cfg: EvalConfig, manifest: dict[str, Any], hookpoints: list[str]) -> None:
+        """When splicing or examples need it: the model, text and a harvester of ``hookpoints`` as the
+        buffer's manifest records them."""
+        if not (cfg.splice.enabled or cfg.examples.num_latents > 0):
+            return
+        m = manifest["model"]
+        model = ModelConfig(name=m["name"], revision=m.get("revision", ""), dtype=m.get("dtype", "float32"),
+                            device=cfg.device)
+        self.lm, self.kind = load_eval_model(model, cfg.splice.kind)
+        self.text = text_config_from_manifest(manifest)
+        self.harvester = Harvester(self.lm, hookpoints, self.text, harvest_config_from_manifest(manifest))
+
 
 SHARDS = "shard_*_of_*"
 
@@ -194,14 +206,7 @@ def _buffer_inputs(cfg: EvalConfig, data: DataConfig, meta: dict[str, Any]) -> E
     stats = manifest["stats"].get(target or hp)
     if stats and stats.get("count"):  # the buffer-wide mean of the replaced point, for the mean ablation
         inputs.mean = torch.tensor(stats["sum"], dtype=torch.float64).div(stats["count"]).float()
-    if cfg.splice.enabled or cfg.examples.num_latents > 0:
-        m = manifest["model"]
-        model = ModelConfig(name=m["name"], revision=m.get("revision", ""), dtype=m.get("dtype", "float32"),
-                            device=cfg.device)
-        inputs.lm, inputs.kind = load_eval_model(model, cfg.splice.kind)
-        inputs.text = text_config_from_manifest(manifest)
-        inputs.harvester = Harvester(inputs.lm, [hp] + ([target] if target else []), inputs.text,
-                                     harvest_config_from_manifest(manifest))
+    inputs.attach_buffer_model(cfg, manifest, [hp] + ([target] if target else []))
     return inputs
 
 
