@@ -21,6 +21,17 @@ from .registry import register
 from .topk import TopKSAE
 
 
+def batch_cut(cand_BC: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
+    """The training-time selection over non-negative candidates [B, C]: the mask of the k * B
+    largest (ties at the cut kept), and the smallest positive value kept, the sample the inference
+    threshold is estimated from (None when nothing positive is kept)."""
+    n_keep = min(k * cand_BC.shape[0], cand_BC.numel())
+    kth = cand_BC.flatten().topk(n_keep, sorted=False).values.min()
+    keep = cand_BC >= kth
+    kept_pos = cand_BC[keep & (cand_BC > 0)]
+    return keep, (kept_pos.min() if kept_pos.numel() > 0 else None)
+
+
 @register("batchtopk")
 class BatchTopKSAE(TopKSAE):
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
@@ -47,12 +58,9 @@ class BatchTopKSAE(TopKSAE):
     def _batch_select(self, cand_vals: Tensor, cand_idx: Tensor, num_latents: int) -> tuple[Tensor, Tensor]:
         cand_vals = cand_vals.relu()
         if self.training:
-            n_keep = min(self.k * cand_vals.shape[0], cand_vals.numel())
-            kth = cand_vals.flatten().topk(n_keep, sorted=False).values.min()
-            keep = cand_vals >= kth
-            kept_pos = cand_vals[keep & (cand_vals > 0)]
-            if kept_pos.numel() > 0:
-                self._update_threshold(kept_pos.min())
+            keep, kept_min = batch_cut(cand_vals, self.k)
+            if kept_min is not None:
+                self._update_threshold(kept_min)
             self.last_cap_hit = keep[:, -1].float().mean().item() if self.num_candidates < num_latents else 0.0
         else:
             thr = self.threshold.clamp_min(0.0)

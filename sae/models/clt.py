@@ -63,6 +63,7 @@ from sae_kernels.topk_select import topk
 from torch import Tensor, nn
 
 from .base import Codes, ForwardOutput, SparseCoder, SparseCodes, VarianceFn, fvu_from_error, geometric_median
+from .batchtopk import batch_cut
 from .config import SAEConfig
 from .dense import activation_scale
 from .jumprelu import _JumpReLU, _Step
@@ -316,12 +317,9 @@ class CrossLayerTranscoder(SparseCoder):
         cand, idx, own = latents.topk(pre_BL, self.num_candidates)
         cand = cand.relu()
         if self.training:
-            n_keep = min(self.k * cand.shape[0], cand.numel())
-            kth = cand.flatten().topk(n_keep, sorted=False).values.min()
-            keep = cand >= kth
-            kept_pos = cand[keep & (cand > 0)]
-            if kept_pos.numel() > 0:
-                self._update_threshold(i, kept_pos.min())
+            keep, kept_min = batch_cut(cand, self.k)
+            if kept_min is not None:
+                self._update_threshold(i, kept_min)
             capped = self.num_candidates < self.full_latents_per_layer  # a token kept all its candidates
             self._cap_hits.append(keep.all(1).float().mean().item() if capped else 0.0)
         else:
