@@ -240,40 +240,55 @@ def check_families_vs_cpu(device: torch.device, steps: int = 3) -> dict[str, flo
 
 
 def run_checks(device: torch.device, *, quick: bool = False, log=print) -> list[dict]:
-    """All cases for fp32 and bf16; returns one record per (case, dtype) with errors and PASS/FAIL."""
-    rows = []
+    """All cases for fp32 and bf16; returns one record per (case, dtype) with errors and PASS/FAIL.
+
+    A check that raises is one FAIL row carrying the error; the rest still run (and the benchmark
+    goes on to the step table)."""
+    rows: list[dict] = []
+
+    def record(case: str, dtype: str, run, judge, worst_of=lambda errs: max(errs.values(), default=0.0)):
+        try:
+            errs = run()
+            ok, worst = bool(judge(errs)), float(worst_of(errs))
+        except Exception as e:  # noqa: BLE001
+            errs, ok, worst = {"error": f"{type(e).__name__}: {e}"[:300]}, False, float("nan")
+        rows.append({"case": case, "dtype": dtype, "ok": ok, "worst": worst, **errs})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return errs, ok
+
+    def kernel_errs(c, dtype):
+        return {**check_decode_encode(c, dtype, device), **check_autoencode(c, dtype, device)}
+
     for dtype in (torch.float32, torch.bfloat16):
+        tol = TOL[dtype]
         for c in SMALL_CASES if quick else CASES:
-            errs = {**check_decode_encode(c, dtype, device), **check_autoencode(c, dtype, device)}
-            tol = TOL[dtype]
-            ok = all(v <= tol for k, v in errs.items() if k != "bitwise repeat") and errs["bitwise repeat"] == 0
-            rows.append({"case": c.name, "dtype": str(dtype).removeprefix("torch."), "ok": ok, "worst": max(
-                (v for k, v in errs.items() if k != "bitwise repeat"), default=0.0), **errs})
-            log(f"{'PASS' if ok else 'FAIL'} {rows[-1]['dtype']:8s} {c.name:32s} worst rel err {rows[-1]['worst']:.1e}"
-                f"  bitwise repeat: {errs['bitwise repeat'] == 0}")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    adam = check_fused_adam(device)
-    ok = max(adam.values()) <= 1e-5
-    rows.append({"case": "SAEAdam vs unfused sequence (L=4096, D=768, 3 steps)", "dtype": "float32", "ok": ok,
-                 "worst": max(adam.values()), **adam})
-    log(f"{'PASS' if ok else 'FAIL'} fused optimiser step vs unfused: {adam}")
-    tk = check_topk(device) if device.type == "cuda" else {}
-    if tk:
-        ok = max(tk.values()) == 0
-        rows.append({"case": "radix-select top-k vs torch.topk", "dtype": "bfloat16", "ok": ok,
-                     "worst": max(tk.values()), **tk})
-        log(f"{'PASS' if ok else 'FAIL'} top-k vs torch.topk: {tk}")
-    fam = check_families_vs_cpu(device)
-    ok = max(fam.values()) <= 1e-3
-    rows.append({"case": "newer families: 3 exact steps vs the CPU", "dtype": "float32", "ok": ok,
-                 "worst": max(fam.values()), **fam})
-    log(f"{'PASS' if ok else 'FAIL'} newer families vs CPU: {fam}")
+            errs, ok = record(
+                c.name, str(dtype).removeprefix("torch."), lambda c=c, dtype=dtype: kernel_errs(c, dtype),
+                lambda e, tol=tol: all(v <= tol for k, v in e.items() if k != "bitwise repeat")
+                and e["bitwise repeat"] == 0,
+                lambda e: max((v for k, v in e.items() if k != "bitwise repeat"), default=0.0))
+            if "error" in errs:
+                log(f"FAIL {rows[-1]['dtype']:8s} {c.name:32s} {errs['error']}")
+            else:
+                log(f"{'PASS' if ok else 'FAIL'} {rows[-1]['dtype']:8s} {c.name:32s} worst rel err "
+                    f"{rows[-1]['worst']:.1e}  bitwise repeat: {errs['bitwise repeat'] == 0}")
+    errs, ok = record("SAEAdam vs unfused sequence (L=4096, D=768, 3 steps)", "float32",
+                      lambda: check_fused_adam(device), lambda e: max(e.values()) <= 1e-5)
+    log(f"{'PASS' if ok else 'FAIL'} fused optimiser step vs unfused: {errs}")
     if device.type == "cuda":
-        gr = check_graph_vs_eager(device)
-        worst = max(v for k, v in gr.items() if k.startswith("graph vs eager"))
-        ok = gr["graph used"] == 1.0 and worst <= 1e-5
-        rows.append({"case": "CUDA graph replay vs eager fused steps (8 steps)", "dtype": "float32", "ok": ok,
-                     "worst": worst, **gr})
-        log(f"{'PASS' if ok else 'FAIL'} CUDA graph vs eager: {gr}")
+        errs, ok = record("radix-select top-k vs torch.topk", "bfloat16", lambda: check_topk(device),
+                          lambda e: max(e.values()) == 0)
+        log(f"{'PASS' if ok else 'FAIL'} top-k vs torch.topk: {errs}")
+    errs, ok = record("newer families: 3 exact steps vs the CPU", "float32", lambda: check_families_vs_cpu(device),
+                      lambda e: max(e.values()) <= 1e-3)
+    log(f"{'PASS' if ok else 'FAIL'} newer families vs CPU: {errs}")
+    if device.type == "cuda":
+        def graph_worst(e):
+            return max(v for k, v in e.items() if k.startswith("graph vs eager"))
+
+        errs, ok = record("CUDA graph replay vs eager fused steps (8 steps)", "float32",
+                          lambda: check_graph_vs_eager(device),
+                          lambda e: e["graph used"] == 1.0 and graph_worst(e) <= 1e-5, graph_worst)
+        log(f"{'PASS' if ok else 'FAIL'} CUDA graph vs eager: {errs}")
     return rows

@@ -151,19 +151,39 @@ def live_vs_buffer(device: torch.device, root: Path, s: dict[str, int], hookpoin
 
 
 def run_feed(device: torch.device, log=print) -> dict:
-    """All three, in a scratch folder."""
+    """All three, in a scratch folder. A part that fails is reported (``{"error": ...}``) and the
+    others still run; (3) needs the model and buffer of (1)."""
     s = _sizes(device)
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        out["harvest"] = h = harvest_vs_forward(device, root, s)
-        log(f"harvest ({h['model']}, hook {h['hookpoint']}): {h['harvest_tok_s']:,.0f} input tok/s vs bare forward "
-            f"+ host copy {h['bare_tok_s']:,.0f}: ratio {h['ratio']:.2f}")
-        out["buffer"] = b = buffer_vs_memory(device, root, s)
-        log(f"training {b['d']} x {b['L']}, k={b['k']}: from a bf16 buffer {b['buffer_tok_s']:,.0f} tok/s, from "
-            f"memory {b['memory_tok_s']:,.0f}: ratio {b['ratio']:.2f}; reader into {b['into']} "
-            f"{b['reader_to_device_gb_s']:.2f} GB/s")
-        out["live"] = v = live_vs_buffer(device, root, s, h["hookpoint"])
-        log(f"training {v['d']} x {v['L']}, k={v['k']} live (harvesting as it trains): {v['live_tok_s']:,.0f} tok/s, "
-            f"from the buffer: {v['buffer_tok_s']:,.0f}: ratio {v['ratio']:.2f}")
+        h = _guarded(out, "harvest", lambda: harvest_vs_forward(device, root, s), log)
+        if h:
+            log(f"harvest ({h['model']}, hook {h['hookpoint']}): {h['harvest_tok_s']:,.0f} input tok/s vs bare "
+                f"forward + host copy {h['bare_tok_s']:,.0f}: ratio {h['ratio']:.2f}")
+        b = _guarded(out, "buffer", lambda: buffer_vs_memory(device, root, s), log)
+        if b:
+            log(f"training {b['d']} x {b['L']}, k={b['k']}: from a bf16 buffer {b['buffer_tok_s']:,.0f} tok/s, "
+                f"from memory {b['memory_tok_s']:,.0f}: ratio {b['ratio']:.2f}; reader into {b['into']} "
+                f"{b['reader_to_device_gb_s']:.2f} GB/s")
+        if not h:
+            out["live"] = {"skipped": "needs the model and buffer of the harvest part, which failed"}
+            return out
+        v = _guarded(out, "live", lambda: live_vs_buffer(device, root, s, h["hookpoint"]), log)
+        if v:
+            log(f"training {v['d']} x {v['L']}, k={v['k']} live (harvesting as it trains): {v['live_tok_s']:,.0f} "
+                f"tok/s, from the buffer: {v['buffer_tok_s']:,.0f}: ratio {v['ratio']:.2f}")
     return out
+
+
+def _guarded(out: dict, name: str, part, log) -> dict | None:
+    """``out[name] = part()``; on an exception, its message instead (logged), and None."""
+    try:
+        out[name] = part()
+        return out[name]
+    except Exception as e:  # noqa: BLE001 (one failing part must not lose the others' figures)
+        out[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
+        log(f"{name}: FAILED {out[name]['error']}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
