@@ -10,6 +10,8 @@ Part of ``python -m sae.bench.gpu --feed``; on a CPU the same code runs at toy s
    (``ShardReader`` + ``DeviceFeed``) against the same SAE on batches already on the device;
    tokens/s of each and the ratio (target >= 0.9 at 768 x 24576, k=32). Also the reader's rate
    into device memory (GB/s of activations).
+   Also, on a small harvest, whether the pipelined path (depth 2) writes the same bytes as the
+   synchronous one (depth 0) on this device.
 3. Live vs buffer: training while harvesting the model from (1) (``data=live``, the forward and
    the SAE step sharing the device) against training from the buffer (1) wrote.
 """
@@ -82,6 +84,24 @@ def harvest_vs_forward(device: torch.device, root: Path, s: dict[str, int]) -> d
            "model": f"random Llama, {s['layers']} layers, hidden {s['hidden']}, {dtype}"}
     del lm, base
     return out
+
+
+def harvest_exact(device: torch.device, root: Path, s: dict[str, int]) -> dict:
+    """(1b): the pipelined harvest's shards against the synchronous harvest's, byte for byte."""
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    model_cfg = ModelConfig(name=str(root / "model"), device=str(device), dtype=dtype)
+    files = {}
+    for depth in (0, 2):
+        out = root / f"exact_{depth}"
+        harvest_to_buffer(model_cfg, TextConfig(context_length=128),
+                          HarvestConfig(batch_size=16, max_tokens=s["tokens"] // 10, progress=False,
+                                        pipeline_depth=depth),
+                          WriterConfig(out_dir=str(out), dtype="bfloat16", shard_tokens=4096),
+                          [f"layers.{s['layers'] // 2}"])
+        files[depth] = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+                        if p.is_file() and p.name != "cli.log"}
+    differ = sorted(n for n in files[0].keys() | files[2].keys() if files[0].get(n) != files[2].get(n))
+    return {"identical": not differ, "files": len(files[0]), "differ": differ[:5]}
 
 
 def _tokens_per_s(trainer: Trainer, steps: int, warm: int = 10) -> float:
@@ -161,6 +181,11 @@ def run_feed(device: torch.device, log=print) -> dict:
         if h:
             log(f"harvest ({h['model']}, hook {h['hookpoint']}): {h['harvest_tok_s']:,.0f} input tok/s vs bare "
                 f"forward + host copy {h['bare_tok_s']:,.0f}: ratio {h['ratio']:.2f}")
+        if h:
+            e = _guarded(out, "harvest_exact", lambda: harvest_exact(device, root, s), log)
+            if e:
+                log(f"pipelined harvest vs synchronous on {device.type}: {e['files']} files, "
+                    f"{'byte-identical' if e['identical'] else 'DIFFERENT: ' + ', '.join(e['differ'])}")
         b = _guarded(out, "buffer", lambda: buffer_vs_memory(device, root, s), log)
         if b:
             log(f"training {b['d']} x {b['L']}, k={b['k']}: from a bf16 buffer {b['buffer_tok_s']:,.0f} tok/s, "

@@ -4,7 +4,8 @@ Contexts ``[0, heldout_contexts)`` are held out (evaluation and normalisation st
 The rest are split across ranks (context ``c`` goes to rank ``(c - H) mod w``) and harvested in
 blocks of whole forward batches holding about ``mixing_tokens`` rows; a block's rows are emitted
 in a seeded random order (the bounded mixing buffer), in batches that may span blocks. The
-harvest runs in the prefetch thread, one block ahead at most. Because block ``j`` always holds
+harvest runs in the prefetch thread, one block ahead at most (on CUDA on the harvester's own
+stream, so the device runs the model's forward alongside the SAE's step). Because block ``j`` always holds
 the same contexts in the same forward batches, the position (block, rows before it, offset) is
 an exact resume point: the block is harvested again and the emitted rows are skipped.
 """

@@ -9,6 +9,7 @@ index of every row. Consumers: ``sae.buffer.fill`` (to disk) and ``sae.buffer.li
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 from collections.abc import Callable, Iterator
@@ -89,6 +90,9 @@ class Harvester:
         specials.discard(lm.tokenizer.unk_token_id)
         self.special_ids = torch.tensor(sorted(specials), dtype=torch.long)
         self._lock = threading.Lock()  # hooks live on the shared model: one capture at a time
+        # On CUDA the forward, row filtering and device-to-host copies run on a stream of their own,
+        # so that in live training (harvest in a thread) the GPU overlaps them with the SAE's step.
+        self._stream = torch.cuda.Stream(lm.device) if lm.device.type == "cuda" else None
         self._forward_kwargs = {}
         if "use_cache" in inspect.signature(lm.model.forward).parameters:
             self._forward_kwargs["use_cache"] = False
@@ -159,6 +163,11 @@ class Harvester:
         Raises:
             ValueError: NaN/Inf activations, naming the hook point, context and position.
         """
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            chunk = self._harvest(batch)
+        return self.checked(chunk) if wait else chunk
+
+    def _harvest(self, batch: ContextBatch) -> Chunk:
         acts = self._capture(batch.input_ids, batch.attention_mask)
         ids = batch.input_ids
         keep = batch.attention_mask.bool()
@@ -175,11 +184,10 @@ class Harvester:
             # Non-blocking copies land in pinned host memory; the event marks their completion.
             rows = {name: t[keep_dev].to("cpu", non_blocking=True) for name, t in acts.items()}
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record()  # on the harvester's stream (current here)
         else:
             rows = {name: t[keep_dev] for name, t in acts.items()}
-        chunk = Chunk(rows, ids[keep].to(torch.int32), positions, contexts.to(torch.int64), ready)
-        return self.checked(chunk) if wait else chunk
+        return Chunk(rows, ids[keep].to(torch.int32), positions, contexts.to(torch.int64), ready)
 
     def checked(self, chunk: Chunk) -> Chunk:
         """``chunk`` once its activations are on the host (waits for the copy), checked for NaN/Inf.
