@@ -1,7 +1,9 @@
 """Batches of an ActivationSource moved onto the training device ahead of use.
 
-On CUDA a thread takes each batch from the source, copies its rows into a pinned staging buffer
-(a small ring: a buffer is refilled only after the copy out of it has completed), starts the copy
+On CUDA a thread takes each batch from the source, its rows in a pinned staging buffer (a small
+ring: a buffer is refilled only after the copy out of it has completed; a source with
+``iter_into``, the ShardReader or LiveSource, gathers the rows straight into it, others' batches
+are copied in), starts the copy
 to the GPU on a side stream and records an event; the training stream waits on that event on the
 device, never on the host. Reading shards, gathering rows, staging and the host-to-device copy so
 overlap the steps before. Elsewhere the batches pass through in the caller's thread.
@@ -51,7 +53,7 @@ class DeviceFeed:
             for item in self.source:
                 yield item, None, None
             return
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        stream = self._new_stream()
         for item, state, event in prefetched(lambda: self._stage_all(stream), self.depth):
             if isinstance(event, Exception):  # staging failed (first batch): plain copies from here on
                 log.warning("staging batches onto %s failed (%s: %s); moving them in the training thread instead",
@@ -61,19 +63,34 @@ class DeviceFeed:
                     yield rest, None, None
                 return
             if event is not None:
-                current = torch.cuda.current_stream(self.device)
-                current.wait_event(event)
-                for t in _tensors(item):
-                    t.record_stream(current)  # allocated on the copy stream, used on this one
+                self._wait(item, event)
             yield item, state, event
 
     def _stage_all(self, stream) -> Iterator[tuple[Item, dict[str, Any], Any]]:
         ring = self.depth + 2  # pinned buffer sets; one is refilled only after its copies completed
         slots: list[dict[str, Tensor]] = [{} for _ in range(ring)]
         events: list[Any] = [None] * ring
-        for i, item in enumerate(self.source):
+        taken = 0  # batches taken from the source so far: the next one is staged in slot taken % ring
+
+        def gather_into(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+            """The pinned buffer the source gathers the next batch's rows into (no host copy after)."""
+            s = taken % ring
+            if events[s] is not None:
+                events[s].synchronize()  # the previous copy out of this slot has completed
+                events[s] = None
+            key = f"gather.{name}"
+            buf = slots[s].get(key)
+            if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
+                buf = slots[s][key] = self._pinned(shape, dtype)
+            return buf
+
+        # Sources that can gather into given tensors (ShardReader, LiveSource) fill the pinned
+        # buffers directly on CUDA; others' batches are copied into them.
+        gathers = stream is not None and hasattr(self.source, "iter_into")
+        for item in self.source.iter_into(gather_into) if gathers else self.source:
             state = copy.deepcopy(self.source.state_dict())
-            s = i % ring
+            s = taken % ring
+            taken += 1
             try:
                 moved, event = self._stage(item, slots[s], events[s], stream)
             except Exception as e:  # noqa: BLE001 - handed over with the batch, which is not lost
@@ -89,22 +106,49 @@ class DeviceFeed:
             return item, None
         if last is not None:
             last.synchronize()
-        with torch.cuda.stream(stream):
+        with self._on(stream):
             moved = _map(item, lambda name, t: self._to_device(bufs, name, t))
-            event = torch.cuda.Event()
-            event.record(stream)
+            event = self._record(stream)
         return moved, event
 
     def _to_device(self, bufs: dict[str, Tensor], name: str, t: Tensor | None) -> Tensor | None:
         if t is None:
             return None
         if t.device.type != "cpu":
-            return t.to(self.device, non_blocking=True)
+            return self._upload(t)
+        gathered = bufs.get(f"gather.{name}")
+        if gathered is not None and t.data_ptr() == gathered.data_ptr() and t.shape == gathered.shape:
+            return self._upload(t)  # the source gathered straight into pinned memory: no host copy
         buf = bufs.get(name)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = bufs[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            buf = bufs[name] = self._pinned(t.shape, t.dtype)
         buf.copy_(t)
-        return buf.to(self.device, non_blocking=True)
+        return self._upload(buf)
+
+    # Device primitives, in one place (a CPU stand-in overrides them in the tests).
+    def _new_stream(self) -> Any:
+        return torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def _pinned(self, shape, dtype: torch.dtype) -> Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def _on(self, stream: Any) -> Any:
+        return torch.cuda.stream(stream)
+
+    def _record(self, stream: Any) -> Any:
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def _upload(self, t: Tensor) -> Tensor:
+        return t.to(self.device, non_blocking=True)
+
+    def _wait(self, item: Item, event: Any) -> None:
+        """The training stream waits (on the device) for ``item``'s copies."""
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for t in _tensors(item):
+            t.record_stream(current)  # allocated on the copy stream, used on this one
 
 
 def _map(item: Item, fn, prefix: str = "") -> Item:

@@ -26,7 +26,7 @@ from sae.harvest.model import load_model
 from sae.harvest.text import load_text_dataset
 
 from .config import DataConfig, LiveConfig
-from .mixing import Block, Position, assemble, plan_batches, seeded_perm
+from .mixing import Alloc, Block, Position, assemble, plan_batches, seeded_perm
 from .normalize import Normalizer, activation_sums
 from .prefetch import prefetched
 from .source import Batch
@@ -148,9 +148,13 @@ class LiveSource:
         return Batch(self.x_norm(batch.x), None if batch.y is None else self.y_norm(batch.y))
 
     def __iter__(self) -> Iterator[Batch]:
+        return self.iter_into(None)
+
+    def iter_into(self, alloc: Alloc | None) -> Iterator[Batch]:
+        """As ``iter``, gathering each batch's rows into ``alloc``'s tensors (see ``assemble``)."""
         start = self.position
         for plan, end in prefetched(lambda: plan_batches(self._blocks(start), self.batch_size), self.prefetch):
-            batch = assemble(plan, self._normalize)
+            batch = assemble(plan, self._normalize, alloc=alloc)
             self.position = end
             yield batch
 

@@ -59,14 +59,22 @@ Plan = list[tuple[Block, Tensor]]
 """A batch before its rows are copied: (block, sorted row indices into the block) pieces."""
 
 
-def assemble(plan: Plan, transform: Callable[[Batch], Batch] = lambda b: b, *, keep_dtype: bool = False) -> Batch:
+Alloc = Callable[[str, tuple[int, ...], torch.dtype], Tensor]
+"""``alloc(name, shape, dtype)``: the tensor to gather a batch's ``x`` or ``y`` rows into."""
+
+
+def assemble(plan: Plan, transform: Callable[[Batch], Batch] = lambda b: b, *, keep_dtype: bool = False,
+             alloc: Alloc | None = None) -> Batch:
     """Copy a planned batch's rows out of its blocks (float32, or the stored dtype with
     ``keep_dtype``: a bfloat16 shard then costs no conversion pass on the host, and half the bytes
-    of the copy to a GPU), then apply ``transform``."""
+    of the copy to a GPU), then apply ``transform``. ``alloc`` gives the tensors the rows are
+    gathered into (e.g. the pinned staging buffers of a :class:`~sae.buffer.device_feed.DeviceFeed`,
+    which saves a host copy); default: fresh ones."""
     n = sum(idx.numel() for _, idx in plan)
     first = plan[0][0]
-    x = torch.empty(n, first.x[0].shape[1], dtype=first.x[0].dtype)
-    y = None if first.y is None else torch.empty(n, first.y[0].shape[1], dtype=first.y[0].dtype)
+    alloc = alloc or (lambda name, shape, dtype: torch.empty(shape, dtype=dtype))
+    x = alloc("x", (n, first.x[0].shape[1]), first.x[0].dtype)
+    y = None if first.y is None else alloc("y", (n, first.y[0].shape[1]), first.y[0].dtype)
     at = 0
     for block, idx in plan:
         gather_rows(block.x, block.starts, idx, x[at:at + idx.numel()])

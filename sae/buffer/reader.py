@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .config import DataConfig
 from .manifest import CHECKSUM, activation_slot, read_manifest
-from .mixing import Block, Position, assemble, plan_batches, seeded_perm
+from .mixing import Alloc, Block, Position, assemble, plan_batches, seeded_perm
 from .normalize import Normalizer
 from .prefetch import prefetched
 from .source import Batch
@@ -220,10 +220,14 @@ class ShardReader:
     def __iter__(self) -> Iterator[Batch]:
         """Training batches: float32, or the shards' own dtype when nothing is normalised (the
         trainer converts on its device)."""
+        return self.iter_into(None)
+
+    def iter_into(self, alloc: Alloc | None) -> Iterator[Batch]:
+        """As ``iter``, gathering each batch's rows into ``alloc``'s tensors (see ``assemble``)."""
         start = self.position
         raw = self.x_norm.mode == "none" and (self.y_norm is None or self.y_norm.mode == "none")
         for plan, end in prefetched(lambda: plan_batches(self._blocks(start), self.batch_size), self.prefetch):
-            batch = assemble(plan, self._normalize, keep_dtype=raw)
+            batch = assemble(plan, self._normalize, keep_dtype=raw, alloc=alloc)
             self.position = end
             yield batch
 
