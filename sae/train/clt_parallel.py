@@ -15,7 +15,8 @@ forward (:meth:`sae.models.clt.CrossLayerTranscoder.forward_with`) with :class:`
 
 So codes, losses and each slice's gradients equal those of one process holding all latents
 (tests/distributed/test_clt_parallel.py). Shards are written per rank (``shard_RR_of_WW``);
-:func:`consolidate` joins them. Resharding a CLT checkpoint to another world size is not supported.
+:func:`consolidate` joins them; :func:`sae.train.reshard.reshard_checkpoint` splits a checkpoint
+again (weights, Adam moments, per-layer dead counters) for another world size.
 """
 
 from __future__ import annotations

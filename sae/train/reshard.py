@@ -4,16 +4,18 @@
     python -m sae.train.reshard checkpoint runs/x/checkpoints/step_00000100 runs/y --world-size 1
 
 A latent-parallel SAE of width L on W ranks is stored as W folders ``shard_RR_of_WW`` holding
-rows [r L/W, (r+1) L/W) of W_enc, b_enc, W_dec (b_dec and W_skip replicated). Consolidation
-concatenates the rows; resharding splits them again for another world size, together with the
-Adam moments and dead-latent counters, so training resumes exactly on the new world size
-(world size 1 resumes as a plain single-process run).
+rows [r L/W, (r+1) L/W) of W_enc, b_enc, W_dec (b_dec and W_skip replicated); a cross-layer
+transcoder's shards hold that slice of every layer's latents (:mod:`.clt_parallel`).
+Consolidation concatenates the slices; resharding splits them again for another world size,
+together with the Adam moments and dead-latent counters, so training resumes exactly on the new
+world size (world size 1 resumes as a plain single-process run).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +28,7 @@ from sae.models import SAEConfig, SparseCoder, build_sae
 
 from .artifact import read_sae_cfg, save_sae
 from .checkpoint import LATEST, MANIFEST, load_trainer_state, read_manifest, shard_dir, state_file
+from .run_dir import IDENTITY
 from .strategy import Shard
 
 SHARDED = ("W_enc", "b_enc", "W_dec")
@@ -68,25 +71,53 @@ def consolidate_sae(folder: str | Path) -> SparseCoder:
     return full
 
 
-def _split(t: torch.Tensor, world: int) -> list[torch.Tensor]:
-    if t.shape[0] % world:
-        raise ValueError(f"cannot split {t.shape[0]} latents over {world} ranks evenly")
-    return list(t.chunk(world))
+def _latent_axes(full: SparseCoder) -> dict[str, int | None]:
+    """Parameter name -> the axis latent-parallel ranks split it along (None: replicated)."""
+    from sae.models.clt import CrossLayerTranscoder
+
+    from .clt_parallel import LATENT_AXIS
+
+    names = [n for n, _ in full.named_parameters()]
+    if isinstance(full, CrossLayerTranscoder):  # every layer's group sliced alike; W_dec.i on its rows
+        return {n: LATENT_AXIS.get(n, 0 if n.startswith("W_dec.") else None) for n in names}
+    return {n: 0 if n in SHARDED else None for n in names}
+
+
+def _shard(full: SparseCoder, rank: int, world_size: int) -> tuple[SparseCoder, dict[str, Any]]:
+    """Rank ``rank``'s slice of ``full`` and the ``shard`` metadata its folder records."""
+    from sae.models.clt import CrossLayerTranscoder
+
+    if isinstance(full, CrossLayerTranscoder):
+        from .clt_parallel import shard_clt
+
+        part = shard_clt(full, rank, world_size)
+        return part, {"shard": dataclasses.asdict(part.shard)}
+    from .strategy import shard_topk
+
+    return shard_topk(full, rank, world_size), {"shard": dataclasses.asdict(
+        Shard(rank, world_size, rank * full.num_latents // world_size, full.num_latents))}
 
 
 def reshard_checkpoint(ckpt: str | Path, out_dir: str | Path, world_size: int) -> Path:
-    """Write ``<out_dir>/checkpoints/<step>`` for ``world_size`` ranks from a latent-parallel checkpoint."""
+    """Write ``<out_dir>/checkpoints/<step>`` for ``world_size`` ranks from a latent-parallel checkpoint
+    (TopK SAEs and cross-layer transcoders: weights, Adam moments and dead-latent counters)."""
     ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)
     old_world = manifest["world_size"]
     if manifest["strategy"] != "latent":
         raise ValueError(f"{ckpt} was written with strategy {manifest['strategy']!r}; only latent-parallel "
                          "checkpoints are sharded")
-    for name in manifest["saes"]:
-        if read_sae_cfg(shard_folders(ckpt / name)[0])["architecture"] == "clt":
-            raise ValueError(f"{ckpt / name} is a latent-parallel cross-layer transcoder: resharding its checkpoints "
-                             f"to another world size is not supported yet; resume it with {old_world} processes, or "
-                             "join its final weights with `python -m sae.train.reshard consolidate`")
+    if world_size < 1:
+        raise ValueError(f"--world-size {world_size}: need at least 1 process")
+    # Check every SAE splits evenly before anything is written.
+    fulls = {name: consolidate_sae(ckpt / name) for name in manifest["saes"]}
+    for name, full in fulls.items():
+        groups = getattr(full, "n_layers", 1)
+        per_group = full.num_latents // groups
+        if per_group % world_size:
+            what = "latents per layer of cross-layer transcoder" if groups > 1 else "latents of SAE"
+            raise ValueError(f"the {per_group} {what} {name!r} do not split evenly over {world_size} ranks; "
+                             f"choose a world size that divides {per_group}")
     states = [load_trainer_state(ckpt, r) for r in range(old_world)]
     root = Path(out_dir) / "checkpoints"
     final = root / ckpt.name
@@ -97,12 +128,12 @@ def reshard_checkpoint(ckpt: str | Path, out_dir: str | Path, world_size: int) -
         {k: v for k, v in states[0].items() if k not in ("optimizers", "trackers")} | {"optimizers": {}, "trackers": {}}
         for _ in range(world_size)
     ]
-    for name in manifest["saes"]:
-        full = consolidate_sae(ckpt / name)
+    for name, full in fulls.items():
         meta = read_sae_cfg(shard_folders(ckpt / name)[0])
         extra = {k: v for k, v in meta.items() if k not in ("architecture", "d_in", "d_out", "num_latents", "sae",
                                                              "shard")}
-        param_names = [n for n, _ in full.named_parameters()]
+        axes = _latent_axes(full)
+        param_names = list(axes)
         # Adam state per parameter index, consolidated over the old shards.
         opt_states = [s["optimizers"][name] for s in states]
         full_opt: dict[int, dict[str, torch.Tensor]] = {}
@@ -110,26 +141,26 @@ def reshard_checkpoint(ckpt: str | Path, out_dir: str | Path, world_size: int) -
             per_rank = [o["state"][i] for o in opt_states if i in o["state"]]
             if not per_rank:
                 continue
-            full_opt[i] = {k: torch.cat([r[k] for r in per_rank]) if pname in SHARDED and v.dim() > 0 else v
+            ax = axes[pname]
+            full_opt[i] = {k: torch.cat([r[k] for r in per_rank], ax) if ax is not None and v.dim() > 0 else v
                            for k, v in per_rank[0].items()}
-        dead = torch.cat([s["trackers"][name]["tokens_since_fired"] for s in states])
+        # Dead-latent counters: [groups, latents per group] on each rank (a CLT's layers; one group for an SAE).
+        groups = getattr(full, "n_layers", 1)
+        dead = torch.cat([s["trackers"][name]["tokens_since_fired"].view(groups, -1) for s in states], 1)
         for r in range(world_size):
             if world_size == 1:
                 part, folder, shard_meta = full, tmp / name, {}
             else:
-                from .strategy import shard_topk
-
-                part = shard_topk(full, r, world_size)
+                part, shard_meta = _shard(full, r, world_size)
                 folder = tmp / name / shard_dir(r, world_size)
-                shard_meta = {"shard": dataclasses.asdict(Shard(r, world_size, r * full.num_latents // world_size,
-                                                                full.num_latents))}
             save_sae(part, folder, **extra, **shard_meta)
             opt = {"state": {}, "param_groups": opt_states[0]["param_groups"]}
             for i, st in full_opt.items():
-                opt["state"][i] = {k: (_split(v, world_size)[r].clone() if param_names[i] in SHARDED and v.dim() > 0
-                                       else v) for k, v in st.items()}
+                ax = axes[param_names[i]]
+                opt["state"][i] = {k: (v.chunk(world_size, ax)[r].clone() if ax is not None and v.dim() > 0 else v)
+                                   for k, v in st.items()}
             new_states[r]["optimizers"][name] = opt
-            new_states[r]["trackers"][name] = {"tokens_since_fired": _split(dead, world_size)[r].clone()}
+            new_states[r]["trackers"][name] = {"tokens_since_fired": dead.chunk(world_size, 1)[r].reshape(-1).clone()}
     for r, st in enumerate(new_states):
         torch.save(st, tmp / state_file(r))
     strategy = "latent" if world_size > 1 else "none"
@@ -138,6 +169,11 @@ def reshard_checkpoint(ckpt: str | Path, out_dir: str | Path, world_size: int) -
         shutil.rmtree(final)
     os.rename(tmp, final)
     (root / LATEST).write_text(final.name)
+    # The run's identity, for the new world size: a resume is still checked against its settings.
+    run_json = ckpt.parent.parent / IDENTITY
+    if run_json.is_file():
+        identity = json.loads(run_json.read_text())
+        write_json_atomic(Path(out_dir) / IDENTITY, {**identity, "world_size": world_size, "strategy": strategy})
     return final
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import clt_workers as C
 import pytest
@@ -45,16 +46,61 @@ def test_latent_and_data_parallel_training_match_one_process(tmp_path):
         # sae-export and `python -m sae.train.reshard consolidate` join CLT shards through the same code.
         assert_close_state(consolidate_sae(tmp_path / name / "final" / "clt").state_dict(), full.state_dict(),
                            atol=0, rtol=0)
-    ckpt = sorted((tmp_path / "topk" / "checkpoints").glob("step_*"))[-1]
-    with pytest.raises(ValueError, match="cross-layer transcoder: resharding its checkpoints .* not supported yet"):
-        reshard_checkpoint(ckpt, tmp_path / "resharded", 1)
-    assert not (tmp_path / "resharded").exists() or not any((tmp_path / "resharded").rglob("*.safetensors"))
+    _reshard_and_resume(tmp_path, steps, x, y)
     # Data parallel on 2 x 128 rows equals one process on the 256-row union (TopK: a per-token selection).
     ref = Trainer(train_cfg(tmp_path / "ref_data", steps, 256, dead_tokens_threshold=256),
                   {"clt": C.make_clt("topk")}, (x, y))
     ref.fit()
     got = load_file(str(tmp_path / "data.safetensors"))
     assert_close_state(got, {f"clt.{k}": v for k, v in ref.saes["clt"].state_dict().items()}, atol=2e-5, rtol=1e-4)
+
+
+def _reshard_and_resume(tmp_path, steps, x, y):
+    """The 2-rank TopK CLT checkpoint resharded to one process resumes as one process would have
+    trained (weights, Adam moments and per-layer dead counters, with AuxK active); through 4 ranks
+    and back it is unchanged; an uneven split names the fix and writes nothing."""
+    ckpt = sorted((tmp_path / "topk" / "checkpoints").glob("step_*"))[-1]
+    assert ckpt.name == f"step_{steps:08d}"
+    reshard_checkpoint(ckpt, tmp_path / "one", 1)
+    more = steps + 4
+    resumed = Trainer(train_cfg(tmp_path / "one", more, 128, dead_tokens_threshold=256), {"clt": C.make_clt("topk")},
+                      (x, y))
+    resumed.fit()
+    for n in (steps, more):  # one process, interrupted at the same step (the LR schedule depends on train.steps)
+        ref = Trainer(train_cfg(tmp_path / "ref_more", n, 128, dead_tokens_threshold=256), {"clt": C.make_clt("topk")},
+                      (x, y))
+        ref.fit()
+    assert resumed.step == more and int(ref.trackers["clt"].dead_mask.sum()) > 0  # AuxK was on
+    assert_close_state(resumed.saes["clt"].state_dict(), ref.saes["clt"].state_dict(), atol=2e-5, rtol=1e-4)
+
+    four = reshard_checkpoint(ckpt, tmp_path / "four", 4)
+    assert sorted(p.name for p in (four / "clt").iterdir()) == [f"shard_{r:02d}_of_04" for r in range(4)]
+    back = reshard_checkpoint(four, tmp_path / "back", 1)
+    direct = tmp_path / "one" / "checkpoints" / ckpt.name
+    assert_close_state(load_file(str(back / "clt" / "sae.safetensors")),
+                       load_file(str(direct / "clt" / "sae.safetensors")), atol=0, rtol=0)
+    a, b = (torch.load(d / "trainer_state_rank0.pt", weights_only=True) for d in (back, direct))
+    assert torch.equal(a["trackers"]["clt"]["tokens_since_fired"], b["trackers"]["clt"]["tokens_since_fired"])
+    for i, st in b["optimizers"]["clt"]["state"].items():
+        for key, v in st.items():
+            assert torch.equal(a["optimizers"]["clt"]["state"][i][key], v), (i, key)
+    # Dead counters: [layer, latent] on each rank (all 0 in this short run, so give them distinct values).
+    marked = tmp_path / "marked" / "checkpoints" / ckpt.name
+    shutil.copytree(ckpt, marked)
+    per_rank = [torch.arange(C.N * C.L // 2).view(C.N, -1) + 1000 * r for r in range(2)]
+    for r, counts in enumerate(per_rank):
+        st = torch.load(marked / f"trainer_state_rank{r}.pt", weights_only=True)
+        st["trackers"]["clt"]["tokens_since_fired"] = counts.reshape(-1).clone()
+        torch.save(st, marked / f"trainer_state_rank{r}.pt")
+    full = torch.cat(per_rank, 1)  # [layer, all 16 latents]
+    for world in (1, 4):
+        out = reshard_checkpoint(marked, tmp_path / f"marked_{world}", world)
+        for r, want in enumerate(full.chunk(world, 1)):
+            got = torch.load(out / f"trainer_state_rank{r}.pt", weights_only=True)["trackers"]["clt"]
+            assert torch.equal(got["tokens_since_fired"], want.reshape(-1)), (world, r)
+    with pytest.raises(ValueError, match=r"16 latents per layer .* 3 ranks; choose a world size that divides 16"):
+        reshard_checkpoint(ckpt, tmp_path / "three", 3)
+    assert not (tmp_path / "three").exists()
 
 
 def test_a_shard_may_hold_fewer_latents_than_k_and_uneven_splits_name_the_fix():
