@@ -144,6 +144,8 @@ def topk(scores_BL: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             return topk_bf16(scores_BL, k)
         except Exception as e:  # noqa: BLE001 - a compiler or driver that cannot build or run it
+            if scores_BL.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise  # a failing CUDA-graph capture, not the kernel's fault: the caller falls back
             _failed[scores_BL.device.type] = f"{type(e).__name__}: {e}"
             log.warning("the radix top-k kernel failed on %s (%s); using torch.topk", scores_BL.device, e)
     return scores_BL.topk(k, dim=1, sorted=False)

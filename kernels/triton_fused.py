@@ -94,7 +94,9 @@ def _decode_kernel_for(block_k: int):
     if INTERPRETED:
         return None
     if block_k not in _decode_tuned:
-        _decode_tuned[block_k] = triton.autotune(configs=_decode_configs(block_k), key=["K", "E"])(
+        # Keyed by E only: AuxK's K (the dead count, up to k_aux) changes from step to step, and
+        # re-timing the tiles for each would cost a benchmark per new count; the tile is per block_k.
+        _decode_tuned[block_k] = triton.autotune(configs=_decode_configs(block_k), key=["E"])(
             _decode_error_kernel)
     return _decode_tuned[block_k]
 

@@ -51,7 +51,8 @@ def device_info(device: torch.device) -> dict:
 
 
 def profile_default_step(shapes, device: torch.device, top: int = 14, log=print) -> dict:
-    """Top CUDA kernels (ms per step) of the default configuration, 5 profiled steps per shape."""
+    """Top CUDA kernels (ms per step) of the default configuration, 5 profiled steps per shape (device
+    kernels only; their sum is the device's busy time per step)."""
     from torch.profiler import ProfilerActivity, profile
 
     out = {}
@@ -82,6 +83,10 @@ def profile_default_step(shapes, device: torch.device, top: int = 14, log=print)
                 gpu_step.sync(device)
         rows = []
         for e in prof.key_averages():
+            # Kernels only: a CPU op (aten::addmm, an autograd Function) also carries the device time
+            # of the kernels it launched, which would count them twice.
+            if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+                continue
             t = getattr(e, "self_device_time_total", None)
             if t is None:
                 t = getattr(e, "self_cuda_time_total", 0)
@@ -177,6 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     info = device_info(device)
     print("device:", info, flush=True)
+    if a.profile and device.type == "cuda":
+        # CUPTI must be set up before any CUDA graph is captured, or profiling replays later can fail.
+        try:
+            from torch.profiler._utils import _init_for_cuda_graphs
+
+            _init_for_cuda_graphs()
+        except (ImportError, RuntimeError) as e:
+            print(f"profiler: could not set CUPTI up before graph capture ({e}); profiles may lack replays")
     result: dict = {"info": info}
 
     def log(msg: str) -> None:

@@ -71,12 +71,13 @@ class TensorSource:
 
     def __iter__(self) -> Iterator[Batch]:
         while self.epochs == 0 or self.epoch < self.epochs:
-            order = self._order(self.epoch)
+            # On the tensors' device once per epoch: no host-to-device copy (and wait) per batch.
+            order = self._order(self.epoch).to(self.x.device)
             while self.round < self.rounds:
                 b = self.round * self.world_size + self.rank
                 self.round += 1
                 rows = order[b * self.batch_size:(b + 1) * self.batch_size]
-                yield Batch(self.x[rows.to(self.x.device)], None if self.y is None else self.y[rows.to(self.y.device)])
+                yield Batch(self.x[rows], None if self.y is None else self.y[rows.to(self.y.device)])
             self.epoch, self.round = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:

@@ -69,6 +69,13 @@ def check_context_length(lm: LoadedModel, context_length: int) -> None:
                          f"text.context_length<={limit}")
 
 
+def _to(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``; from the host to a GPU through pinned memory without waiting."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class _StopForward(Exception):
     """Raised by the last hook to fire: everything needed has been captured."""
 
@@ -143,7 +150,7 @@ class Harvester:
                 handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True) if hp.kind == "input"
                                else mod.register_forward_hook(hook))
             with torch.inference_mode():
-                model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), **self._forward_kwargs)
+                model(input_ids=_to(input_ids, dev), attention_mask=_to(attention_mask, dev), **self._forward_kwargs)
         except _StopForward:
             return store
         finally:
@@ -178,15 +185,18 @@ class Harvester:
         B, T = ids.shape
         positions = torch.arange(T, dtype=torch.int32).expand(B, T)[keep]
         contexts = batch.index[:, None].expand(B, T)[keep]
-        keep_dev = keep.to(self.lm.device)
         ready = None
         if self.lm.device.type == "cuda":
-            # Non-blocking copies land in pinned host memory; the event marks their completion.
-            rows = {name: t[keep_dev].to("cpu", non_blocking=True) for name, t in acts.items()}
+            # No host wait: the kept rows' flat indices come from the host (a boolean mask on the
+            # device would make the host wait for the forward), and non-blocking copies land in
+            # pinned host memory; the event marks their completion.
+            idx = _to(keep.view(-1).nonzero().squeeze(1), self.lm.device)
+            rows = {name: t.reshape(B * T, -1).index_select(0, idx).to("cpu", non_blocking=True)
+                    for name, t in acts.items()}
             ready = torch.cuda.Event()
             ready.record()  # on the harvester's stream (current here)
         else:
-            rows = {name: t[keep_dev] for name, t in acts.items()}
+            rows = {name: t[keep] for name, t in acts.items()}
         return Chunk(rows, ids[keep].to(torch.int32), positions, contexts.to(torch.int64), ready)
 
     def checked(self, chunk: Chunk) -> Chunk:

@@ -346,9 +346,10 @@ class CrossLayerTranscoder(SparseCoder):
         """(dense codes [B, N L], partial reconstruction [B, N, M], L0 per token summed over groups)."""
         W, b, theta = self.W_enc.unbind(0), self.b_enc.unbind(0), self.threshold_values.unbind(0)
         fs, l0 = [], 0.0
+        scales = self.act_scale.tolist()  # one read of the device per forward, not one per layer
         for i in range(self.n_layers):
             z = torch.addmm(b[i], xs[i], W[i].T).relu()
-            eps = self.cfg.jumprelu_bandwidth * float(self.act_scale[i])
+            eps = self.cfg.jumprelu_bandwidth * scales[i]
             fs.append(_JumpReLU.apply(z, theta[i], eps))
             l0 = l0 + _Step.apply(z, theta[i], eps).sum(-1).mean()
         return torch.cat(fs, 1), self._partial_dense(fs), l0

@@ -14,10 +14,12 @@ its own step counter, so no value is copied from host to device per step. A grap
 same kernels with the same arguments as the eager fused step, so the two are bitwise equal
 (checked on the GPU by ``python -m sae.bench.gpu``).
 
-A step is graphed only when it can be: CUDA, the fused step, one process per SAE (no collectives),
-no gradient accumulation or autocast, the plain TopK family (BatchTopK reads the device to pick
-its batch threshold) and no dead latents (AuxK's count of dead latents is data-dependent); other
-steps run eagerly on the same tensors. ``train.cuda_graphs=false`` turns it off.
+The first two calls in a process run the graph's code eagerly (compiling, loading and autotuning
+its kernels, which a capture forbids); a batch of another shape (a short last batch) and steps
+with dead latents (AuxK's count of dead latents is data-dependent) run eagerly on the same
+tensors. A step is graphed only when it can be: CUDA, the fused step, one process per SAE (no
+collectives), no gradient accumulation or autocast, the plain TopK family (BatchTopK reads the
+device to pick its batch threshold). ``train.cuda_graphs=false`` turns it off.
 """
 
 from __future__ import annotations
@@ -55,7 +57,17 @@ def graphable(trainer, sae) -> str | None:
 
 
 class GraphedStep:
-    """Captures one SAE's step on its first call and replays it on later calls."""
+    """Warms up, then captures one SAE's step, and replays it on later calls.
+
+    The first :attr:`WARMUP` calls run the graph's own code eagerly, as real training steps: that
+    compiles, loads and autotunes every kernel the graph will launch (the optimiser kernels that
+    read the device table exist only here), none of which may happen during a capture. Counted per
+    process, so a resumed run warms up again before it captures."""
+
+    #: Eager calls through the device step before the capture.
+    WARMUP = 2
+    #: Steps covered by the device table of learning rates and bias corrections before a refill.
+    WINDOW = 4096
 
     def __init__(self, trainer, name: str):
         self.trainer, self.name = trainer, name
@@ -64,9 +76,8 @@ class GraphedStep:
         self.tracker = trainer.trackers[name]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out = None
-
-    #: Steps covered by the device table of learning rates and bias corrections before a refill.
-    WINDOW = 4096
+        self.x: Tensor | None = None
+        self.warm_calls = 0
 
     def _hyper_rows(self) -> Tensor:
         """[WINDOW, 2] (step_size, bc2_sqrt) of the steps from the trainer's current one (host)."""
@@ -87,8 +98,8 @@ class GraphedStep:
         tr.flag_nonfinite(x, y)
         return out
 
-    def capture(self, x: Tensor, y: Tensor | None) -> None:
-        """Capture the step on a side stream (the step itself is not run; :meth:`__call__` replays)."""
+    def prepare(self, x: Tensor, y: Tensor | None) -> None:
+        """The graph's fixed buffers (batch, step row, device table), shaped like this batch."""
         device = x.device
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.table = self._hyper_rows().to(device)
@@ -97,6 +108,21 @@ class GraphedStep:
         self.x = x.clone()
         self.y = y.clone() if y is not None else None
         self.trainer.flag_nonfinite(self.x, self.y)  # allocate the flag outside the graph
+
+    def fits(self, x: Tensor, y: Tensor | None) -> bool:
+        """Whether this batch has the shapes of the graph's buffers (a short last batch does not)."""
+        if self.x is None:
+            return True
+        if x.shape != self.x.shape or x.dtype != self.x.dtype or (y is None) != (self.y is None):
+            return False
+        return y is None or (y.shape == self.y.shape and y.dtype == self.y.dtype)
+
+    @property
+    def ready_to_capture(self) -> bool:
+        return self.graph is None and self.x is not None and self.warm_calls >= self.WARMUP
+
+    def capture(self) -> None:
+        """Capture the step on the buffers (nothing runs until :meth:`__call__` replays it)."""
         for p in self.params:
             p.grad = None  # backward then allocates the gradients in the graph's pool
         self._record()
@@ -123,9 +149,10 @@ class GraphedStep:
         self.graph.replay()
 
     def __call__(self, x: Tensor, y: Tensor | None):
-        """One training step: host bookkeeping, the batch into the graph's buffers, replay."""
-        if not self.captured:
-            self.capture(x, y)
+        """One training step: host bookkeeping, the batch into the graph's buffers, then the device
+        step, eagerly while warming up, else by replay."""
+        if self.x is None:
+            self.prepare(x, y)
         self.x.copy_(x, non_blocking=True)
         if y is not None:
             self.y.copy_(y, non_blocking=True)
@@ -135,18 +162,27 @@ class GraphedStep:
         self.t.fill_(self.trainer.step - self.step0)  # row of this step (eager AuxK steps may come between)
         self.opt.host_step(self.params)
         self.tracker.advance_host(self.trainer.strategy.tokens_per_step(x.shape[0]))
-        self._replay()
+        if self.graph is None:
+            self.warm_calls += 1
+            for p in self.params:
+                p.grad = None  # as a replay: gradients written afresh
+            self.out = self._device_step(self.x, self.y)
+            for p in self.params:
+                p.grad = None
+        else:
+            self._replay()
         return self.out
 
 
 def graphed_step(trainer, name: str, sae, x: Tensor, y: Tensor | None):
     """This step through ``name``'s CUDA graph (its ForwardOutput), or None to run it eagerly.
 
-    The first 3 steps run eagerly (kernel compilation and autotuning happen there, outside any
-    capture), as do steps with dead latents (AuxK); a capture that fails turns graphs off for
-    that SAE with a warning.
+    The first :attr:`GraphedStep.WARMUP` calls in this process run the graph's code eagerly
+    (kernel compilation, loading and autotuning happen there, outside any capture); steps with
+    dead latents (AuxK) and batches of another shape (a short last batch) run eagerly; a capture
+    that fails turns graphs off for that SAE with a warning.
     """
-    if name in trainer.graphs_off or trainer.step < 3:
+    if name in trainer.graphs_off:
         return None
     graphed = trainer.graphs.get(name)
     if graphed is None:
@@ -157,16 +193,18 @@ def graphed_step(trainer, name: str, sae, x: Tensor, y: Tensor | None):
                 log.info("SAE %r: steps run eagerly, not as a CUDA graph (%s)", name, why)
             return None
         graphed = trainer.graphs[name] = GraphedStep(trainer, name)
-    if trainer.strategy.step_dead_mask(trainer.trackers[name]) is not None:
+    if trainer.strategy.step_dead_mask(trainer.trackers[name]) is not None or not graphed.fits(x, y):
         return None
-    if not graphed.captured:
+    if graphed.ready_to_capture:
         try:
-            graphed.capture(x, y)
+            graphed.capture()
         except Exception as e:  # noqa: BLE001 (fall back to eager steps, which are equivalent)
             trainer.graphs_off[name] = f"capture failed: {type(e).__name__}: {e}"
             del trainer.graphs[name]
             for p in sae.parameters():
                 p.grad = None
+            if x.is_cuda:
+                torch.cuda.empty_cache()
             log.warning("SAE %r: CUDA graph capture failed, steps run eagerly: %s", name, e)
             return None
         log.info("SAE %r: training step captured as a CUDA graph at step %d", name, trainer.step)

@@ -48,11 +48,11 @@ def replayed(monkeypatch):
     monkeypatch.setattr(graphed_mod, "graphable", lambda trainer, sae: None if trainer.cfg.cuda_graphs else "off")
 
 
-def run(tmp_path, graphs: bool, steps: int, dead_window: tuple[int, int] | None):
+def run(tmp_path, graphs: bool, steps: int, dead_window: tuple[int, int] | None, source=None, **kw):
     sae = build_sae(SAEConfig(num_latents=96, k=4), 16, seed=0)
     cfg = TrainConfig(batch_size=32, steps=steps, device="cpu", out_dir=str(tmp_path), lr=3e-3, lr_warmup_steps=4,
-                      progress=False, eval_every=0, final_report=False, log_every=3, cuda_graphs=graphs)
-    trainer = Trainer(cfg, {"topk": sae}, SyntheticSource(SyntheticConfig(d=16, num_features=40), 32))
+                      progress=False, eval_every=0, final_report=False, log_every=3, cuda_graphs=graphs, **kw)
+    trainer = Trainer(cfg, {"topk": sae}, source or SyntheticSource(SyntheticConfig(d=16, num_features=40), 32))
 
     def mark_dead(t):  # 5 latents dead after step a, alive again after step b: AuxK steps run eagerly
         if dead_window and t.step - 1 in dead_window:
@@ -74,7 +74,8 @@ def test_graphed_steps_equal_eager_fused_steps(replayed, tmp_path, monkeypatch, 
     graphed, graphed_params, replayed_steps = run(tmp_path / "graphed", True, 14, dead_window)
     assert eager.fused_step and graphed.fused_step
     eager_steps = set(range(7, 10)) if dead_window else set()
-    assert replayed_steps == [s for s in range(3, 14) if s not in eager_steps]
+    # Steps 0 and 1 warm up through the graph's code eagerly; the capture comes at step 2.
+    assert replayed_steps == [s for s in range(2, 14) if s not in eager_steps]
     for name, p in eager_params.items():
         assert torch.equal(graphed_params[name], p), name
     opt_e, opt_g = eager.optimizers["topk"], graphed.optimizers["topk"]
@@ -83,6 +84,62 @@ def test_graphed_steps_equal_eager_fused_steps(replayed, tmp_path, monkeypatch, 
         assert torch.equal(opt_g.state[pg]["exp_avg_sq"], opt_e.state[pe]["exp_avg_sq"])
     assert torch.equal(graphed.trackers["topk"].tokens_since_fired, eager.trackers["topk"].tokens_since_fired)
     assert graphed.last_metrics == eager.last_metrics
+
+
+def test_a_resumed_run_warms_up_again_before_it_captures(replayed, tmp_path):
+    """Warm-up counts calls in this process, not trainer steps: a run resumed from its step-4
+    checkpoint runs steps 4 and 5 eagerly through the graph's code (compiling its kernels, which a
+    capture must not do) and captures at step 6."""
+    _, eager_params, _ = run(tmp_path / "eager", False, 10, None)
+
+    def stop_after_6(t):
+        if t.step == 6:
+            raise KeyboardInterrupt
+
+    sae = build_sae(SAEConfig(num_latents=96, k=4), 16, seed=0)
+    cfg = TrainConfig(batch_size=32, steps=10, device="cpu", out_dir=str(tmp_path / "g"), lr=3e-3, lr_warmup_steps=4,
+                      progress=False, eval_every=0, final_report=False, log_every=3, checkpoint_every=4)
+    first = Trainer(cfg, {"topk": sae}, SyntheticSource(SyntheticConfig(d=16, num_features=40), 32))
+    first.step_hooks.append(stop_after_6)
+    ReplayedStep.replayed_steps = []
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    assert ReplayedStep.replayed_steps == list(range(2, 6))
+    assert sorted(p.name for p in (tmp_path / "g" / "checkpoints").glob("step_*")) == ["step_00000004"]
+    resumed, params, replayed_steps = run(tmp_path / "g", True, 10, None, checkpoint_every=4)
+    assert replayed_steps == list(range(6, 10))
+    for name, p in eager_params.items():
+        assert torch.equal(params[name], p), name
+
+
+class _Batches:
+    """A finite source whose last batch is short (as a buffer's or a live harvest's can be)."""
+
+    def __init__(self, x, batch_size):
+        self.x, self.bs, self.d_in, self.d_out, self.i = x, batch_size, x.shape[1], x.shape[1], 0
+
+    def __iter__(self):
+        from sae.buffer.source import Batch
+
+        while self.i * self.bs < self.x.shape[0]:
+            self.i += 1
+            yield Batch(self.x[(self.i - 1) * self.bs:self.i * self.bs])
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state):
+        self.i = state["i"]
+
+
+def test_a_short_last_batch_runs_eagerly(replayed, tmp_path):
+    """The graph's buffers hold full batches; a shorter last batch must not be copied into them."""
+    x = torch.randn(32 * 9 + 16, 16, generator=torch.Generator().manual_seed(1))
+    eager, eager_params, _ = run(tmp_path / "eager", False, 10, None, source=_Batches(x, 32))
+    graphed, params, replayed_steps = run(tmp_path / "graphed", True, 10, None, source=_Batches(x, 32))
+    assert eager.step == graphed.step == 10 and replayed_steps == list(range(2, 9))  # step 9: 16 rows, eager
+    for name, p in eager_params.items():
+        assert torch.equal(params[name], p), name
 
 
 def test_graphable_says_why_not(tmp_path):
