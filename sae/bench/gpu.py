@@ -156,8 +156,9 @@ def targets(result: dict) -> list[str]:
             x = feed[part][key]
             lines.append(f"{what} = {x:.2f} (target >= {goal}: {'met' if x >= goal else 'NOT met'})")
     if "identical" in feed.get("harvest_exact", {}):
-        lines.append(f"pipelined harvest writes the synchronous harvest's bytes: "
-                     f"{'yes' if feed['harvest_exact']['identical'] else 'NO'}")
+        e = feed["harvest_exact"]
+        lines.append(f"pipelined harvest writes the synchronous harvest's bytes: {'yes' if e['identical'] else 'NO'}; "
+                     f"harvester rows equal a plain forward's: {'yes' if e['rows_vs_reference']['equal'] else 'NO'}")
     if "ratio" in feed.get("live", {}):
         lines.append(f"live / buffer training tokens/s = {feed['live']['ratio']:.2f} (reported, no target)")
     return lines

@@ -251,7 +251,7 @@ def run_checks(device: torch.device, *, quick: bool = False, log=print) -> list[
             errs = run()
             ok, worst = bool(judge(errs)), float(worst_of(errs))
         except Exception as e:  # noqa: BLE001
-            errs, ok, worst = {"error": f"{type(e).__name__}: {e}"[:300]}, False, float("nan")
+            errs, ok, worst = {"error": f"{type(e).__name__}: {e}"[:300]}, False, None  # JSON has no NaN
         rows.append({"case": case, "dtype": dtype, "ok": ok, "worst": worst, **errs})
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -11,7 +11,8 @@ Part of ``python -m sae.bench.gpu --feed``; on a CPU the same code runs at toy s
    tokens/s of each and the ratio (target >= 0.9 at 768 x 24576, k=32). Also the reader's rate
    into device memory (GB/s of activations).
    Also, on a small harvest, whether the pipelined path (depth 2) writes the same bytes as the
-   synchronous one (depth 0) on this device.
+   synchronous one (depth 0) on this device, and whether the harvester's rows (its own stream,
+   non-blocking copies) equal those of a plain forward read back with a blocking copy.
 3. Live vs buffer: training while harvesting the model from (1) (``data=live``, the forward and
    the SAE step sharing the device) against training from the buffer (1) wrote.
 """
@@ -31,7 +32,7 @@ from sae.buffer.reader import ShardReader
 from sae.buffer.tensor_source import TensorSource
 from sae.buffer.writer import ShardWriter
 from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
-from sae.harvest.harvester import Chunk
+from sae.harvest.harvester import Chunk, Harvester
 from sae.harvest.model import load_model
 from sae.harvest.text import iter_batches, iter_contexts, load_text_dataset
 from sae.harvest.tiny import save_tiny_model
@@ -101,7 +102,29 @@ def harvest_exact(device: torch.device, root: Path, s: dict[str, int]) -> dict:
         files[depth] = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
                         if p.is_file() and p.name != "cli.log"}
     differ = sorted(n for n in files[0].keys() | files[2].keys() if files[0].get(n) != files[2].get(n))
-    return {"identical": not differ, "files": len(files[0]), "differ": differ[:5]}
+    return {"identical": not differ, "files": len(files[0]), "differ": differ[:5],
+            "rows_vs_reference": rows_vs_reference(model_cfg, f"layers.{s['layers'] // 2}")}
+
+
+def rows_vs_reference(model_cfg: ModelConfig, hookpoint: str, n_batches: int = 8) -> dict:
+    """The harvester's rows (on CUDA: its own stream, pinned non-blocking copies, rows picked by
+    host-computed indices) against a plain reference from the same forward (default stream, rows
+    read at their (context, position) after a blocking copy): byte-equal or not."""
+    text = TextConfig(context_length=128)
+    lm = load_model(model_cfg)
+    harvester = Harvester(lm, [hookpoint], text, HarvestConfig(batch_size=16, progress=False))
+    contexts = iter_contexts(load_text_dataset(text), lm.tokenizer, text)
+    equal, rows = True, 0
+    for _, batch in zip(range(n_batches), iter_batches(contexts, 16, harvester.pad_id)):
+        chunk = harvester.harvest(batch)
+        full = harvester._capture(batch.input_ids, batch.attention_mask)[harvester.names[0]].cpu()
+        where = {int(c): i for i, c in enumerate(batch.index)}
+        ref = full[torch.tensor([where[int(c)] for c in chunk.contexts]), chunk.positions.long()]
+        got = chunk.acts[harvester.names[0]]
+        equal &= got.shape == ref.shape and got.dtype == ref.dtype and torch.equal(
+            got.contiguous().view(torch.uint8), ref.contiguous().view(torch.uint8))  # bytes
+        rows += len(chunk)
+    return {"equal": bool(equal), "rows": rows}
 
 
 def _tokens_per_s(trainer: Trainer, steps: int, warm: int = 10) -> float:
@@ -162,12 +185,23 @@ def live_vs_buffer(device: torch.device, root: Path, s: dict[str, int], hookpoin
     from sae.train.run import build_source
 
     steps, d = s["steps"], s["hidden"]
+
+    def peak() -> float:  # GiB the caching allocator reserved (the model's stream and the step's pool apart)
+        return torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else float("nan")
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     live_rate = _tokens_per_s(_trainer(build_source(data, 4096), d, s["live_L"], s["k"], steps, device,
                                        root / "t_live"), steps)
+    live_peak = peak()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     buf_rate = _tokens_per_s(_trainer(ShardReader(root / "buf", 4096, heldout_shards=1, epochs=0), d, s["live_L"],
                                       s["k"], steps, device, root / "t_buf2"), steps)
     return {"d": d, "L": s["live_L"], "k": s["k"], "live_tok_s": live_rate, "buffer_tok_s": buf_rate,
-            "ratio": live_rate / buf_rate}
+            "ratio": live_rate / buf_rate, "live_peak_reserved_gib": live_peak, "buffer_peak_reserved_gib": peak()}
 
 
 def run_feed(device: torch.device, log=print) -> dict:
@@ -184,8 +218,11 @@ def run_feed(device: torch.device, log=print) -> dict:
         if h:
             e = _guarded(out, "harvest_exact", lambda: harvest_exact(device, root, s), log)
             if e:
+                r = e["rows_vs_reference"]
                 log(f"pipelined harvest vs synchronous on {device.type}: {e['files']} files, "
-                    f"{'byte-identical' if e['identical'] else 'DIFFERENT: ' + ', '.join(e['differ'])}")
+                    f"{'byte-identical' if e['identical'] else 'DIFFERENT: ' + ', '.join(e['differ'])}; the "
+                    f"harvester's rows vs a plain forward + blocking copy: {r['rows']} rows, "
+                    f"{'equal' if r['equal'] else 'DIFFERENT'}")
         b = _guarded(out, "buffer", lambda: buffer_vs_memory(device, root, s), log)
         if b:
             log(f"training {b['d']} x {b['L']}, k={b['k']}: from a bf16 buffer {b['buffer_tok_s']:,.0f} tok/s, "
@@ -197,7 +234,8 @@ def run_feed(device: torch.device, log=print) -> dict:
         v = _guarded(out, "live", lambda: live_vs_buffer(device, root, s, h["hookpoint"]), log)
         if v:
             log(f"training {v['d']} x {v['L']}, k={v['k']} live (harvesting as it trains): {v['live_tok_s']:,.0f} "
-                f"tok/s, from the buffer: {v['buffer_tok_s']:,.0f}: ratio {v['ratio']:.2f}")
+                f"tok/s, from the buffer: {v['buffer_tok_s']:,.0f}: ratio {v['ratio']:.2f}; GPU memory reserved "
+                f"{v['live_peak_reserved_gib']:.2f} vs {v['buffer_peak_reserved_gib']:.2f} GiB")
     return out
 
 

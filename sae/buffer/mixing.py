@@ -67,23 +67,32 @@ def assemble(plan: Plan, transform: Callable[[Batch], Batch] = lambda b: b, *, k
              alloc: Alloc | None = None) -> Batch:
     """Copy a planned batch's rows out of its blocks (float32, or the stored dtype with
     ``keep_dtype``: a bfloat16 shard then costs no conversion pass on the host, and half the bytes
-    of the copy to a GPU), then apply ``transform``. ``alloc`` gives the tensors the rows are
-    gathered into (e.g. the pinned staging buffers of a :class:`~sae.buffer.device_feed.DeviceFeed`,
-    which saves a host copy); default: fresh ones."""
+    of the copy to a GPU), then apply ``transform`` (in place, as the normalisers do).
+
+    ``alloc`` gives the tensors the batch ends up in (e.g. the pinned staging buffers of a
+    :class:`~sae.buffer.device_feed.DeviceFeed`, which then need no copy of their own): the rows
+    are gathered straight into them, or, when they must become float32, gathered and converted
+    into them in one pass. Default: fresh tensors."""
     n = sum(idx.numel() for _, idx in plan)
     first = plan[0][0]
-    alloc = alloc or (lambda name, shape, dtype: torch.empty(shape, dtype=dtype))
-    x = alloc("x", (n, first.x[0].shape[1]), first.x[0].dtype)
-    y = None if first.y is None else alloc("y", (n, first.y[0].shape[1]), first.y[0].dtype)
-    at = 0
-    for block, idx in plan:
-        gather_rows(block.x, block.starts, idx, x[at:at + idx.numel()])
-        if y is not None:
-            gather_rows(block.y, block.starts, idx, y[at:at + idx.numel()])
-        at += idx.numel()
-    if keep_dtype:
-        return transform(Batch(x, y))
-    return transform(Batch(x.float(), None if y is None else y.float()))
+
+    def gather(name: str, parts_of: Callable[[Block], list[Tensor]]) -> Tensor:
+        src_dtype = parts_of(first)[0].dtype
+        dtype = src_dtype if keep_dtype else torch.float32
+        shape = (n, parts_of(first)[0].shape[1])
+        out = alloc(name, shape, dtype) if alloc is not None else torch.empty(shape, dtype=dtype)
+        staged = out if dtype == src_dtype else torch.empty(shape, dtype=src_dtype)
+        at = 0
+        for block, idx in plan:
+            gather_rows(parts_of(block), block.starts, idx, staged[at:at + idx.numel()])
+            at += idx.numel()
+        if staged is not out:
+            out.copy_(staged)  # the conversion to float32, written where the batch is wanted
+        return out
+
+    x = gather("x", lambda b: b.x)
+    y = None if first.y is None else gather("y", lambda b: b.y)
+    return transform(Batch(x, y))
 
 
 def plan_batches(blocks: Iterator[tuple[Block, int]], batch_size: int) -> Iterator[tuple[Plan, Position]]:

@@ -36,7 +36,7 @@ class TrainConfig:
     # Batches staged onto the GPU this many steps ahead (pinned staging buffers, a copy stream, no
     # host sync; sae.buffer.device_feed). 0: off. No effect on a CPU.
     prefetch_to_device: int = 2
-    # Capture each TopK SAE's step as a CUDA graph after 3 eager steps and replay it (one launch
+    # Capture each TopK SAE's step as a CUDA graph after 2 warm-up steps per process and replay it (one launch
     # instead of dozens; sae/train/graphed.py says when a step qualifies).
     cuda_graphs: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -78,6 +78,7 @@ class GraphedStep:
         self.out = None
         self.x: Tensor | None = None
         self.warm_calls = 0
+        self.misfit_logged = False
 
     def _hyper_rows(self) -> Tensor:
         """[WINDOW, 2] (step_size, bc2_sqrt) of the steps from the trainer's current one (host)."""
@@ -108,6 +109,9 @@ class GraphedStep:
         self.x = x.clone()
         self.y = y.clone() if y is not None else None
         self.trainer.flag_nonfinite(self.x, self.y)  # allocate the flag outside the graph
+        # The device step takes its learning rates from the table, not from optimizer.step(); tell
+        # the LR scheduler so, or it warns that scheduler.step() came first and "skips" a value.
+        self.opt._opt_called = True
 
     def fits(self, x: Tensor, y: Tensor | None) -> bool:
         """Whether this batch has the shapes of the graph's buffers (a short last batch does not)."""
@@ -193,8 +197,17 @@ def graphed_step(trainer, name: str, sae, x: Tensor, y: Tensor | None):
                 log.info("SAE %r: steps run eagerly, not as a CUDA graph (%s)", name, why)
             return None
         graphed = trainer.graphs[name] = GraphedStep(trainer, name)
-    if trainer.strategy.step_dead_mask(trainer.trackers[name]) is not None or not graphed.fits(x, y):
+    if trainer.strategy.step_dead_mask(trainer.trackers[name]) is not None:
         return None
+    if not graphed.fits(x, y):
+        if graphed.captured:  # e.g. a short last batch: eagerly, the graph stays for full batches
+            if not graphed.misfit_logged:
+                graphed.misfit_logged = True
+                log.info("SAE %r: a batch of %d rows (the graph holds %d) runs eagerly", name, x.shape[0],
+                         graphed.x.shape[0])
+            return None
+        graphed.x = None  # still warming up on a batch of another shape (a short first one): start again
+        graphed.warm_calls = 0
     if graphed.ready_to_capture:
         try:
             graphed.capture()

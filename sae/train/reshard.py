@@ -28,7 +28,7 @@ from sae.models import SAEConfig, SparseCoder, build_sae
 
 from .artifact import read_sae_cfg, save_sae
 from .checkpoint import LATEST, MANIFEST, load_trainer_state, read_manifest, shard_dir, state_file
-from .run_dir import IDENTITY
+from .run_dir import IDENTITY, identity_diff
 from .strategy import Shard
 
 SHARDED = ("W_enc", "b_enc", "W_dec")
@@ -109,15 +109,16 @@ def reshard_checkpoint(ckpt: str | Path, out_dir: str | Path, world_size: int) -
                          "checkpoints are sharded")
     if world_size < 1:
         raise ValueError(f"--world-size {world_size}: need at least 1 process")
-    # Check every SAE splits evenly before anything is written.
-    fulls = {name: consolidate_sae(ckpt / name) for name in manifest["saes"]}
-    for name, full in fulls.items():
-        groups = getattr(full, "n_layers", 1)
-        per_group = full.num_latents // groups
+    # Every SAE must split evenly: checked from the shards' metadata before anything is written.
+    for name in manifest["saes"]:
+        meta = read_sae_cfg(shard_folders(ckpt / name)[0])
+        groups = meta["sae"].get("clt_layers", 1) if meta["architecture"] == "clt" else 1
+        per_group = meta["shard"]["full_num_latents"] // groups
         if per_group % world_size:
             what = "latents per layer of cross-layer transcoder" if groups > 1 else "latents of SAE"
             raise ValueError(f"the {per_group} {what} {name!r} do not split evenly over {world_size} ranks; "
                              f"choose a world size that divides {per_group}")
+    identity = _resharded_identity(ckpt, Path(out_dir), world_size)
     states = [load_trainer_state(ckpt, r) for r in range(old_world)]
     root = Path(out_dir) / "checkpoints"
     final = root / ckpt.name
@@ -128,7 +129,8 @@ def reshard_checkpoint(ckpt: str | Path, out_dir: str | Path, world_size: int) -
         {k: v for k, v in states[0].items() if k not in ("optimizers", "trackers")} | {"optimizers": {}, "trackers": {}}
         for _ in range(world_size)
     ]
-    for name, full in fulls.items():
+    for name in manifest["saes"]:
+        full = consolidate_sae(ckpt / name)  # one SAE in memory at a time
         meta = read_sae_cfg(shard_folders(ckpt / name)[0])
         extra = {k: v for k, v in meta.items() if k not in ("architecture", "d_in", "d_out", "num_latents", "sae",
                                                              "shard")}
@@ -169,12 +171,37 @@ def reshard_checkpoint(ckpt: str | Path, out_dir: str | Path, world_size: int) -
         shutil.rmtree(final)
     os.rename(tmp, final)
     (root / LATEST).write_text(final.name)
-    # The run's identity, for the new world size: a resume is still checked against its settings.
-    run_json = ckpt.parent.parent / IDENTITY
-    if run_json.is_file():
-        identity = json.loads(run_json.read_text())
-        write_json_atomic(Path(out_dir) / IDENTITY, {**identity, "world_size": world_size, "strategy": strategy})
+    if identity is not None:  # a resume in out_dir is still checked against the run's settings
+        write_json_atomic(Path(out_dir) / IDENTITY, identity)
     return final
+
+
+def _resharded_identity(ckpt: Path, out_dir: Path, world_size: int) -> dict[str, Any] | None:
+    """The checkpoint's run identity (``run.json``) for ``world_size`` ranks, or None when the run
+    has none (older runs).
+
+    Raises:
+        ValueError: ``out_dir`` holds another run's ``run.json`` (settings other than the world size
+            and strategy differ, or the checkpoint's run has no identity to compare it with).
+    """
+    source_dir = ckpt.resolve().parent.parent
+    source = source_dir / IDENTITY
+    ours = None
+    if source.is_file():
+        ours = {**json.loads(source.read_text()), "world_size": world_size,
+                "strategy": "latent" if world_size > 1 else "none"}
+    target = out_dir / IDENTITY
+    if target.is_file() and out_dir.resolve() != source_dir:
+        theirs = json.loads(target.read_text())
+        if ours is None:
+            raise ValueError(f"{out_dir} holds a run ({IDENTITY}) and the run of {ckpt} has no {IDENTITY} to compare "
+                             "it with; reshard into an empty folder")
+        diff = identity_diff({k: v for k, v in theirs.items() if k not in ("world_size", "strategy")},
+                             {k: v for k, v in ours.items() if k not in ("world_size", "strategy")})
+        if diff:
+            raise ValueError(f"{out_dir} holds a different run; it differs in: {'; '.join(diff)}. Reshard into an "
+                             "empty folder or that run's own")
+    return ours
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,7 @@ def test_gpu_bench_smoke_run(tmp_path, capsys):
                                                              "sparsify"}
     assert row["variants"]["ours (defaults)"]["ms"] > 0 and "skipped" in row["variants"]["sparsify"]
     feed = result["feed"]
-    assert feed["harvest_exact"]["identical"]
+    assert feed["harvest_exact"]["identical"] and feed["harvest_exact"]["rows_vs_reference"]["equal"]
     assert feed["harvest"]["ratio"] > 0 and feed["buffer"]["ratio"] > 0 and feed["live"]["ratio"] > 0
     assert "| 32 x 256, 4 | ours (defaults)" in capsys.readouterr().out
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import clt_workers as C
 import pytest
@@ -98,6 +100,22 @@ def _reshard_and_resume(tmp_path, steps, x, y):
         for r, want in enumerate(full.chunk(world, 1)):
             got = torch.load(out / f"trainer_state_rank{r}.pt", weights_only=True)["trackers"]["clt"]
             assert torch.equal(got["tokens_since_fired"], want.reshape(-1)), (world, r)
+    # run.json follows the checkpoint (also given as a path relative to its folder), for the new
+    # world size; a folder holding another run is refused before anything is written.
+    cwd = os.getcwd()
+    try:
+        os.chdir(ckpt.parent)
+        reshard_checkpoint(Path(ckpt.name), tmp_path / "rel", 1)
+    finally:
+        os.chdir(cwd)
+    source = json.loads((tmp_path / "topk" / "run.json").read_text())
+    assert source["world_size"] == 2 and source["strategy"] == "latent"
+    assert json.loads((tmp_path / "rel" / "run.json").read_text()) == {**source, "world_size": 1, "strategy": "none"}
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "run.json").write_text(json.dumps({**source, "batch_size": 64}))
+    with pytest.raises(ValueError, match=r"holds a different run; it differs in: batch_size: 64 -> 128"):
+        reshard_checkpoint(ckpt, tmp_path / "other", 1)
+    assert not (tmp_path / "other" / "checkpoints").exists()
     with pytest.raises(ValueError, match=r"16 latents per layer .* 3 ranks; choose a world size that divides 16"):
         reshard_checkpoint(ckpt, tmp_path / "three", 3)
     assert not (tmp_path / "three").exists()

@@ -113,17 +113,19 @@ def test_a_resumed_run_warms_up_again_before_it_captures(replayed, tmp_path):
 
 
 class _Batches:
-    """A finite source whose last batch is short (as a buffer's or a live harvest's can be)."""
+    """A finite source with batches of the given sizes (a buffer's or a live harvest's last batch
+    can be short; so can the first of a tiny one)."""
 
-    def __init__(self, x, batch_size):
-        self.x, self.bs, self.d_in, self.d_out, self.i = x, batch_size, x.shape[1], x.shape[1], 0
+    def __init__(self, x, sizes):
+        self.x, self.sizes, self.d_in, self.d_out, self.i = x, sizes, x.shape[1], x.shape[1], 0
 
     def __iter__(self):
         from sae.buffer.source import Batch
 
-        while self.i * self.bs < self.x.shape[0]:
+        while self.i < len(self.sizes):
+            start = sum(self.sizes[:self.i])
             self.i += 1
-            yield Batch(self.x[(self.i - 1) * self.bs:self.i * self.bs])
+            yield Batch(self.x[start:start + self.sizes[self.i - 1]])
 
     def state_dict(self):
         return {"i": self.i}
@@ -132,12 +134,16 @@ class _Batches:
         self.i = state["i"]
 
 
-def test_a_short_last_batch_runs_eagerly(replayed, tmp_path):
-    """The graph's buffers hold full batches; a shorter last batch must not be copied into them."""
-    x = torch.randn(32 * 9 + 16, 16, generator=torch.Generator().manual_seed(1))
-    eager, eager_params, _ = run(tmp_path / "eager", False, 10, None, source=_Batches(x, 32))
-    graphed, params, replayed_steps = run(tmp_path / "graphed", True, 10, None, source=_Batches(x, 32))
-    assert eager.step == graphed.step == 10 and replayed_steps == list(range(2, 9))  # step 9: 16 rows, eager
+def test_short_batches_run_eagerly(replayed, tmp_path):
+    """The graph's buffers hold full batches: a short last batch runs eagerly, and a short first
+    batch does not fix the graph's shape (the warm-up starts again on the first full batch)."""
+    sizes = [16] + [32] * 8 + [16]
+    x = torch.randn(sum(sizes), 16, generator=torch.Generator().manual_seed(1))
+    eager, eager_params, _ = run(tmp_path / "eager", False, 10, None, source=_Batches(x, sizes))
+    graphed, params, replayed_steps = run(tmp_path / "graphed", True, 10, None, source=_Batches(x, sizes))
+    # Step 0 (16 rows) warms up, steps 1-2 warm up again on full batches, 3-8 replay, 9 (16 rows) eager.
+    assert eager.step == graphed.step == 10 and replayed_steps == list(range(3, 9))
+    assert graphed.graphs["topk"].x.shape[0] == 32
     for name, p in eager_params.items():
         assert torch.equal(params[name], p), name
 
