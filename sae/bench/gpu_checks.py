@@ -11,6 +11,7 @@ against the unfused sequence, and that a repeated backward gives bitwise equal g
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 from sae_kernels import gather_encode, sparse_decode
@@ -239,6 +240,40 @@ def check_families_vs_cpu(device: torch.device, steps: int = 3) -> dict[str, flo
     return out
 
 
+def check_use_on_device(device: torch.device) -> dict[str, float]:
+    """Attribution and steering (``sae.use``) with a tiny random GPT-2 and an SAE on ``device``,
+    against the same on the CPU: the relative difference of the attributions (same latents), the
+    model's logit, and whether greedy steered generation gives the same text (reported; a near-tie
+    on a random model may flip a token, so it is not judged)."""
+    import tempfile
+
+    from sae.eval.lm import load_eval_model
+    from sae.harvest.config import ModelConfig
+    from sae.harvest.tiny import save_tiny_model
+    from sae.models import SAEConfig, build_sae
+    from sae.use.attribute import attribute
+    from sae.use.steer import Intervention, steer_prompts
+
+    prompt = "Return the value of the object"
+    got = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_tiny_model(Path(tmp) / "gpt2", "gpt2", layers=2, hidden=64)
+        for dev in ("cpu", str(device)):
+            lm, _ = load_eval_model(ModelConfig(name=str(folder), device=dev), "causal_lm")
+            sae = build_sae(SAEConfig(num_latents=512, k=8), 64, seed=0).to(dev)
+            a = attribute(lm.model, lm.tokenizer, sae, "layers.0", prompt, " object")
+            rows = steer_prompts(lm.model, lm.tokenizer, sae, "layers.0", [prompt],
+                                 [Intervention(int(max(a.totals, key=lambda i: abs(a.totals[i]))), "add",
+                                               coefficient=20.0)], max_new_tokens=6)
+            got[dev] = (a, rows[0]["steered"])
+    (ref, ref_text), (here, text) = got["cpu"], got[str(device)]
+    scale = max(abs(v) for v in ref.totals.values())
+    diff = max(abs(here.totals.get(i, 0.0) - v) for i, v in ref.totals.items()) / scale
+    return {"attribution rel diff": diff, "same latents": float(set(ref.totals) == set(here.totals)),
+            "logit rel diff": abs(here.logit - ref.logit) / max(abs(ref.logit), 1e-6),
+            "same steered text (not judged)": float(text == ref_text)}
+
+
 def run_checks(device: torch.device, *, quick: bool = False, log=print) -> list[dict]:
     """All cases for fp32 and bf16; returns one record per (case, dtype) with errors and PASS/FAIL.
 
@@ -283,6 +318,11 @@ def run_checks(device: torch.device, *, quick: bool = False, log=print) -> list[
     errs, ok = record("newer families: 3 exact steps vs the CPU", "float32", lambda: check_families_vs_cpu(device),
                       lambda e: max(e.values()) <= 1e-3)
     log(f"{'PASS' if ok else 'FAIL'} newer families vs CPU: {errs}")
+    errs, ok = record("attribution and steering vs the CPU (tiny GPT-2)", "float32",
+                      lambda: check_use_on_device(device),
+                      lambda e: e["same latents"] == 1.0 and e["attribution rel diff"] <= 1e-3
+                      and e["logit rel diff"] <= 1e-4, lambda e: e["attribution rel diff"])
+    log(f"{'PASS' if ok else 'FAIL'} sae.use on {device.type} vs CPU: {errs}")
     if device.type == "cuda":
         def graph_worst(e):
             return max(v for k, v in e.items() if k.startswith("graph vs eager"))
