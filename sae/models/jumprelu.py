@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from .base import Codes, ForwardOutput, SparseCodes, VarianceFn, fvu
 from .config import SAEConfig
 from .dense import DenseCodeSAE, activation_scale
+from .precision import reusable
 from .registry import register
 
 
@@ -176,8 +177,5 @@ class JumpReLUSAE(DenseCodeSAE):
         if x_in_BD.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
             return self.pre_activations(x_in_BD)
         shape = (x_in_BD.shape[0], self.num_latents)
-        ws = self.__dict__.get("_pre_workspace")
-        if ws is None or ws.shape != shape or ws.dtype != x_in_BD.dtype:
-            ws = torch.empty(shape, dtype=x_in_BD.dtype)
-            self.__dict__["_pre_workspace"] = ws
+        ws = self.__dict__["_pre_workspace"] = reusable(self.__dict__.get("_pre_workspace"), shape, x_in_BD.dtype)
         return torch.addmm(self.b_enc, x_in_BD, self.W_enc.T, out=ws)

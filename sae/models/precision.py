@@ -27,6 +27,20 @@ SELECTION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SELECTION_SETTINGS = ("auto", *SELECTION_DTYPES)
 
 
+def reusable(t: torch.Tensor | None, shape, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """``t`` if it can be reused as a buffer of ``shape``/``dtype``/``device``, else a new one.
+
+    Never hands out an inference tensor outside ``torch.inference_mode``: a buffer first made
+    under it (the first encode in a spliced evaluation) could not be written outside it (a later
+    encode, an optimiser step), so it is replaced then; new buffers are normal tensors."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if t is not None and tuple(t.shape) == tuple(shape) and t.dtype == dtype and t.device == device and \
+            not (t.is_inference() and not torch.is_inference_mode_enabled()):
+        return t
+    with torch.inference_mode(False):
+        return torch.empty(shape, dtype=dtype, device=device)
+
+
 def validate_selection_dtype(setting: str) -> None:
     if setting not in SELECTION_SETTINGS:
         raise ValueError(f"sae.selection_dtype={setting!r}; use one of {', '.join(SELECTION_SETTINGS)}")
@@ -99,9 +113,7 @@ class WeightCopy:
 
     def buffer(self, p: torch.Tensor) -> torch.Tensor:
         """Storage for the copy, shaped like ``p`` (for a writer that fills it)."""
-        t = self.tensor
-        if t is None or t.shape != p.shape or t.device != p.device:
-            self.tensor = torch.empty(p.shape, dtype=self.dtype, device=p.device)
+        self.tensor = reusable(self.tensor, p.shape, self.dtype, p.device)
         return self.tensor
 
     def mark_fresh(self, p: torch.Tensor) -> None:

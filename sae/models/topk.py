@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .base import Codes, ForwardOutput, SparseCoder, SparseCodes, VarianceFn, fvu_from_error
 from .config import SAEConfig
-from .precision import WeightCopy, resolve_selection_dtype, validate_selection_dtype
+from .precision import WeightCopy, resolve_selection_dtype, reusable, validate_selection_dtype
 from .registry import register
 
 
@@ -82,10 +82,7 @@ class TopKSAE(SparseCoder):
         if x_in_BD.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
             return torch.addmm(b, x_in_BD, W.T)
         shape = (x_in_BD.shape[0], self.num_latents)
-        ws = self.__dict__.get("_pre_workspace")
-        if ws is None or ws.shape != shape or ws.dtype != x_in_BD.dtype:
-            ws = torch.empty(shape, dtype=x_in_BD.dtype)
-            self.__dict__["_pre_workspace"] = ws
+        ws = self.__dict__["_pre_workspace"] = reusable(self.__dict__.get("_pre_workspace"), shape, x_in_BD.dtype)
         return torch.addmm(b, x_in_BD, W.T, out=ws)
 
     def lowp_copies(self) -> dict[Tensor, WeightCopy]:

@@ -101,3 +101,25 @@ def test_bf16_selection_works_under_inference_mode(arch):
         out = approx(x)
     assert torch.equal(got.idx, ref.idx) and torch.equal(got.vals, ref.vals)
     assert torch.isfinite(out.losses["fvu"])
+
+
+@pytest.mark.parametrize("selection", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_an_encode_under_inference_mode_first_does_not_poison_later_ones(arch, selection):
+    """A spliced evaluation may be the first to encode (under torch.inference_mode); the buffers it
+    creates then (the CPU workspace, the bf16 copy of W_enc) must stay usable by a later encode
+    outside it and by a training step (they were once inference tensors: in-place writes failed)."""
+    sae = build_sae(SAEConfig(architecture=arch, num_latents=L, k=K, selection_dtype=selection), D, seed=0)
+    fresh = build_sae(SAEConfig(architecture=arch, num_latents=L, k=K, selection_dtype=selection), D, seed=0)
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        sae.encode(x)
+    with torch.no_grad():
+        got, want = sae.encode(x), fresh.encode(x)
+    if arch == "topk":
+        assert torch.equal(got.idx, want.idx) and torch.equal(got.vals, want.vals)
+    else:
+        assert torch.equal(got if isinstance(got, torch.Tensor) else got.vals,
+                           want if isinstance(want, torch.Tensor) else want.vals)
+    sae(x).losses["loss"].backward()
+    assert sae.W_enc.grad is not None and torch.isfinite(sae.W_enc.grad).all()
