@@ -241,10 +241,10 @@ def check_families_vs_cpu(device: torch.device, steps: int = 3) -> dict[str, flo
 
 
 def check_use_on_device(device: torch.device) -> dict[str, float]:
-    """Attribution and steering (``sae.use``) with a tiny random GPT-2 and an SAE on ``device``,
-    against the same on the CPU: the relative difference of the attributions (same latents), the
-    model's logit, and whether greedy steered generation gives the same text (reported; a near-tie
-    on a random model may flip a token, so it is not judged)."""
+    """Attribution and steering (``sae.use``) with a tiny random GPT-2 and an SAE on ``device`` (and
+    attribution with the SAE left on the CPU), against the same on the CPU: the relative difference
+    of the attributions (same latents), the model's logit, and whether greedy steered generation
+    gives the same text (reported; a near-tie on a random model may flip a token: not judged)."""
     import tempfile
 
     from sae.eval.lm import load_eval_model
@@ -266,10 +266,14 @@ def check_use_on_device(device: torch.device) -> dict[str, float]:
                                  [Intervention(int(max(a.totals, key=lambda i: abs(a.totals[i]))), "add",
                                                coefficient=20.0)], max_new_tokens=6)
             got[dev] = (a, rows[0]["steered"])
+            if dev != "cpu":  # the README's case: a model on the GPU, an SAE loaded onto the CPU
+                got["mixed"] = (attribute(lm.model, lm.tokenizer, sae.cpu(), "layers.0", prompt, " object"), None)
     (ref, ref_text), (here, text) = got["cpu"], got[str(device)]
+    mixed = got.get("mixed", (here,))[0]
     scale = max(abs(v) for v in ref.totals.values())
-    diff = max(abs(here.totals.get(i, 0.0) - v) for i, v in ref.totals.items()) / scale
-    return {"attribution rel diff": diff, "same latents": float(set(ref.totals) == set(here.totals)),
+    diff = max(abs(t.totals.get(i, 0.0) - v) for t in (here, mixed) for i, v in ref.totals.items()) / scale
+    same = set(ref.totals) == set(here.totals) == set(mixed.totals)
+    return {"attribution rel diff": diff, "same latents": float(same),
             "logit rel diff": abs(here.logit - ref.logit) / max(abs(ref.logit), 1e-6),
             "same steered text (not judged)": float(text == ref_text)}
 

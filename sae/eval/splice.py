@@ -143,13 +143,13 @@ class Splicer:
         if self.mode == "zero":
             new[keep] = 0
         elif self.mode == "mean":
-            new[keep] = self.mean.to(v.dtype)
+            new[keep] = self.mean.to(v.device, v.dtype)
         else:
             x = v if self.same_site else self.x
             if x is None:
                 raise RuntimeError(f"the transcoder's input {self.read.name!r} had not run when its target "
                                    f"{self.write.name!r} did; the input hook point must come earlier in the model")
-            new[keep] = self.reconstruct(x[keep].float()).to(v.dtype)
+            new[keep] = self.reconstruct(x[keep].float()).to(v.device, v.dtype)  # the SAE may sit elsewhere
         return new
 
     def captured_mean(self) -> Tensor:
@@ -216,7 +216,7 @@ class CLTSplicer:
         if self.mode == "clean" and self.inputs == "clean":
             self.clean_x[i] = x[self.keep].float()
         elif self.mode == "sae" and self.inputs == "replacement":
-            self.codes[i] = self.clt.encode_layer(i, x[self.keep].float())
+            self.codes[i] = self.clt.encode_layer(i, x[self.keep].float().to(next(self.clt.parameters()).device))
 
     def _on_write(self, j: int, v: Tensor) -> Tensor | None:
         keep = self.keep
@@ -231,9 +231,9 @@ class CLTSplicer:
         if self.mode == "zero":
             new[keep] = 0
         elif self.mode == "mean":
-            new[keep] = self.mean[j].to(v.dtype)
+            new[keep] = self.mean[j].to(v.device, v.dtype)
         else:
-            new[keep] = self.clt.decode_layer(j, self.codes).to(v.dtype)
+            new[keep] = self.clt.decode_layer(j, self.codes).to(v.device, v.dtype)
         return new
 
     def captured_mean(self) -> list[Tensor]:

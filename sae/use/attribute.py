@@ -112,9 +112,11 @@ def attribute(model, tokenizer, sae: SparseCoder, hookpoint: str, prompt: str, t
     pos = position % T
     store: dict[str, Any] = {}
 
+    sae_device = next(sae.parameters()).device
+
     def splice(x: Tensor) -> Tensor:
         _check_width(sae, x, hookpoint)
-        rows = x[0].float()
+        rows = x[0].float().to(sae_device)  # the SAE may sit on another device than the model
         codes = sae.encode(rows.detach())
         if isinstance(codes, SparseCodes):
             vals = codes.vals.detach().requires_grad_(True)
@@ -124,14 +126,15 @@ def attribute(model, tokenizer, sae: SparseCoder, hookpoint: str, prompt: str, t
             codes = vals
         decoded = sae.decode(codes)
         store.update(vals=vals, codes=codes)
-        return (decoded + (rows - decoded).detach()).to(x.dtype)[None]
+        return (decoded + (rows - decoded).detach()).to(x.device, x.dtype)[None]
 
     with torch.enable_grad(), _site_hook(model, hookpoint, splice):
         logits = model(input_ids=ids).logits
         logit = logits[0, pos, tid]
-        logit.backward()
+        # The gradient of the codes only: no parameter gradients ([L, D] for the decoder) left behind.
+        (grad,) = torch.autograd.grad(logit, store["vals"])
     vals, codes = store["vals"], store["codes"]
-    attr = (vals * vals.grad).detach().cpu()
+    attr = (vals * grad).detach().cpu()
     idx = codes.idx.cpu() if isinstance(codes, SparseCodes) else None
     per: dict[int, list[float]] = {}
     for t in range(T):
@@ -154,12 +157,13 @@ def ablation_effects(model, tokenizer, sae: SparseCoder, hookpoint: str, result:
     """For each latent: clean logit minus the logit with that latent set to 0 at every position
     (the SAE's error term kept), i.e. the logit the latent contributes."""
     device = next(model.parameters()).device
+    sae_device = next(sae.parameters()).device
     ids = tokenizer(result.prompt, return_tensors="pt").input_ids.to(device)
     clean = model(input_ids=ids).logits[0, result.position, result.target_id].item()
     out = {}
     for latent in latents:
         def remove(x: Tensor, latent: int = latent) -> Tensor:
-            a = latent_activation(sae, x[0].float(), latent)
+            a = latent_activation(sae, x[0].float().to(sae_device), latent).to(x.device)
             return x - (a[:, None] * sae.W_dec[latent].to(x.device))[None].to(x.dtype)
 
         with _site_hook(model, hookpoint, remove):

@@ -35,6 +35,8 @@ def test_attribution_ranks_latents_like_ablation(steered_setup, prompt, target):
     print(f"{prompt!r} -> token {target}: Spearman(attribution, ablation) over the top 10 = {rho:.3f}")
     assert rho >= 0.9
     assert all(len(v) == len(result.tokens) for v in result.per_position.values())
+    # Only the codes' gradient is taken: no [L, D]-sized parameter gradients are left on the SAE or the model.
+    assert all(p.grad is None for p in sae.parameters()) and all(p.grad is None for p in model.parameters())
 
 
 def test_spearman_by_hand():
