@@ -17,7 +17,14 @@ from sae.buffer.normalize import Normalizer
 from sae.harvest.config import ModelConfig
 from sae.harvest.harvester import Harvester
 from sae.harvest.hookpoints import FAMILIES
-from sae.harvest.model import TORCH_DTYPES, LoadedModel, load_model, resolve_device, resolve_model_path
+from sae.harvest.model import (
+    TORCH_DTYPES,
+    LoadedModel,
+    _transformers_version,
+    load_model,
+    resolve_device,
+    resolve_model_path,
+)
 from sae.harvest.text import ContextBatch
 from sae.models import SparseCoder
 
@@ -59,7 +66,9 @@ def load_eval_model(cfg: ModelConfig, kind: str = "auto") -> tuple[LoadedModel, 
     device = resolve_device(cfg.device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=TORCH_DTYPES[cfg.dtype], **kw)
+        dtype_kw = "dtype" if _transformers_version() >= (4, 56) else "torch_dtype"  # as the harvester's loader
+        model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, **{dtype_kw: TORCH_DTYPES[cfg.dtype]},
+                                                     **kw)
     except (OSError, ValueError) as e:
         raise ValueError(f"could not load model.name={cfg.name!r} ({path!r}) as a causal LM: {e}. Use "
                          "eval.splice.kind=encoder, or eval.splice.enabled=false") from e

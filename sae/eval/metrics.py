@@ -227,7 +227,7 @@ class SparsityStats:
         self.n_tokens += n
         self.l0_sum += l0.double().sum().item()
         vals = codes.vals if isinstance(codes, SparseCodes) else codes
-        self.l1_sum += vals.double().abs().sum().item()
+        self.l1_sum += vals.abs().sum(-1).double().sum().item()  # no float64 copy of dense [B, L] codes
         counts = fired_counts(codes, self.num_latents).double().cpu()
         self.fire_counts = counts if self.fire_counts is None else self.fire_counts + counts
         hist = torch.bincount(l0.long().cpu(), minlength=self.num_latents + 1).double()

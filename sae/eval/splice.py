@@ -253,8 +253,22 @@ def _forward(model: nn.Module, b: SpliceBatch, device: torch.device) -> Any:
     return model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device))
 
 
+#: Elements of one [positions, vocabulary] slice scored at a time: float64 temporaries stay at
+#: about 0.5 GiB each, however long the contexts and large the vocabulary (a whole [B, T, V] batch
+#: in float64 is 8.4 GB for 8 x 1024 tokens of a 128k vocabulary).
+SCORE_CHUNK_ELEMENTS = 2**26
+
+
+def _slices(logits: Tensor, length: int):
+    """(sequence, first position, last + 1) slices of ``logits`` [B, T, V] over ``length`` positions."""
+    step = max(1, SCORE_CHUNK_ELEMENTS // logits.shape[-1])
+    for i in range(logits.shape[0]):
+        for t0 in range(0, length, step):
+            yield i, t0, min(length, t0 + step)
+
+
 class _CausalScores:
-    """Sums of CE and KL over counted positions, per mode."""
+    """Sums of CE and KL over counted positions, per mode (float64, scored in bounded slices)."""
 
     def __init__(self):
         self.ce = dict.fromkeys(("clean", *MODES), 0.0)
@@ -265,23 +279,30 @@ class _CausalScores:
         dev = logits.device
         mask, keep, ids = b.attention_mask.to(dev).bool(), b.keep.to(dev), b.input_ids.to(dev)
         counted = keep[:, :-1] & mask[:, 1:]
-        lp = logits.double().log_softmax(-1)
-        self.ce["clean"] += self._ce(lp, ids, counted)
+        self.ce["clean"] += self._ce(logits, ids, counted)
         self.n_ce += int(counted.sum())
         self.n_kl += int(keep.sum())
-        return lp, counted, keep
+        return logits, counted, keep
 
     @staticmethod
-    def _ce(lp: Tensor, ids: Tensor, counted: Tensor) -> float:
-        nll = -lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-        return nll[counted].sum().item()
+    def _ce(logits: Tensor, ids: Tensor, counted: Tensor) -> float:
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for i, a, z in _slices(logits, logits.shape[1] - 1):
+            lp = logits[i, a:z].double().log_softmax(-1)
+            nll = -lp.gather(-1, ids[i, a + 1:z + 1, None]).squeeze(-1)
+            total += torch.where(counted[i, a:z], nll, 0.0).sum()
+        return total.item()
 
     def add(self, mode: str, logits: Tensor, clean: tuple[Tensor, Tensor, Tensor], ids: Tensor) -> None:
-        lp_clean, counted, keep = clean
-        lp = logits.double().log_softmax(-1)
-        self.ce[mode] += self._ce(lp, ids.to(lp.device), counted)
-        kl = (lp_clean.exp() * (lp_clean - lp)).sum(-1)
-        self.kl[mode] += kl[keep].sum().item()
+        clean_logits, counted, keep = clean
+        self.ce[mode] += self._ce(logits, ids.to(logits.device), counted)
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for i, a, z in _slices(logits, logits.shape[1]):
+            lp_clean = clean_logits[i, a:z].double().log_softmax(-1)
+            lp = logits[i, a:z].double().log_softmax(-1)
+            kl = (lp_clean.exp() * (lp_clean - lp)).sum(-1)
+            total += torch.where(keep[i, a:z], kl, 0.0).sum()
+        self.kl[mode] += total.item()
 
     def result(self) -> dict[str, float]:
         if self.n_ce == 0:

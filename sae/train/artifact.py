@@ -84,6 +84,6 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> Spars
     if unknown:
         raise ValueError(f"{directory / CFG}: unknown SAE config keys {sorted(unknown)}")
     sae = build_sae(SAEConfig(**meta["sae"]), meta["d_in"], meta["d_out"])
-    state = load_file(str(directory / WEIGHTS), device=str(device))
+    state = load_file(str(directory / WEIGHTS), device="cpu")  # one copy on the device, made by .to()
     sae.load_state_dict(state, strict=True)
     return sae.to(device)

@@ -89,6 +89,31 @@ def test_identity_recovers_everything_and_zero_recovers_nothing(gpt2, batches, h
     assert zero["kl_div_sae"] == pytest.approx(zero["kl_div_zero"], rel=1e-9)
 
 
+def test_scores_in_small_slices_equal_the_whole_batch(gpt2, batches, monkeypatch):
+    """CE and KL are scored in bounded [positions, vocabulary] slices (a 128k vocabulary in float64
+    would not fit otherwise): slices of 5 positions, across sequence ends and padding, give the
+    same figures as one slice per sequence."""
+    import sae.eval.splice as splice_mod
+
+    site = resolve_site(gpt2, "layers.0")
+    gen = torch.Generator().manual_seed(3)
+    noise = {}
+
+    def noisy(x):  # the same noise in both runs
+        key = (tuple(x.shape), float(x.sum()))
+        if key not in noise:
+            noise[key] = 0.3 * x.std() * torch.randn(x.shape, generator=gen)
+        return x + noise[key]
+
+    whole = splice_eval(gpt2, site, site, noisy, batches, "causal_lm")
+    monkeypatch.setattr(splice_mod, "SCORE_CHUNK_ELEMENTS", 5 * 97)
+    sliced = splice_eval(gpt2, site, site, noisy, batches, "causal_lm")
+    assert sliced.keys() == whole.keys()
+    for key, v in whole.items():
+        assert sliced[key] == pytest.approx(v, rel=1e-12, abs=1e-15), key
+    assert whole["kl_div_sae"] > 1e-6
+
+
 def test_noisy_reconstruction_sits_between_and_only_kept_positions_change(gpt2, batches):
     site = resolve_site(gpt2, "layers.0")
     gen = torch.Generator().manual_seed(3)
