@@ -132,7 +132,45 @@ def clt_splice(cfg: EvalConfig, clt: Any, inp: Any, meta: dict[str, Any]) -> dic
 
 
 @torch.no_grad()
-def weight_views(clt: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """(encoder rows [N L, d_enc], decoder rows [N L, D], residual-stream directions [N L, M])."""
-    dec = clt.dense_decoder()
-    return clt.W_enc.flatten(0, 1), dec, dec.view(dec.shape[0], clt.n_layers, clt.d_model).sum(1)
+def weight_views(clt: Any) -> tuple[Tensor, Tensor]:
+    """(encoder rows [N L, d_enc], residual-stream directions [N L, M]: each latent's decoder rows
+    summed over the layers it writes), without the dense [N L, N M] decoder (11 GB for a GPT-2-small
+    CLT at 32x, about 100 GB at Gemma-2-2B sizes)."""
+    return clt.W_enc.flatten(0, 1), torch.cat([w.detach().sum(1) for w in clt.W_dec])
+
+
+@torch.no_grad()
+def decoder_norms(clt: Any) -> Tensor:
+    """[N L] norm of each latent's whole decoder vector (every layer it writes), on the CPU."""
+    return torch.cat([w.detach().float().pow(2).sum((1, 2)).sqrt() for w in clt.W_dec]).cpu()
+
+
+@torch.no_grad()
+def decoder_mean_max_cosine(clt: Any, sample: int = 0, seed: int = 0, chunk: int = 512) -> float:
+    """:func:`sae.eval.metrics.mean_max_cosine` of the CLT's decoder vectors (each latent's rows for
+    every layer it writes, zero elsewhere), computed block by block: the dot product of latents of
+    groups i and j sums ``W_dec[i][a, l] . W_dec[j][b, l]`` over the output layers both write."""
+    n, L = clt.n_layers, clt.W_dec[0].shape[0]
+    total = n * L
+    if total < 2:
+        return float("nan")
+    W = [w.detach().float() for w in clt.W_dec]  # [L, n - first_out(i), M]
+    norms = [w.pow(2).sum((1, 2)).sqrt().clamp_min(1e-12) for w in W]
+    rows = torch.arange(total) if not 0 < sample < total else torch.randperm(
+        total, generator=torch.Generator().manual_seed(seed))[:sample].sort().values
+    best = []
+    for i in range(n):
+        mine = rows[(rows >= i * L) & (rows < (i + 1) * L)] - i * L
+        for start in range(0, mine.numel(), chunk):
+            r = mine[start:start + chunk].to(W[i].device)
+            A = W[i][r]  # [r, n - first_out(i), M]
+            top = torch.full((r.numel(),), -2.0, device=A.device)
+            for j in range(n):
+                lo = max(clt.first_out(i), clt.first_out(j))
+                dots = sum(A[:, out - clt.first_out(i)] @ W[j][:, out - clt.first_out(j)].T for out in range(lo, n))
+                cos = dots / (norms[i][r][:, None] * norms[j][None, :])
+                if j == i:
+                    cos[torch.arange(r.numel(), device=cos.device), r] = -2.0  # not the latent itself
+                top = torch.maximum(top, cos.max(dim=1).values)
+            best.append(top)
+    return float(torch.cat(best).double().mean())

@@ -313,15 +313,16 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
 
         inp = clt.clt_inputs(cfg, meta)
         rec, spa, layer_stats = clt.score_clt_rows(sae, inp.rows, device, cfg.dead_window_tokens)
-        W_enc, W_dec, directions = clt.weight_views(sae)
+        W_enc, directions = clt.weight_views(sae)
     else:
         inp = open_inputs(cfg, meta)
         rec, spa = score_rows(sae, inp.rows, device, cfg.dead_window_tokens)
-        W_enc, W_dec, directions = sae.W_enc, sae.W_dec, sae.W_dec
+        W_enc, directions = sae.W_enc, sae.W_dec
     metrics = {**rec.as_dict(), **spa.as_dict(cfg.dense_threshold), "tokens": float(rec.n_tokens)}
     n = cfg.feature_stats_latents
     metrics["encoder_mean_max_cosine"] = mean_max_cosine(W_enc, n)
-    metrics["decoder_mean_max_cosine"] = mean_max_cosine(W_dec, n)
+    metrics["decoder_mean_max_cosine"] = clt.decoder_mean_max_cosine(sae, n) if is_clt else \
+        mean_max_cosine(sae.W_dec, n)
     if inp.rows.source == "synthetic":
         from sae.buffer.synthetic import feature_recovery
 
@@ -342,7 +343,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
                                     tokenizer=inp.lm.tokenizer)
     out = Path(cfg.out_dir) if cfg.out_dir else sae_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    norms = plots.decoder_norms(W_dec)
+    norms = clt.decoder_norms(sae) if is_clt else plots.decoder_norms(sae.W_dec)
     save_file({"frequency": spa.frequencies.float(), "fire_counts": spa.fire_counts.float(),
                "decoder_norm": norms.contiguous()}, str(out / "latents.safetensors"))
     hist = spa.density_histogram()

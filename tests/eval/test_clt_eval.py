@@ -160,3 +160,30 @@ def test_sae_eval_reports_per_layer_fvu_and_the_spliced_replacement_model(traine
     assert check.images > 0 and check.images_ok == check.images
     assert len(check.table_boxes) == 3 and not check.blank, check  # summary, splice, per layer
     assert len(check.panel_boxes) == 3 * len(r["examples"]) and check.ok
+
+
+@pytest.mark.parametrize("acausal", [False, True], ids=["clt", "crosscoder"])
+def test_decoder_statistics_without_the_dense_decoder_equal_the_dense_ones(acausal):
+    """Decoder norms, residual directions and the decoder mean max cosine are computed per group
+    (the dense [N L, N M] decoder does not fit a GPU at real sizes): equal to the dense forms."""
+    from sae.eval import clt as clt_eval
+    from sae.eval.metrics import mean_max_cosine
+    from sae.models import SAEConfig, build_sae
+
+    clt = build_sae(SAEConfig(architecture="clt", clt_layers=3, clt_acausal=acausal, num_latents=40, k=4,
+                              transcode=True), 3 * 6, 3 * 6, seed=0)
+    with torch.no_grad():  # unequal norms, and a near-duplicate pair across groups
+        for i, w in enumerate(clt.W_dec):
+            w.mul_(torch.rand(w.shape[0], 1, 1, generator=torch.Generator().manual_seed(i)) + 0.5)
+        clt.W_dec[2][5, -1] = clt.W_dec[0][7, -1] * 3
+        clt.W_dec[2][5, :-1] = 0
+        if acausal:
+            clt.W_dec[0][7, :-1] = 0
+    dense = clt.dense_decoder()
+    n = clt.n_layers
+    assert torch.allclose(clt_eval.decoder_norms(clt), dense.norm(dim=1), rtol=1e-6)
+    _, directions = clt_eval.weight_views(clt)
+    assert torch.allclose(directions, dense.view(dense.shape[0], n, clt.d_model).sum(1), atol=1e-6)
+    for sample in (0, 50):
+        got, want = clt_eval.decoder_mean_max_cosine(clt, sample, chunk=16), mean_max_cosine(dense, sample)
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-7), sample
