@@ -210,13 +210,15 @@ class CLTSplicer:
         elif mode == "sae" and self.inputs == "clean":
             if any(x is None for x in self.clean_x):
                 raise RuntimeError("the clean forward of this batch did not reach every layer's MLP input")
-            self.codes = self.clt.encode_layers([x.to(next(self.clt.parameters()).device) for x in self.clean_x])
+            self.codes = self.clt.encode_layers([x.to(next(self.clt.parameters()).device) for x in self.clean_x],
+                                                sparse=True)
 
     def _on_read(self, i: int, x: Tensor) -> None:
         if self.mode == "clean" and self.inputs == "clean":
             self.clean_x[i] = x[self.keep].float()
         elif self.mode == "sae" and self.inputs == "replacement":
-            self.codes[i] = self.clt.encode_layer(i, x[self.keep].float().to(next(self.clt.parameters()).device))
+            self.codes[i] = self.clt.encode_layer(i, x[self.keep].float().to(next(self.clt.parameters()).device),
+                                                  sparse=True)  # TopK families: no [rows, L] codes per layer
 
     def _on_write(self, j: int, v: Tensor) -> Tensor | None:
         keep = self.keep

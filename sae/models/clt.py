@@ -235,12 +235,16 @@ class CrossLayerTranscoder(SparseCoder):
         return ForwardOutput(y_hat, codes, losses)
 
     # --- per-layer API (circuit-tracer export) ----------------------------------------------
-    def encode_layers(self, x_list: list[Tensor]) -> list[Tensor]:
-        """Dense codes [B, L] of each layer's group from each layer's MLP input [B, M]."""
+    def encode_layers(self, x_list: list[Tensor], *, sparse: bool = False) -> list[Tensor | SparseCodes]:
+        """Dense codes [B, L] of each layer's group from each layer's MLP input [B, M]; with
+        ``sparse``, the TopK families' codes as :class:`SparseCodes` per group (local indices), which
+        :meth:`decode_layer` decodes without a [B, L] matrix."""
         codes = self.encode(torch.cat(list(x_list), dim=1))
         L = self.latents_per_layer
         if not isinstance(codes, SparseCodes):
             return list(codes.split(L, dim=1))
+        if sparse:
+            return [SparseCodes(vals, idx) for idx, vals in self._split_sparse(codes)]
         dense = codes.vals.new_zeros(codes.vals.shape[0], self.n_layers * L).scatter_add_(1, codes.idx, codes.vals)
         return list(dense.split(L, dim=1))
 
@@ -249,10 +253,11 @@ class CrossLayerTranscoder(SparseCoder):
         return list(self._decode_dense(list(codes_list)).split(self.d_model, dim=1))
 
     @torch.no_grad()
-    def encode_layer(self, i: int, x_i: Tensor) -> Tensor:
+    def encode_layer(self, i: int, x_i: Tensor, *, sparse: bool = False) -> Tensor | SparseCodes:
         """Dense codes [B, L] of group i from what its encoder reads (layer i's MLP input [B, M]; the
         crosscoder's groups read every layer, [B, D]), without autograd: the per-layer step of a
-        replacement model that runs layer by layer."""
+        replacement model that runs layer by layer. ``sparse``: the TopK families' codes as
+        :class:`SparseCodes` (local indices) instead of a [B, L] matrix."""
         if self.apply_b_dec_to_input:
             raise ValueError("encode_layer needs a transcoder (sae.transcode=true); use encode on the full input")
         want = self.n_layers * self.d_model if self.acausal else self.d_model
@@ -262,18 +267,27 @@ class CrossLayerTranscoder(SparseCoder):
         if self.activation == "jumprelu":
             return self._jump(pre.relu(), i)
         vals, idx = self._select(pre, i, LocalLatents())
+        if sparse:
+            return SparseCodes(vals.relu(), idx)
         return torch.zeros_like(pre).scatter_(1, idx, vals.relu())
 
     @torch.no_grad()
-    def decode_layer(self, j: int, codes: list[Tensor | None]) -> Tensor:
-        """Reconstruction [B, M] of output layer j from dense group codes ([B, L] per group; None for
-        groups that do not write layer j, e.g. the CLT's groups after j)."""
-        out = self.b_dec[j].expand(next(c for c in codes if c is not None).shape[0], -1).clone()
+    def decode_layer(self, j: int, codes: list[Tensor | SparseCodes | None]) -> Tensor:
+        """Reconstruction [B, M] of output layer j from group codes (dense [B, L] or
+        :class:`SparseCodes` per group; None for groups that do not write layer j, e.g. the CLT's
+        groups after j). Sparse codes read only their selected decoder rows."""
+        first = next(c for c in codes if c is not None)
+        rows = first.vals.shape[0] if isinstance(first, SparseCodes) else first.shape[0]
+        out = self.b_dec[j].expand(rows, -1).clone()
         for i, c in enumerate(codes):
             if self.first_out(i) <= j:
                 if c is None:
                     raise ValueError(f"output layer {j} needs the codes of group {i}")
-                out += c.to(out.dtype) @ self.W_dec[i][:, j - self.first_out(i)]
+                W = self.W_dec[i][:, j - self.first_out(i)]  # [L, M] (strided view)
+                if isinstance(c, SparseCodes):
+                    out += sparse_decode(c.idx, c.vals, W).to(out.dtype)
+                else:
+                    out += c.to(out.dtype) @ W
         return out
 
     # --- encoding ----------------------------------------------------------------------------

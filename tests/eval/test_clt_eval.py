@@ -26,11 +26,11 @@ class MLPOracle:
     def parameters(self):
         return iter([torch.zeros(1)])
 
-    def encode_layer(self, i: int, x: Tensor) -> Tensor:
+    def encode_layer(self, i: int, x: Tensor, sparse: bool = False) -> Tensor:  # dense either way
         self.reads.append(i)
         return x
 
-    def encode_layers(self, xs: list[Tensor]) -> list[Tensor]:
+    def encode_layers(self, xs: list[Tensor], sparse: bool = False) -> list[Tensor]:
         return list(xs)
 
     def decode_layer(self, j: int, codes: list[Tensor | None]) -> Tensor:

@@ -163,6 +163,14 @@ def test_per_layer_api_matches_the_concatenated_layout(act):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(one, per_layer))
     for j in range(N):
         torch.testing.assert_close(clt.decode_layer(j, one[:j + 1] + [None] * (N - j - 1)), recon[j])
+    # Sparse per-layer codes (the replacement model's, without [B, L] matrices) decode the same.
+    sparse_one = [clt.encode_layer(i, x[:, i * M:(i + 1) * M], sparse=True) for i in range(N)]
+    sparse_all = clt.encode_layers(list(x.split(M, dim=1)), sparse=True)
+    assert all(isinstance(c, SparseCodes) for c in sparse_one + sparse_all) == isinstance(codes, SparseCodes)
+    for j in range(N):
+        torch.testing.assert_close(clt.decode_layer(j, sparse_one[:j + 1] + [None] * (N - j - 1)), recon[j],
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(clt.decode_layer(j, sparse_all), recon[j], rtol=1e-5, atol=1e-5)
     if isinstance(codes, SparseCodes):  # slots in another order decode the same (the general path)
         perm = torch.randperm(codes.idx.shape[1], generator=torch.Generator().manual_seed(0))
         shuffled = SparseCodes(codes.vals[:, perm], codes.idx[:, perm])
