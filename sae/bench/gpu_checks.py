@@ -260,7 +260,8 @@ def check_use_on_device(device: torch.device) -> dict[str, float]:
         folder = save_tiny_model(Path(tmp) / "gpt2", "gpt2", layers=2, hidden=64)
         for dev in ("cpu", str(device)):
             lm, _ = load_eval_model(ModelConfig(name=str(folder), device=dev), "causal_lm")
-            sae = build_sae(SAEConfig(num_latents=512, k=8), 64, seed=0).to(dev)
+            # fp32 selection on both devices: "auto" would select in bf16 on a GPU, fp32 on this CPU.
+            sae = build_sae(SAEConfig(num_latents=512, k=8, selection_dtype="float32"), 64, seed=0).to(dev)
             a = attribute(lm.model, lm.tokenizer, sae, "layers.0", prompt, " object")
             rows = steer_prompts(lm.model, lm.tokenizer, sae, "layers.0", [prompt],
                                  [Intervention(int(max(a.totals, key=lambda i: abs(a.totals[i]))), "add",

@@ -4,8 +4,9 @@ On CUDA a thread takes each batch from the source, its rows in a pinned staging 
 ring: a buffer is refilled only after the copy out of it has completed; a source with
 ``iter_into``, the ShardReader or LiveSource, gathers the rows straight into it, others' batches
 are copied in), starts the copy to the GPU on a side stream and records an event; the training
-stream waits on that event on the device, never on the host. Reading shards, gathering rows, staging and the host-to-device copy so
-overlap the steps before. Elsewhere the batches pass through in the caller's thread.
+stream waits on that event on the device, never on the host. Reading shards, gathering rows,
+staging and the host-to-device copy so overlap the steps before. Elsewhere the batches pass through
+in the caller's thread.
 
 The source runs ahead of the trainer, so its own ``state_dict`` would describe batches not yet
 trained on: the feed snapshots it right after taking each batch and hands the snapshot over with

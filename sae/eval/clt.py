@@ -8,10 +8,10 @@
 - The spliced model: every MLP output replaced by the CLT at once (:func:`sae.eval.splice.clt_splice_eval`):
   the causal CLT as the replacement model (codes from the spliced forward's MLP inputs), the
   acausal crosscoder from the clean forward's MLP inputs.
-- Weight views for the report's shared parts: encoder rows [N L, d_enc], the decoder as rows of the
-  concatenated layout [N L, D] (zeros where a group does not write), and each latent's direction on
-  the residual stream [N L, M] (the sum of what it adds to every MLP output) for the dashboards'
-  promoted tokens and neighbours.
+- Weight views for the report's shared parts: encoder rows [N L, d_enc] and each latent's direction
+  on the residual stream [N L, M] (the sum of what it adds to every MLP output) for the dashboards'
+  promoted tokens and neighbours; decoder norms and the decoder mean max cosine per group, block by
+  block, never through the dense [N L, N M] decoder.
 """
 
 from __future__ import annotations

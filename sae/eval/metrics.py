@@ -189,7 +189,9 @@ def mean_max_cosine(W_LD: Tensor, sample: int = 0, seed: int = 0, chunk: int = 1
     """Mean over latents of the largest cosine between a latent's row of ``W`` and any other row
     (SAEBench's feature statistics: encoder rows, decoder rows). ``sample > 0`` averages over that
     many seeded latents, each still compared with all L (cost ``sample x L x D``)."""
-    W = torch.nn.functional.normalize(W_LD.detach().float(), dim=1)
+    W = W_LD.detach()
+    W = W if W.dtype == torch.float32 else W.float()
+    norms = W.norm(dim=1).clamp_min(1e-12)  # as F.normalize, without a normalised copy of W
     L = W.shape[0]
     if L < 2:
         return float("nan")
@@ -198,7 +200,7 @@ def mean_max_cosine(W_LD: Tensor, sample: int = 0, seed: int = 0, chunk: int = 1
     best = []
     for start in range(0, rows.numel(), chunk):
         r = rows[start:start + chunk].to(W.device)
-        sims = W[r] @ W.T
+        sims = (W[r] @ W.T) / (norms[r][:, None] * norms[None, :])
         sims[torch.arange(r.numel(), device=W.device), r] = -2.0  # not the latent itself
         best.append(sims.max(dim=1).values)
     return float(torch.cat(best).double().mean())
@@ -227,7 +229,7 @@ class SparsityStats:
         self.n_tokens += n
         self.l0_sum += l0.double().sum().item()
         vals = codes.vals if isinstance(codes, SparseCodes) else codes
-        self.l1_sum += vals.abs().sum(-1).double().sum().item()  # no float64 copy of dense [B, L] codes
+        self.l1_sum += vals.abs().sum(-1, dtype=torch.float64).sum().item()  # no float64 [B, L] copy
         counts = fired_counts(codes, self.num_latents).double().cpu()
         self.fire_counts = counts if self.fire_counts is None else self.fire_counts + counts
         hist = torch.bincount(l0.long().cpu(), minlength=self.num_latents + 1).double()

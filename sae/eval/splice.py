@@ -255,10 +255,10 @@ def _forward(model: nn.Module, b: SpliceBatch, device: torch.device) -> Any:
     return model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device))
 
 
-#: Elements of one [positions, vocabulary] slice scored at a time: float64 temporaries stay at
-#: about 0.5 GiB each, however long the contexts and large the vocabulary (a whole [B, T, V] batch
-#: in float64 is 8.4 GB for 8 x 1024 tokens of a 128k vocabulary).
-SCORE_CHUNK_ELEMENTS = 2**26
+#: Elements of one [positions, vocabulary] slice scored at a time: each float64 temporary is
+#: 128 MiB (a KL slice holds about six at once), however long the contexts and large the
+#: vocabulary (a whole [B, T, V] batch in float64 is 8.4 GB for 8 x 1024 tokens of a 128k vocabulary).
+SCORE_CHUNK_ELEMENTS = 2**24
 
 
 def _slices(logits: Tensor, length: int):
@@ -302,7 +302,8 @@ class _CausalScores:
         for i, a, z in _slices(logits, logits.shape[1]):
             lp_clean = clean_logits[i, a:z].double().log_softmax(-1)
             lp = logits[i, a:z].double().log_softmax(-1)
-            kl = (lp_clean.exp() * (lp_clean - lp)).sum(-1)
+            p = lp_clean.exp()
+            kl = torch.where(p > 0, p * (lp_clean - lp), 0.0).sum(-1)  # 0 log 0 = 0 (a -inf logit, masked vocab)
             total += torch.where(keep[i, a:z], kl, 0.0).sum()
         self.kl[mode] += total.item()
 

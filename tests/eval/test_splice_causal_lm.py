@@ -74,6 +74,30 @@ def _ce_by_hand(model, batches) -> float:
     return total / n
 
 
+def _kl_zero_by_hand(model, batches) -> float:
+    """Mean KL(clean || block 0's output zeroed at kept positions) over kept positions, directly."""
+    total, n = 0.0, 0
+    for b in batches:
+        def zero(module, args, out, keep=b.keep):
+            from sae.eval.splice import _first, _with_first
+
+            h = _first(out).clone()
+            h[keep] = 0
+            return _with_first(out, h)
+
+        with torch.no_grad():
+            clean = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.double().log_softmax(-1)
+            handle = model.transformer.h[0].register_forward_hook(zero)
+            try:
+                ablated = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.double()
+            finally:
+                handle.remove()
+        kl = (clean.exp() * (clean - ablated.log_softmax(-1))).sum(-1)
+        total += kl[b.keep].sum().item()
+        n += int(b.keep.sum())
+    return total / n
+
+
 @pytest.mark.parametrize("hookpoint", ["layers.0", "layers.1.mlp_in", "layers.0.mlp"])
 def test_identity_recovers_everything_and_zero_recovers_nothing(gpt2, batches, hookpoint):
     site = resolve_site(gpt2, hookpoint)
@@ -84,6 +108,8 @@ def test_identity_recovers_everything_and_zero_recovers_nothing(gpt2, batches, h
     assert ident["kl_div_sae"] == pytest.approx(0.0, abs=1e-12)
     assert ident["kl_div_zero"] > 1e-3 and ident["kl_div_mean"] > 0
     assert ident["ce_loss_clean"] == pytest.approx(_ce_by_hand(gpt2, batches), rel=1e-12)
+    if hookpoint == "layers.0":
+        assert ident["kl_div_zero"] == pytest.approx(_kl_zero_by_hand(gpt2, batches), rel=1e-10)
     zero = splice_eval(gpt2, site, site, _recon(ZeroSAE(32)), batches, "causal_lm")
     assert zero["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-9)
     assert zero["kl_div_sae"] == pytest.approx(zero["kl_div_zero"], rel=1e-9)

@@ -249,3 +249,18 @@ def test_save_and_load_round_trip(tmp_path):
 def test_bad_configs_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         build_sae(SAEConfig(**{"architecture": "clt", "transcode": True, "num_latents": L, "k": K, **kw}), N * M)
+
+
+def test_sparse_per_layer_decode_reads_strided_decoder_views_in_triton(monkeypatch):
+    """decode_layer hands sparse_decode a strided [L, M] view of W_dec[i]; the Triton kernel (in the
+    interpreter here, compiled on a GPU) must take its strides as the eager path does."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("SAE_KERNEL_BACKEND", "triton")
+    x, y = data(2)
+    clt = make("topk").eval()
+    clt.init_from_data(x, y)
+    dense = clt.encode_layers(list(x.split(M, dim=1)))
+    sparse = clt.encode_layers(list(x.split(M, dim=1)), sparse=True)
+    assert not clt.W_dec[0][:, 1].is_contiguous()
+    for j in range(N):
+        torch.testing.assert_close(clt.decode_layer(j, sparse), clt.decode_layer(j, dense), rtol=1e-5, atol=1e-5)
