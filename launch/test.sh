@@ -15,5 +15,5 @@ else
   export SAE_PEERS_UNAVAILABLE="launch/peers_env.sh failed (pip could not install sae-lens/eai-sparsify; its output is above)"
 fi
 rm -f "$PEERS_LOG"
-if [ "$#" -eq 0 ]; then set -- tests; fi
+if [ "$#" -eq 0 ]; then set -- tests --durations=15; fi  # the slowest tests, to keep the suite within budget
 python -m pytest "$@"
