@@ -34,3 +34,20 @@ def tiny_gpt2(tmp_path_factory):
     from sae.harvest.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny_gpt2") / "model", "gpt2", layers=2, hidden=32)
+
+
+@pytest.fixture(scope="session")
+def harvest_mlps():
+    """``harvest_mlps(model, docs, out)``: one harvest of every layer's MLP input and output (what a
+    cross-layer transcoder trains on) of ``model`` over the text file ``docs``, into ``out``."""
+    def harvest(model, docs, out):
+        from sae.buffer.fill import harvest_to_buffer
+        from sae.config import compose_harvest_config
+
+        h = compose_harvest_config([f"model.name={model}", f"text.name={docs}", "text.context_length=32",
+                                    "harvest.progress=false", f"writer.out_dir={out}", "writer.shard_tokens=1024",
+                                    "hookpoints=[layers.*.mlp_in,layers.*.mlp]"])
+        harvest_to_buffer(h.model, h.text, h.harvest, h.writer, h.hookpoints)
+        return out
+
+    return harvest

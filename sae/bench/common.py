@@ -41,3 +41,17 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def guarded(out: dict, name: str, part: Callable[[], dict], log=print) -> dict | None:
+    """``out[name] = part()``; if it raises, its message instead (logged) and None, so that one
+    failing part of a benchmark run does not lose the others' figures."""
+    try:
+        out[name] = part()
+        return out[name]
+    except Exception as e:  # noqa: BLE001
+        out[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
+        log(f"{name}: FAILED {out[name]['error']}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None

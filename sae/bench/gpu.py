@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import gpu_checks, gpu_step
+from .common import guarded
 
 
 def device_info(device: torch.device) -> dict:
@@ -232,11 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         result["feed"] = run_feed(device, log=log)
         (out / "gpu_bench.json").write_text(json.dumps(result, indent=1))
     if a.profile and device.type == "cuda":
-        try:
-            result["profile"] = profile_default_step(shapes, device, log=log)
-        except Exception as e:  # noqa: BLE001 (the figures above are kept)
-            result["profile"] = {"error": f"{type(e).__name__}: {e}"[:400]}
-            log(f"profile: FAILED {result['profile']['error']}")
+        guarded(result, "profile", lambda: profile_default_step(shapes, device, log=log), log)
     result["autotuned"] = autotuned_configs()
     (out / "gpu_bench.json").write_text(json.dumps(result, indent=1))
     goals = targets(result)

@@ -40,7 +40,7 @@ from sae.models import SAEConfig, build_sae
 from sae.train.config import TrainConfig
 from sae.train.trainer import Trainer
 
-from .gpu_step import sync
+from .common import guarded, sync
 
 
 def _sizes(device: torch.device) -> dict[str, int]:
@@ -189,15 +189,16 @@ def live_vs_buffer(device: torch.device, root: Path, s: dict[str, int], hookpoin
     def peak() -> float:  # GiB the caching allocator reserved (the model's stream and the step's pool apart)
         return torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else float("nan")
 
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    def reset_peak() -> None:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+
+    reset_peak()
     live_rate = _tokens_per_s(_trainer(build_source(data, 4096), d, s["live_L"], s["k"], steps, device,
                                        root / "t_live"), steps)
     live_peak = peak()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak()
     buf_rate = _tokens_per_s(_trainer(ShardReader(root / "buf", 4096, heldout_shards=1, epochs=0), d, s["live_L"],
                                       s["k"], steps, device, root / "t_buf2"), steps)
     return {"d": d, "L": s["live_L"], "k": s["k"], "live_tok_s": live_rate, "buffer_tok_s": buf_rate,
@@ -211,19 +212,18 @@ def run_feed(device: torch.device, log=print) -> dict:
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        h = _guarded(out, "harvest", lambda: harvest_vs_forward(device, root, s), log)
+        h = guarded(out, "harvest", lambda: harvest_vs_forward(device, root, s), log)
         if h:
             log(f"harvest ({h['model']}, hook {h['hookpoint']}): {h['harvest_tok_s']:,.0f} input tok/s vs bare "
                 f"forward + host copy {h['bare_tok_s']:,.0f}: ratio {h['ratio']:.2f}")
-        if h:
-            e = _guarded(out, "harvest_exact", lambda: harvest_exact(device, root, s), log)
+            e = guarded(out, "harvest_exact", lambda: harvest_exact(device, root, s), log)
             if e:
                 r = e["rows_vs_reference"]
                 log(f"pipelined harvest vs synchronous on {device.type}: {e['files']} files, "
                     f"{'byte-identical' if e['identical'] else 'DIFFERENT: ' + ', '.join(e['differ'])}; the "
                     f"harvester's rows vs a plain forward + blocking copy: {r['rows']} rows, "
                     f"{'equal' if r['equal'] else 'DIFFERENT'}")
-        b = _guarded(out, "buffer", lambda: buffer_vs_memory(device, root, s), log)
+        b = guarded(out, "buffer", lambda: buffer_vs_memory(device, root, s), log)
         if b:
             log(f"training {b['d']} x {b['L']}, k={b['k']}: from a bf16 buffer {b['buffer_tok_s']:,.0f} tok/s, "
                 f"from memory {b['memory_tok_s']:,.0f}: ratio {b['ratio']:.2f}; reader into {b['into']} "
@@ -231,22 +231,10 @@ def run_feed(device: torch.device, log=print) -> dict:
         if not h:
             out["live"] = {"skipped": "needs the model and buffer of the harvest part, which failed"}
             return out
-        v = _guarded(out, "live", lambda: live_vs_buffer(device, root, s, h["hookpoint"]), log)
+        v = guarded(out, "live", lambda: live_vs_buffer(device, root, s, h["hookpoint"]), log)
         if v:
             log(f"training {v['d']} x {v['L']}, k={v['k']} live (harvesting as it trains): {v['live_tok_s']:,.0f} "
                 f"tok/s, from the buffer: {v['buffer_tok_s']:,.0f}: ratio {v['ratio']:.2f}; GPU memory reserved "
                 f"{v['live_peak_reserved_gib']:.2f} vs {v['buffer_peak_reserved_gib']:.2f} GiB")
     return out
 
-
-def _guarded(out: dict, name: str, part, log) -> dict | None:
-    """``out[name] = part()``; on an exception, its message instead (logged), and None."""
-    try:
-        out[name] = part()
-        return out[name]
-    except Exception as e:  # noqa: BLE001 (one failing part must not lose the others' figures)
-        out[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
-        log(f"{name}: FAILED {out[name]['error']}")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return None

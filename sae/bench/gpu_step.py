@@ -31,13 +31,10 @@ from sae.models import SAEConfig, build_sae
 from sae.train.config import TrainConfig
 from sae.train.trainer import Trainer
 
+from .common import sync
+
 SHAPES = [(768, 24576, 32), (2304, 36864, 64), (4096, 131072, 64)]  # (d, latents, k)
 CPU_SHAPES = [(64, 1024, 8), (128, 2048, 16)]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_loop(step: Callable[[], object], device: torch.device, steps: int, warmup: int) -> float:

@@ -28,7 +28,7 @@ from sae.harvest.text import load_text_dataset
 
 from .config import EvalConfig
 from .data import EvalSet, RowBatch, buffer_rows, first_contexts, splice_batches
-from .metrics import ReconstructionStats, SparsityStats
+from .metrics import ReconstructionStats, SparsityStats, sampled_rows
 from .splice import clt_splice_eval, resolve_site
 
 
@@ -156,8 +156,7 @@ def decoder_mean_max_cosine(clt: Any, sample: int = 0, seed: int = 0, chunk: int
         return float("nan")
     W = [w.detach().float() for w in clt.W_dec]  # [L, n - first_out(i), M]
     norms = [w.pow(2).sum((1, 2)).sqrt().clamp_min(1e-12) for w in W]
-    rows = torch.arange(total) if not 0 < sample < total else torch.randperm(
-        total, generator=torch.Generator().manual_seed(seed))[:sample].sort().values
+    rows = sampled_rows(total, sample, seed)
     best = []
     for i in range(n):
         mine = rows[(rows >= i * L) & (rows < (i + 1) * L)] - i * L

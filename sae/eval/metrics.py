@@ -185,18 +185,24 @@ class ReconstructionStats:
 
 
 @torch.no_grad()
+def sampled_rows(total: int, sample: int = 0, seed: int = 0) -> Tensor:
+    """The sorted latents the feature statistics average over: all ``total``, or ``sample`` of them
+    drawn with ``seed`` (the same draw for every function that takes it)."""
+    if not 0 < sample < total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:sample].sort().values
+
+
 def mean_max_cosine(W_LD: Tensor, sample: int = 0, seed: int = 0, chunk: int = 1024) -> float:
     """Mean over latents of the largest cosine between a latent's row of ``W`` and any other row
     (SAEBench's feature statistics: encoder rows, decoder rows). ``sample > 0`` averages over that
     many seeded latents, each still compared with all L (cost ``sample x L x D``)."""
-    W = W_LD.detach()
-    W = W if W.dtype == torch.float32 else W.float()
+    W = W_LD.detach().float()
     norms = W.norm(dim=1).clamp_min(1e-12)  # as F.normalize, without a normalised copy of W
     L = W.shape[0]
     if L < 2:
         return float("nan")
-    rows = torch.arange(L) if not 0 < sample < L else torch.randperm(L, generator=torch.Generator().manual_seed(
-        seed))[:sample].sort().values
+    rows = sampled_rows(L, sample, seed)
     best = []
     for start in range(0, rows.numel(), chunk):
         r = rows[start:start + chunk].to(W.device)

@@ -125,13 +125,20 @@ class GraphedStep:
     def ready_to_capture(self) -> bool:
         return self.graph is None and self.x is not None and self.warm_calls >= self.WARMUP
 
+    def _with_fresh_grads(self, fn):
+        """``fn()`` with no ``.grad`` on the parameters before (backward writes them afresh, into the
+        graph's pool when capturing) or after (an eager step in between must not accumulate into
+        the graph's gradients)."""
+        for p in self.params:
+            p.grad = None
+        out = fn()
+        for p in self.params:
+            p.grad = None
+        return out
+
     def capture(self) -> None:
         """Capture the step on the buffers (nothing runs until :meth:`__call__` replays it)."""
-        for p in self.params:
-            p.grad = None  # backward then allocates the gradients in the graph's pool
-        self._record()
-        for p in self.params:
-            p.grad = None  # an eager step in between must not accumulate into the graph's gradients
+        self._with_fresh_grads(self._record)
 
     @property
     def captured(self) -> bool:
@@ -168,11 +175,7 @@ class GraphedStep:
         self.tracker.advance_host(self.trainer.strategy.tokens_per_step(x.shape[0]))
         if self.graph is None:
             self.warm_calls += 1
-            for p in self.params:
-                p.grad = None  # as a replay: gradients written afresh
-            self.out = self._device_step(self.x, self.y)
-            for p in self.params:
-                p.grad = None
+            self.out = self._with_fresh_grads(lambda: self._device_step(self.x, self.y))  # as a replay
         else:
             self._replay()
         return self.out

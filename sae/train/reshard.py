@@ -29,7 +29,6 @@ from sae.models import SAEConfig, SparseCoder, build_sae
 from .artifact import read_sae_cfg, save_sae
 from .checkpoint import LATEST, MANIFEST, load_trainer_state, read_manifest, shard_dir, state_file
 from .run_dir import IDENTITY, identity_diff
-from .strategy import Shard
 
 SHARDED = ("W_enc", "b_enc", "W_dec")
 
@@ -87,15 +86,11 @@ def _shard(full: SparseCoder, rank: int, world_size: int) -> tuple[SparseCoder, 
     """Rank ``rank``'s slice of ``full`` and the ``shard`` metadata its folder records."""
     from sae.models.clt import CrossLayerTranscoder
 
-    if isinstance(full, CrossLayerTranscoder):
-        from .clt_parallel import shard_clt
-
-        part = shard_clt(full, rank, world_size)
-        return part, {"shard": dataclasses.asdict(part.shard)}
+    from .clt_parallel import shard_clt
     from .strategy import shard_topk
 
-    return shard_topk(full, rank, world_size), {"shard": dataclasses.asdict(
-        Shard(rank, world_size, rank * full.num_latents // world_size, full.num_latents))}
+    part = (shard_clt if isinstance(full, CrossLayerTranscoder) else shard_topk)(full, rank, world_size)
+    return part, {"shard": dataclasses.asdict(part.shard)}
 
 
 def reshard_checkpoint(ckpt: str | Path, out_dir: str | Path, world_size: int) -> Path:

@@ -96,12 +96,11 @@ def test_replacement_inputs_come_from_the_spliced_forward(gpt2, batches):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, harvest_mlps):
     """A 3-layer tiny GPT-2 whose MLPs matter (init range 0.3), one harvest of its MLPs, a CLT trained on it."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from sae.buffer.fill import harvest_to_buffer
-    from sae.config import compose_harvest_config, compose_train_config
+    from sae.config import compose_train_config
     from sae.harvest.tiny import save_tiny_model
     from sae.train.run import run_training
 
@@ -113,10 +112,7 @@ def trained(tmp_path_factory):
     AutoModelForCausalLM.from_config(cfg).save_pretrained(model)
     docs = root / "docs.txt"
     docs.write_text("".join(f"Line {i}: the list holds {i % 7} items and {i % 5} keys.\n" for i in range(300)))
-    h = compose_harvest_config([f"model.name={model}", f"text.name={docs}", "text.context_length=32",
-                                "harvest.progress=false", f"writer.out_dir={root / 'buf'}", "writer.shard_tokens=1024",
-                                "hookpoints=[layers.*.mlp_in,layers.*.mlp]"])
-    harvest_to_buffer(h.model, h.text, h.harvest, h.writer, h.hookpoints)
+    harvest_mlps(model, docs, root / "buf")
     run = compose_train_config(["sae=clt", "data=buffer", f"data.buffer.path={root / 'buf'}", "train=smoke",
                                 "train.steps=80", "train.batch_size=256", "train.lr=0.01", "train.progress=false",
                                 f"train.out_dir={root / 'run'}", "sae.k=6", "sae.expansion_factor=2"])

@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from sae.buffer.fill import harvest_to_buffer
-from sae.config import compose_harvest_config, compose_train_config
+from sae.config import compose_train_config
 from sae.models import SAEConfig, build_sae
 from sae.train.clt_source import build_clt_source, clt_hookpoints
 from sae.train.config import TrainConfig
@@ -58,16 +57,12 @@ def test_training_on_a_two_layer_toy_reduces_the_loss(act, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def buffer(tmp_path_factory, tiny_gpt2):
+def buffer(tmp_path_factory, tiny_gpt2, harvest_mlps):
     """One harvest of both layers' MLP inputs and outputs of the tiny GPT-2 (2 layers, d_model 32)."""
     root = tmp_path_factory.mktemp("clt")
     docs = root / "docs.txt"
     docs.write_text("".join(f"Line {i}: a set keeps {i % 11} unique items in no order.\n" for i in range(400)))
-    h = compose_harvest_config([f"model.name={tiny_gpt2}", f"text.name={docs}", "text.context_length=32",
-                                "harvest.progress=false", f"writer.out_dir={root / 'buf'}", "writer.shard_tokens=1024",
-                                "hookpoints=[layers.*.mlp_in,layers.*.mlp]"])
-    harvest_to_buffer(h.model, h.text, h.harvest, h.writer, h.hookpoints)
-    return root / "buf"
+    return harvest_mlps(tiny_gpt2, docs, root / "buf")
 
 
 def test_the_source_concatenates_rows_of_the_same_tokens(buffer):
