@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install torch (CPU wheel) + this project with its dev extra.
-# Sourced by launch/demo.sh and launch/test.sh; re-installs only when pyproject or pins change.
+# Create .venv and install exactly launch/lock/cpu.txt (every package pinned, torch the CPU wheel),
+# then this project in editable mode with no further resolution. Sourced by launch/demo.sh and
+# launch/test.sh. A changed lock rebuilds .venv from scratch (nothing left over from an older
+# resolution); a changed pyproject.toml only reinstalls the project. Refresh the lock: bash launch/lock.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
+LOCK_STAMP=".venv/.locked-$(sha256sum launch/lock/cpu.txt | cut -c1-16)"
+if [ ! -f "$LOCK_STAMP" ]; then
+  rm -rf .venv
   "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q -r launch/lock/cpu.txt
+  touch "$LOCK_STAMP"
 fi
 # shellcheck disable=SC1091
 source .venv/bin/activate
-STAMP=".venv/.installed-$(cat pyproject.toml launch/constraints-cpu.txt | sha256sum | cut -c1-16)"
-if [ ! -f "$STAMP" ]; then
-  python -m pip install -q --upgrade pip
-  python -m pip install -q -c launch/constraints-cpu.txt "torch==2.13.0"
-  python -m pip install -q -c launch/constraints-cpu.txt -e ".[dev]"
+PROJECT_STAMP=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$PROJECT_STAMP" ]; then
+  python -m pip install -q --no-deps --no-build-isolation -e .
+  python -m pip check >/dev/null || { python -m pip check >&2; echo "setup.sh: .venv is inconsistent with pyproject.toml; refresh the lock: bash launch/lock.sh" >&2; exit 1; }
   rm -f .venv/.installed-*
-  touch "$STAMP"
+  touch "$PROJECT_STAMP"
 fi
 # Headless Chromium for the report-rendering test (tests/eval/test_eval_report_e2e.py); only as
 # root with apt-get (CI, containers). Elsewhere that test skips and says how to install it.

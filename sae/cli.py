@@ -1,6 +1,6 @@
 """Command-line entry points: ``sae-harvest``, ``sae-train``, ``sae-eval`` (Hydra) and ``sae-export`` (argparse).
 
-Each entry point composes its config from ``conf/`` (installed as ``sae_conf``), converts it once
+Each entry point composes its config from ``conf/sae_conf/`` (the package ``sae_conf``), converts it once
 to its dataclass, and hands it to the stage's ``run_*`` function. An error raised by a stage is
 printed as one line (``sae-train: error: ...``, the message names the problem and the fix) and the
 process exits with status 1; ``SAE_DEBUG=1`` shows the full traceback instead.

@@ -127,7 +127,7 @@ def sae_configs(run: TrainRunConfig) -> dict[str, SAEConfig]:
 
 
 def compose_train_config(overrides: list[str] | None = None, config_name: str = "train") -> TrainRunConfig:
-    """Compose ``conf/<config_name>.yaml`` with Hydra overrides, outside of ``@hydra.main``."""
+    """Compose ``conf/sae_conf/<config_name>.yaml`` with Hydra overrides, outside of ``@hydra.main``."""
     from hydra import compose, initialize_config_module
 
     register_configs()
@@ -137,7 +137,7 @@ def compose_train_config(overrides: list[str] | None = None, config_name: str = 
 
 
 def compose_harvest_config(overrides: list[str] | None = None) -> HarvestRunConfig:
-    """Compose ``conf/harvest.yaml`` with Hydra overrides, outside of ``@hydra.main``."""
+    """Compose ``conf/sae_conf/harvest.yaml`` with Hydra overrides, outside of ``@hydra.main``."""
     from hydra import compose, initialize_config_module
 
     register_configs()
@@ -147,7 +147,7 @@ def compose_harvest_config(overrides: list[str] | None = None) -> HarvestRunConf
 
 
 def compose_eval_config(overrides: list[str] | None = None) -> EvalConfig:
-    """Compose ``conf/eval.yaml`` (the ``sae-eval`` schema) with Hydra overrides, outside of ``@hydra.main``."""
+    """Compose ``conf/sae_conf/eval.yaml`` (the ``sae-eval`` schema) with Hydra overrides, outside of ``@hydra.main``."""
     from hydra import compose, initialize_config_module
 
     register_configs()

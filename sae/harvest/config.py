@@ -1,6 +1,6 @@
 """Configs of the harvest stage: which model, which text, and how activations are collected.
 
-Each dataclass is a Hydra schema node (``conf/model/*.yaml`` fills :class:`ModelConfig`);
+Each dataclass is a Hydra schema node (``conf/sae_conf/model/*.yaml`` fills :class:`ModelConfig`);
 :func:`validate_harvest` checks them in one place so bad values fail before a model loads.
 Used by ``sae-harvest`` (through :class:`sae.config.HarvestRunConfig`) and by the live source.
 """

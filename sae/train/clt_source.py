@@ -170,6 +170,6 @@ def clt_configs(cfgs: dict[str, Any], source: CLTSource) -> dict[str, Any]:
                              "sae.clt_layers=0 (every layer) or choose the layers with data.hookpoints")
         if not c.transcode:
             raise ValueError("sae.transcode=false: a CLT maps MLP inputs to MLP outputs; set sae.transcode=true "
-                             "(conf/sae/clt.yaml does)")
+                             "(conf/sae_conf/sae/clt.yaml does)")
         out[name] = dataclasses.replace(c, clt_layers=n)
     return out

@@ -1,7 +1,7 @@
 """Sparse ops for TopK-family sparse autoencoders.
 
-Installed under the import name ``sae_kernels`` (the PyPI name ``kernels`` belongs to Hugging
-Face). Files use relative imports so the folder also works when imported from the repo root.
+The package ``sae_kernels`` in the top-level folder ``kernels/`` (the PyPI name ``kernels`` belongs to
+Hugging Face; ``kernels/`` itself is not a package, so the repo root on ``sys.path`` hides nothing).
 
 Public ops (autograd-aware, backend chosen by :mod:`dispatch`):
 

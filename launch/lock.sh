@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Regenerate the install locks from their inputs (the one command to refresh them):
+#   launch/lock/cpu.txt    <- pyproject.toml (dependencies + dev extra) + launch/lock/cpu.in   (.venv)
+#   launch/lock/peers.txt  <- launch/lock/peers.in                                          (.venv-peers)
+# Each lock pins every package of its environment (all transitive dependencies) for CPython 3.11 on
+# x86_64 Linux, the machines README and CI run on. Resolved by uv (pinned below, in .venv-lock) with
+# the local torch CPU wheel folder ($TORCH_WHEELS, default /opt/wheels) beside PyPI.
+# After a refresh: bash launch/test.sh (rebuilds .venv and .venv-peers from the new locks), then commit
+# the locks. To see what the newest releases would change first: bash launch/canary.sh
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+UV_VERSION=0.13.9
+TOOLS=.venv-lock
+if [ ! -x "$TOOLS/bin/uv" ] || [ "$("$TOOLS/bin/uv" --version | cut -d' ' -f2)" != "$UV_VERSION" ]; then
+  "${PYTHON:-python3}" -m venv "$TOOLS"
+  "$TOOLS/bin/python" -m pip install -q "uv==$UV_VERSION"
+fi
+compile() {  # compile OUT INPUT...
+  local out=$1; shift
+  "$TOOLS/bin/uv" pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+    --find-links "${TORCH_WHEELS:-/opt/wheels}" --custom-compile-command "bash launch/lock.sh" \
+    --no-header "$@" -o "$out.tmp"
+  { echo "# Locked by: bash launch/lock.sh (uv $UV_VERSION, CPython 3.11, x86_64 Linux). Do not edit by hand."
+    cat "$out.tmp"; } >"$out"
+  rm -f "$out.tmp"
+  echo "$out: $(grep -c '^[A-Za-z0-9_.-]*==' "$out") packages"
+}
+compile launch/lock/cpu.txt pyproject.toml launch/lock/cpu.in --extra dev
+compile launch/lock/peers.txt launch/lock/peers.in
