@@ -147,7 +147,7 @@ def compose_harvest_config(overrides: list[str] | None = None) -> HarvestRunConf
 
 
 def compose_eval_config(overrides: list[str] | None = None) -> EvalConfig:
-    """Compose ``conf/sae_conf/eval.yaml`` (the ``sae-eval`` schema) with Hydra overrides, outside of ``@hydra.main``."""
+    """Compose ``conf/sae_conf/eval.yaml`` (the ``sae-eval`` schema) with overrides, outside of ``@hydra.main``."""
     from hydra import compose, initialize_config_module
 
     register_configs()
