@@ -25,6 +25,46 @@ register_configs()
 DEBUG_ENV = "SAE_DEBUG"
 
 
+def one_line(e: BaseException) -> str:
+    """An exception and its causes as one line: Hydra's multi-line texts joined, search paths and
+    OmegaConf's ``full_key``/``object_type`` trailers dropped, option lists comma-separated."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e).split("\nConfig search path")[0]
+        out, listing = "", False
+        for line in (s.strip() for s in text.splitlines()):
+            if not line or line.startswith(("full_key:", "object_type=", "reference_type=", "To append", "See http")) \
+                    or "$VALUE" in line or line == "None":
+                continue
+            out = line if not out else out + (" " if out.endswith(":") else ", " if listing else "; ") + line
+            listing = listing or out.endswith(":")
+        if out and not any(out in q for q in parts):
+            parts.append(out)
+        e = e.__cause__ or e.__context__
+    return ": ".join(parts)
+
+
+def checks_overrides(prog: str, config_name: str) -> None:
+    """Compose the command line's config once before ``@hydra.main`` runs, so that a parse error or
+    a wrong value (``train.steps=abc``, ``train=smok``) prints one line instead of Hydra's report.
+    Multirun (``-m``), Hydra's own flags and ``hydra.*`` overrides are left to Hydra."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    args = sys.argv[1:]
+    if any(a.startswith("-") or a.lstrip("+~").startswith("hydra") for a in args):
+        return
+    try:
+        with initialize_config_module(config_module="sae_conf", version_base=None):
+            compose(config_name=config_name, overrides=args)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        print("(fix the command-line override named above; `--help` lists the config groups)", file=sys.stderr)
+        sys.exit(2)
+
+
 def reports_errors(prog: str) -> Callable:
     """Run a Hydra task so that an exception prints as ``<prog>: error: <message>`` and exits 1."""
     def wrap(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
@@ -62,6 +102,7 @@ def _train(cfg: DictConfig) -> None:
 
 
 def train_main() -> None:
+    checks_overrides("sae-train", "train")
     _train()
 
 
@@ -77,6 +118,7 @@ def _harvest(cfg: DictConfig) -> None:
 
 
 def harvest_main() -> None:
+    checks_overrides("sae-harvest", "harvest")
     _harvest()
 
 
@@ -91,6 +133,7 @@ def _eval(cfg: DictConfig) -> None:
 
 
 def eval_main() -> None:
+    checks_overrides("sae-eval", "eval")
     _eval()
 
 

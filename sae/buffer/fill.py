@@ -28,7 +28,9 @@ from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig, validate_
 from sae.harvest.harvester import Chunk, Harvester
 from sae.harvest.model import LoadedModel, load_model
 from sae.harvest.text import dataset_info, load_text_dataset, special_ids
+from sae.paths import inside
 
+from .atomic import TMP_SUFFIX
 from .config import WriterConfig
 from .manifest import MANIFEST, identity_diff, read_manifest
 from .writer import ShardWriter
@@ -70,10 +72,15 @@ def _remove_unlisted(folder: Path, manifest: dict[str, Any] | None, hookpoints: 
 
 
 def _remove_buffer(folder: Path, manifest: dict[str, Any]) -> None:
-    """Overwrite: drop the manifest first (the buffer stops being complete), then its shards."""
+    """Overwrite: drop the manifest first (the buffer stops being complete), then its shards.
+
+    Only hook point folders inside ``folder`` are removed (an edited manifest may name ``../x``).
+    """
+    shard_dirs = [inside(folder, hp, f"{folder / MANIFEST} hookpoint_order[{i}]")
+                  for i, hp in enumerate(manifest["hookpoint_order"])]
     (folder / MANIFEST).unlink()
-    for hp in manifest.get("hookpoint_order", []):
-        shutil.rmtree(folder / hp, ignore_errors=True)
+    for d in shard_dirs:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _header(lm: LoadedModel, harvester: Harvester, ds: Any, text: TextConfig, harvest: HarvestConfig,
@@ -174,8 +181,28 @@ def _skip_written(chunk: Chunk, context: int, rows: int) -> Chunk:
     return chunk.select(~((chunk.contexts < context) | (same & (before < rows))))
 
 
+def _is_leftover(p: Path) -> bool:
+    """What may sit in a buffer folder before its first manifest: Hydra's job log (``cli.log``) and
+    ``.hydra``, temporaries, and hook point folders holding only shards of an interrupted harvest."""
+    if p.is_dir() and not p.is_symlink():
+        return p.name == ".hydra" or all(q.is_file() and "shard_" in q.name for q in p.iterdir())
+    return p.suffix == ".log" or (p.name.startswith(".") and p.name.endswith(TMP_SUFFIX))
+
+
 def _previous(folder: Path, overwrite: bool) -> dict[str, Any] | None:
+    """The manifest of the buffer at ``folder``, None for a new or empty folder.
+
+    Raises:
+        FileExistsError: a complete buffer and no ``overwrite``.
+        ValueError: ``folder`` holds files but no manifest (a model, an SAE run, anything not ours),
+            or a damaged manifest.
+    """
     if not (folder / MANIFEST).is_file():
+        foreign = sorted(p.name for p in folder.iterdir() if not _is_leftover(p)) if folder.is_dir() else []
+        if foreign:
+            names = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+            raise ValueError(f"writer.out_dir={folder} holds {names} and no {MANIFEST}: it is not an activation "
+                             "buffer, and harvesting would mix shards into it; pick an empty or new writer.out_dir")
         return None
     manifest = read_manifest(folder)
     if manifest["complete"] and not overwrite:
@@ -191,7 +218,9 @@ def harvest_to_buffer(model: ModelConfig, text: TextConfig, harvest: HarvestConf
     Raises:
         FileExistsError: the buffer is complete and ``writer.overwrite`` is false.
         ValueError: bad config, unknown hook point, empty dataset or missing column, NaN
-            activations, or a resume whose model/text/hook points differ from the buffer's.
+            activations, a resume whose model/text/hook points differ from the buffer's, an
+            out_dir that holds files but is not a buffer, or a damaged manifest (a path in it
+            pointing outside the folder included: nothing is removed then).
     """
     validate_harvest(model, text, harvest)
     folder = Path(writer.out_dir)

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from sae.paths import inside
+
 MANIFEST = "manifest.json"
 FORMAT = "sae-forge-activations"
 VERSION = 1
@@ -43,7 +45,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no manifest (not a buffer, or a harvest that never finished a shard).
-        ValueError: not valid JSON, or not a manifest of this format/version.
+        ValueError: not valid JSON, not a manifest of this format/version, a key missing or of the wrong
+            type (see :func:`check_manifest`).
+        sae.paths.UnsafePathError: a hook point or shard path pointing outside ``folder``.
     """
     path = Path(folder) / MANIFEST
     if not path.is_file():
@@ -60,7 +64,66 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"{path} is format {manifest.get('format')!r} version {manifest.get('version')!r}; "
                          f"this reader reads {FORMAT!r} version {VERSION}")
+    check_manifest(path, manifest)
     return manifest
+
+
+_KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "true or false"}
+
+
+def _damaged(path: Path, problem: str) -> ValueError:
+    return ValueError(f"{path}: {problem}; the buffer is damaged or was edited: restore {MANIFEST} from a copy, "
+                      f"or delete {path.parent} and harvest it again")
+
+
+def _typed(path: Path, name: str, value: Any, kind: type) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _damaged(path, f"'{name}' is {json.dumps(value)[:60]}, not {_KINDS[kind]}")
+    return value
+
+
+def _field(path: Path, obj: dict[str, Any], key: str, kind: type, where: str = "") -> Any:
+    if key not in obj:
+        raise _damaged(path, f"'{where}{key}' is missing")
+    return _typed(path, where + key, obj[key], kind)
+
+
+def check_manifest(path: Path, m: dict[str, Any]) -> None:
+    """Check the keys and types the buffer code reads, and that every path in ``m`` stays inside the folder.
+
+    Hook point names are folder names (an overwrite removes them) and shard paths are opened, so each
+    goes through :func:`sae.paths.inside`.
+
+    Raises:
+        ValueError: a key missing or of the wrong type, naming the file and the key.
+        sae.paths.UnsafePathError: a hook point or shard path that points outside the folder.
+    """
+    folder = path.parent
+    _field(path, m, "complete", bool)
+    _field(path, m, "tokens", int)
+    _field(path, m, "stats", dict)
+    hookpoints = _field(path, m, "hookpoints", dict)
+    order = _field(path, m, "hookpoint_order", list)
+    for i, hp in enumerate(order):
+        inside(folder, hp, f"{path} hookpoint_order[{i}]")
+    if sorted(order) != sorted(hookpoints):
+        raise _damaged(path, f"'hookpoint_order' {order} does not list the keys of 'hookpoints' {sorted(hookpoints)} "
+                             "once each")
+    for hp in order:
+        _field(path, _field(path, hookpoints, hp, dict, "hookpoints."), "d", int, f"hookpoints.{hp}.")
+    for i, shard in enumerate(_field(path, m, "shards", list)):
+        where = f"shards[{i}]."
+        _field(path, _typed(path, where.rstrip("."), shard, dict), "tokens", int, where)
+        files = _field(path, shard, "files", dict, where)
+        for hp in order:
+            entry = _field(path, files, hp, dict, f"{where}files.")
+            inside(folder, _field(path, entry, "path", str, f"{where}files.{hp}."), f"{path} {where}files.{hp}.path")
+            _field(path, entry, "bytes", int, f"{where}files.{hp}.")
+            _field(path, entry, CHECKSUM, str, f"{where}files.{hp}.")
+    if "resume" not in m or m["resume"] is not None:
+        resume = _field(path, m, "resume", dict)
+        _field(path, resume, "context", int, "resume.")
+        _field(path, resume, "skip_rows", int, "resume.")
 
 
 def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -26,8 +26,10 @@ import torch
 import xxhash
 from torch import Tensor
 
+from sae.paths import inside
+
 from .config import DataConfig
-from .manifest import CHECKSUM, activation_slot, read_manifest
+from .manifest import CHECKSUM, MANIFEST, activation_slot, read_manifest
 from .mixing import Alloc, Block, Position, assemble, plan_batches, seeded_perm
 from .normalize import Normalizer
 from .prefetch import prefetched
@@ -135,11 +137,10 @@ class ShardReader:
         self._verified: set[Path] = set()
         for s in range(n):  # sizes now (cheap), so a truncated shard fails before training starts
             for hp in self._hookpoints():
-                entry = m["shards"][s]["files"][hp]
                 if verify == "open":
-                    self._file(entry, verify=True)
+                    self._open(s, hp)
                 else:
-                    check_size(self.folder / entry["path"], entry)
+                    check_size(*self._shard_file(s, hp))
         norms = {hp: Normalizer.from_sums(normalize, m["stats"].get(hp), f"{self.folder}:{hp}")
                  for hp in self._hookpoints()}
         self.x_norm, self.y_norm = norms[self.hookpoint], norms.get(self.target_hookpoint)
@@ -176,15 +177,19 @@ class ShardReader:
     def _hookpoints(self) -> list[str]:
         return [self.hookpoint] + ([self.target_hookpoint] if self.target_hookpoint else [])
 
-    def _file(self, entry: dict[str, Any], verify: bool) -> Tensor:
-        path = self.folder / entry["path"]
+    def _shard_file(self, shard: int, hookpoint: str) -> tuple[Path, dict[str, Any]]:
+        """(path, manifest entry) of one shard file; the path is refused unless inside the buffer."""
+        entry = self.manifest["shards"][shard]["files"][hookpoint]
+        what = f"{self.folder / MANIFEST} shards[{shard}].files.{hookpoint}.path"
+        return inside(self.folder, entry["path"], what), entry
+
+    def _open(self, shard: int, hookpoint: str) -> Tensor:
+        path, entry = self._shard_file(shard, hookpoint)
+        verify = self.verify != "none"
         t = map_shard(path, entry, verify=verify and path not in self._verified)
         if verify:
             self._verified.add(path)
         return t
-
-    def _open(self, shard: int, hookpoint: str) -> Tensor:
-        return self._file(self.manifest["shards"][shard]["files"][hookpoint], verify=self.verify != "none")
 
     @property
     def normalization(self) -> dict[str, Any]:

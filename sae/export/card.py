@@ -52,6 +52,8 @@ def _sparsity_rule(item: ExportItem) -> str:
     sae = item.sae
     groups = getattr(sae, "groups", None)
     nested = f"; Matryoshka groups {groups} (loss summed over nested prefixes)" if groups else ""
+    if sae.architecture == "clt":
+        return f"{sae.activation} activation; {sae.n_layers} layers of {sae.latents_per_layer} latents"
     if sae.architecture in ("topk", "matryoshka_topk"):
         return f"k = {sae.k} latents per token" + nested
     if sae.architecture in ("batchtopk", "matryoshka_batchtopk"):

@@ -46,11 +46,12 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 import sae as sae_pkg
 from sae.models import SAEConfig, SparseCoder, build_sae
+from sae.train.artifact import save_weights
 
 from .fold import fold_normalization, is_identity
 from .source import ExportItem
@@ -198,8 +199,8 @@ def check_exportable(items: list[ExportItem]) -> None:
 
 # --- export ------------------------------------------------------------------------------------------
 def _save(tensors: dict[str, Tensor], path: Path, dtype: torch.dtype) -> None:
-    save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}, str(path),
-              metadata={"format": "pt"})
+    save_weights({k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}, path,
+                 metadata={"format": "pt"})
 
 
 def _provenance(item: ExportItem, sae: SparseCoder) -> dict[str, Any]:
@@ -244,28 +245,24 @@ def _write_clt(item: ExportItem, out: Path, dtype: torch.dtype) -> list[dict[str
     return [_provenance(item, item.sae)]
 
 
-def _remove_stale(out: Path) -> None:
-    """Files of an earlier export (circuit-tracer counts layers by globbing, so none may survive)."""
-    for pattern in (CONFIG, "layer_*.safetensors", "W_enc_*.safetensors", "W_dec_*.safetensors"):
-        for p in out.glob(pattern):
-            p.unlink()
-
-
 def write_circuit_tracer(items: list[ExportItem], out: Path, dtype: torch.dtype = torch.float32,
-                         repo_id: str = "") -> None:
+                         repo_id: str = "", name: str = "") -> None:
     """Write ``items`` (per-layer transcoders, or one CLT) as one circuit-tracer folder ``out``.
+
+    ``out`` should be new or empty: circuit-tracer counts layers by globbing, so a file of an earlier,
+    larger export would be read as a layer. ``name`` is the folder's final name (the ``scan`` when
+    there is no ``repo_id``; default ``out``'s name).
 
     Raises:
         ValueError: what circuit-tracer cannot represent (checked before anything is written).
     """
     check_exportable(items)
     out.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
     clt = items[0].sae.architecture == "clt"
     layers = _write_clt(items[0], out, dtype) if clt else _write_set(items, out, dtype)
     model = next((i.model_name for i in items if i.model_name), "")
     cfg: dict[str, Any] = {"model_kind": CLT if clt else SET, "feature_input_hook": INPUT_HOOK,
-                           "feature_output_hook": OUTPUT_HOOK, "scan": repo_id or f"sae-forge/{out.name}"}
+                           "feature_output_hook": OUTPUT_HOOK, "scan": repo_id or f"sae-forge/{name or out.name}"}
     if model:
         cfg["model_name"] = model
     cfg["sae_forge"] = {"version": sae_pkg.__version__, "circuit_tracer_version": FORMAT_VERSION,

@@ -18,7 +18,8 @@ from .load import FORMATS
 DESCRIPTION = """Write trained SAEs as Hugging Face folders (one per hook point: weights, cfg.json, README.md
 model card) in our format, SAELens' or sparsify's, and optionally upload them to the Hub. With
 --format circuit-tracer, a model's transcoders (one per layer, layers.N.mlp_in -> layers.N.mlp, or
-one cross-layer transcoder) go into OUT_DIR itself as one set circuit-tracer loads.
+one cross-layer transcoder) go into OUT_DIR itself as one set circuit-tracer loads. OUT_DIR must be new
+or empty; --overwrite replaces its whole contents (written aside first, so a failed export keeps it).
 
 examples:
     sae-export runs/x/final/topk runs/x/hf --format saelens
@@ -44,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO_ID", default="", help="upload the export folder to this model repo")
     p.add_argument("--private", action="store_true", help="create the Hub repo private")
     p.add_argument("--revision", default=None, help="Hub branch to commit to (created if missing; default main)")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT_DIR (default: "
+                                                            "refuse it)")
     return p
 
 
@@ -53,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         sources = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint
         result = export_checkpoint(sources, args.out_dir, args.format, hookpoint=args.hookpoint,
                                    model_name=args.model_name, dtype=args.dtype, push_to_hub=args.push_to_hub,
-                                   private=args.private, revision=args.revision)
-    except (MissingTokenError, FileNotFoundError, ValueError) as e:  # user errors: the message says the fix
+                                   private=args.private, revision=args.revision, overwrite=args.overwrite)
+    except (MissingTokenError, OSError, ValueError) as e:  # user errors: the message says the fix
         sys.exit(f"sae-export: error: {e}")
     for name, folder in result.folders.items():
         print(f"{name} -> {folder} ({result.format})")

@@ -14,13 +14,21 @@ writes them (per-layer transcoders, or one cross-layer transcoder) into ``out_di
 These are the ``sae_id`` of ``sae_lens.SAE.from_pretrained(repo, sae_id)`` and the ``hookpoint``
 of ``sparsify.Sae.load_from_hub(repo, hookpoint)``. Output bytes depend only on the inputs, so
 exporting again and re-uploading an unchanged checkpoint commits nothing.
+
+A non-empty ``out_dir`` is refused unless ``overwrite``: the export is written whole into a hidden
+sibling folder that then replaces ``out_dir`` (nothing of an earlier export, or of the user's, mixes
+in), and a failure leaves ``out_dir`` as it was.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import shutil
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +43,6 @@ log = logging.getLogger(__name__)
 
 WRITERS: dict[str, Callable[[ExportItem, Path, torch.dtype], None]] = {
     "ours": native.write_native, "saelens": saelens.write_saelens, "sparsify": sparsify.write_sparsify}
-FORMAT_FILES = {"ours": native.FILES, "saelens": saelens.FILES, "sparsify": sparsify.FILES}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -67,42 +74,115 @@ def check_options(fmt: str, dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def export_items(items: list[ExportItem], out_dir: str | Path, fmt: str = "saelens", *, dtype: str = "float32",
-                 repo_id: str = "") -> ExportResult:
-    """Write ``items`` into ``out_dir`` in format ``fmt`` with model cards.
-
-    Raises:
-        ValueError: unknown format/dtype, or an SAE the format cannot represent (every SAE is
-        checked before anything is written).
-    """
-    torch_dtype = check_options(fmt, dtype)
-    if not items:
-        raise ValueError("nothing to export")
-    if fmt == "circuit-tracer":  # one folder for the whole set
-        out = Path(out_dir)
-        circuit_tracer.write_circuit_tracer(items, out, torch_dtype, repo_id)
-        (out / "README.md").write_text(circuit_tracer.card(items, repo_id), encoding="utf-8")
-        names = [i.name for i in items]  # one run per layer: often the same name, then the hook point tells
-        return ExportResult(out, {i.name if names.count(i.name) == 1 else i.hookpoint or i.name: out for i in items},
-                            fmt)
-    for item in items:  # fail before writing anything
+def check_exportable(items: list[ExportItem], fmt: str) -> None:
+    """Raise ``ValueError`` when ``fmt`` cannot represent one of ``items`` (the message names the fix)."""
+    if fmt == "circuit-tracer":
+        circuit_tracer.check_exportable(items)
+        return
+    for item in items:
         if fmt == "saelens":
             saelens.saelens_architecture(item.sae)
         elif fmt == "sparsify":
             sparsify.check_exportable(item.sae)
-    out = Path(out_dir)
-    entries = [CardEntry(item, name) for item, name in zip(items, folder_names(items))]
-    folders = {}
+    folder_names(items)
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an output that is a file, or a non-empty folder unless ``overwrite``.
+
+    Raises:
+        ValueError: naming the path and the fix.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the output {out} is a file, not a folder; export to a new folder")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"the output folder {out} is not empty; pass --overwrite (overwrite=True) to replace its "
+                         "contents, or export to a new folder")
+
+
+@contextmanager
+def replacing(out: Path) -> Iterator[Path]:
+    """A new hidden sibling folder of ``out`` to write into, which then replaces ``out``.
+
+    On success the old ``out`` is renamed aside, the new folder renamed in and the old one removed;
+    on any failure the new folder is removed and ``out`` is left as it was.
+
+    Raises:
+        OSError: the folder that holds ``out`` cannot be written (naming it and the fix).
+    """
+    target = Path(os.path.realpath(out))  # a symbolic link keeps pointing at the export
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp, aside = (target.with_name(f".{target.name}.{what}-{token}") for what in ("export", "replaced"))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:  # the OS names the hidden folder, not the user's, and no fix
+        where = Path(e.filename or tmp).parent
+        why = "no permission to write in" if isinstance(e, PermissionError) else f"{e.strerror or e} in"
+        raise type(e)(f"cannot create the export folder {out}: {why} {where}; export to a folder you can write "
+                      "to") from None
+    try:
+        yield tmp
+        if target.exists():
+            os.rename(target, aside)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if aside.exists():
+                os.rename(aside, target)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    if aside.exists():
+        log.warning("could not remove the replaced export %s; delete it by hand", aside)
+
+
+def write_export(items: list[ExportItem], folder: Path, fmt: str, dtype: torch.dtype, repo_id: str = "",
+                 name: str = "") -> dict[str, str]:
+    """Write ``items`` in format ``fmt`` with model cards into the new folder ``folder``.
+
+    Args:
+        name: the export's final folder name (circuit-tracer records it when there is no ``repo_id``).
+
+    Returns:
+        SAE name -> its folder, relative to ``folder``.
+    """
+    if fmt == "circuit-tracer":  # one folder for the whole set
+        circuit_tracer.write_circuit_tracer(items, folder, dtype, repo_id, name)
+        (folder / "README.md").write_text(circuit_tracer.card(items, repo_id), encoding="utf-8")
+        names = [i.name for i in items]  # one run per layer: often the same name, then the hook point tells
+        return {i.name if names.count(i.name) == 1 else i.hookpoint or i.name: "." for i in items}
+    entries = [CardEntry(item, rel) for item, rel in zip(items, folder_names(items))]
     for entry in entries:
-        folder = out / entry.folder
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in FORMAT_FILES[fmt]:  # an optional file of an earlier export must not survive
-            (folder / stale).unlink(missing_ok=True)
-        WRITERS[fmt](entry.item, folder, torch_dtype)
-        (folder / "README.md").write_text(sae_card(fmt, entry, repo_id), encoding="utf-8")
-        folders[entry.item.name] = folder
-    (out / "README.md").write_text(repo_card(fmt, entries, repo_id), encoding="utf-8")
-    return ExportResult(out, folders, fmt)
+        WRITERS[fmt](entry.item, folder / entry.folder, dtype)
+        (folder / entry.folder / "README.md").write_text(sae_card(fmt, entry, repo_id), encoding="utf-8")
+    (folder / "README.md").write_text(repo_card(fmt, entries, repo_id), encoding="utf-8")
+    return {e.item.name: e.folder for e in entries}
+
+
+def export_items(items: list[ExportItem], out_dir: str | Path, fmt: str = "saelens", *, dtype: str = "float32",
+                 repo_id: str = "", overwrite: bool = False) -> ExportResult:
+    """Write ``items`` into ``out_dir`` in format ``fmt`` with model cards.
+
+    Args:
+        overwrite: replace a non-empty ``out_dir`` (its whole contents) rather than refuse it.
+
+    Raises:
+        ValueError: unknown format/dtype, an SAE the format cannot represent, or a non-empty
+        ``out_dir`` without ``overwrite`` (all checked before anything is written).
+        OSError: ``out_dir`` cannot be created (naming the folder and the fix).
+    """
+    torch_dtype = check_options(fmt, dtype)
+    if not items:
+        raise ValueError("nothing to export")
+    check_exportable(items, fmt)
+    out = Path(out_dir)
+    check_output(out, overwrite)
+    with replacing(out) as tmp:
+        folders = write_export(items, tmp, fmt, torch_dtype, repo_id, Path(os.path.realpath(out)).name)
+    return ExportResult(out, {name: out / rel for name, rel in folders.items()}, fmt)
 
 
 def check_apart(source: str | Path, out_dir: str | Path) -> None:
@@ -125,7 +205,8 @@ def check_apart(source: str | Path, out_dir: str | Path) -> None:
 
 def export_checkpoint(path: str | Path | Sequence[str | Path], out_dir: str | Path, fmt: str = "saelens", *,
                       hookpoint: str | None = None, model_name: str | None = None, dtype: str = "float32",
-                      push_to_hub: str = "", private: bool = False, revision: str | None = None) -> ExportResult:
+                      push_to_hub: str = "", private: bool = False, revision: str | None = None,
+                      overwrite: bool = False) -> ExportResult:
     """``sae-export``: read the SAEs at ``path``, write them to ``out_dir``, optionally upload.
 
     Args:
@@ -136,11 +217,13 @@ def export_checkpoint(path: str | Path | Sequence[str | Path], out_dir: str | Pa
             multi-SAE source).
         model_name: model recorded in the card and SAELens metadata when the checkpoint lacks it.
         push_to_hub: repo id to upload ``out_dir`` to ("" : no upload).
+        overwrite: replace a non-empty ``out_dir`` rather than refuse it (see :func:`export_items`).
     """
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     check_options(fmt, dtype)
     for p in paths:
         check_apart(p, out_dir)
+    check_output(Path(out_dir), overwrite)  # before reading the sources
     if push_to_hub:  # fail before any work when the upload cannot happen
         from .hub import resolve_token
 
@@ -154,7 +237,7 @@ def export_checkpoint(path: str | Path | Sequence[str | Path], out_dir: str | Pa
         items[0].hookpoint = hookpoint
     for item in items:
         item.model_name = item.model_name or (model_name or "")
-    result = export_items(items, out_dir, fmt, dtype=dtype, repo_id=push_to_hub)
+    result = export_items(items, out_dir, fmt, dtype=dtype, repo_id=push_to_hub, overwrite=overwrite)
     if push_to_hub:
         from .hub import push_to_hub as upload
 

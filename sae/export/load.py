@@ -24,6 +24,7 @@ from typing import Any
 from safetensors import safe_open
 
 from sae.models import SparseCoder
+from sae.models.weights import check_finite
 
 from . import circuit_tracer, native, saelens, sparsify
 from .fold import fold_normalization, is_identity
@@ -147,6 +148,7 @@ def load_pretrained_with_info(path_or_repo: str | Path, hookpoint: str | None = 
                               raw_activations: bool = True) -> Pretrained:
     """Like :func:`load_pretrained`, returning the format and provenance too."""
     loaded = read_folder(*_resolve(path_or_repo, hookpoint, revision))
+    check_finite(loaded.sae.state_dict(), f"{loaded.folder} ({loaded.format} format)")
     norm = loaded.cfg.get("normalization") if loaded.format == "ours" else None
     if raw_activations and not is_identity(norm):
         loaded.sae, loaded.folded = fold_normalization(loaded.sae, norm), True

@@ -38,7 +38,7 @@ def without_code_keys(obj: Any) -> Any:
 
 def write_native(item: ExportItem, folder: Path, dtype: torch.dtype = torch.float32) -> None:
     """Write ``item`` in our format into ``folder`` (created), without :data:`CODE_KEYS`."""
-    extra: dict[str, Any] = {k: without_code_keys(v) for k, v in item.meta.items() if k not in _BASE_KEYS}
+    extra: dict[str, Any] = without_code_keys({k: v for k, v in item.meta.items() if k not in _BASE_KEYS})
     if "data" not in extra and item.hookpoint:  # a converted SAE: sae-eval then finds its hook points in a buffer
         extra["data"] = {"source": "buffer", "hookpoint": item.hookpoint, "target_hookpoint": item.target_hookpoint}
     extra["provenance"] = {"name": item.name, "hookpoint": item.hookpoint, "target_hookpoint": item.target_hookpoint,

@@ -46,11 +46,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 import sae as sae_pkg
 from sae.models import SAEConfig, SparseCoder, build_sae
+from sae.models.weights import check_shapes
+from sae.train.artifact import save_weights
 
 from .fold import fold_normalization, is_identity
 from .source import ExportItem
@@ -85,9 +87,14 @@ def saelens_architecture(sae: SparseCoder) -> str:
     """The SAELens architecture name our ``sae`` exports as.
 
     Raises:
-        ValueError: no SAELens equivalent (TopK transcoders).
+        ValueError: no SAELens equivalent (TopK and Gated transcoders, cross-layer transcoders).
     """
     arch = _BASE.get(sae.architecture, sae.architecture)
+    if arch == "clt":
+        raise ValueError("SAELens has no cross-layer transcoder; export this one with --format circuit-tracer "
+                         "(a causal ReLU/JumpReLU/BatchTopK CLT over layers 0..N-1) or --format ours")
+    if arch not in ("topk", "relu", "jumprelu", "batchtopk", "gated"):
+        raise ValueError(f"SAELens has no {sae.architecture!r} architecture; export this one with --format ours")
     if arch == "gated" and sae.cfg.transcode:
         raise ValueError("SAELens has no gated transcoder; export this one with --format ours")
     if not sae.cfg.transcode:
@@ -154,10 +161,10 @@ def write_saelens(item: ExportItem, folder: Path, dtype: torch.dtype = torch.flo
     }
     cfg["metadata"] = metadata
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}, str(folder / WEIGHTS),
-              metadata={"format": "pt"})
+    save_weights({k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}, folder / WEIGHTS,
+                 metadata={"format": "pt"})
     if item.frequencies is not None:  # SAELens' convention: log10 of the firing frequency (+1e-10)
-        save_file({"sparsity": torch.log10(item.frequencies.float() + 1e-10).contiguous()}, str(folder / SPARSITY))
+        save_weights({"sparsity": torch.log10(item.frequencies.float() + 1e-10).contiguous()}, folder / SPARSITY)
     (folder / CFG).write_text(json.dumps(cfg, indent=2))
 
 
@@ -207,13 +214,15 @@ def read_saelens(folder: Path) -> tuple[SparseCoder, dict[str, Any]]:
         raise ValueError(f"{folder / CFG}: normalize_activations={cfg['normalize_activations']!r}; fold it into the "
                          "weights first (SAELens: sae.fold_activation_norm_scaling_factor(f); sae.save_model(path))")
     ours, transcode, skip = _IMPORT[arch]
+    d_in, L = int(cfg["d_in"]), int(cfg["d_sae"])
+    d_out = int(cfg.get("d_out", d_in)) if transcode else d_in
+    check_shapes(folder / WEIGHTS, {"W_enc": (d_in, L), "W_dec": (L, d_out)},
+                 f"{folder / CFG} (d_in={d_in}, d_sae={L}, d_out={d_out})", exact_names=False)
     state = {k: v.float() for k, v in load_file(str(folder / WEIGHTS)).items()}
     scaling = state.pop("scaling_factor", state.pop("finetuning_scaling_factor", None))
     if scaling is not None and not torch.allclose(scaling, torch.ones_like(scaling)):
         raise ValueError(f"{folder / WEIGHTS}: a finetuning scaling factor other than 1 is not supported; fold it "
                          "into W_dec (W_dec * scaling_factor[:, None]) first")
-    d_in, L = int(cfg["d_in"]), int(cfg["d_sae"])
-    d_out = int(cfg.get("d_out", d_in)) if transcode else d_in
     if ours == "gated":
         state["b_enc"] = state.pop("b_gate")
     W_enc, b_enc, W_dec, b_dec = (state.pop(k) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))

@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sae.models import SAEConfig, SparseCoder, build_sae
+from sae.models.weights import check_shapes
+from sae.train.artifact import save_weights
 
 from .fold import fold_normalization
+from .saelens import saelens_architecture
 from .source import ExportItem
 
 WEIGHTS = "sae.safetensors"
@@ -32,11 +35,21 @@ FILES = (WEIGHTS, CFG)
 FORMAT_VERSION = "1.3.3"
 
 
+def _alternatives(sae: SparseCoder) -> str:
+    """The other formats that represent ``sae``, as the fix of a refusal."""
+    if sae.architecture == "clt":
+        return "use --format circuit-tracer or --format ours"
+    try:
+        saelens_architecture(sae)
+    except ValueError:
+        return "use --format ours"
+    return "use --format saelens (ReLU, JumpReLU, BatchTopK, Gated) or --format ours"
+
+
 def check_exportable(sae: SparseCoder) -> None:
     """Raise ``ValueError`` when sparsify cannot represent ``sae``."""
     if sae.architecture not in ("topk", "matryoshka_topk"):  # Matryoshka: a training loss only
-        raise ValueError(f"sparsify loads TopK sparse coders only, not {sae.architecture!r}; use --format saelens "
-                         "(ReLU, JumpReLU, BatchTopK) or --format ours")
+        raise ValueError(f"sparsify loads TopK sparse coders only, not {sae.architecture!r}; {_alternatives(sae)}")
     if sae.d_out != sae.d_in:
         raise ValueError(f"sparsify transcoders map a width to itself; this one maps d_in={sae.d_in} to "
                          f"d_out={sae.d_out}: use --format ours")
@@ -54,8 +67,8 @@ def write_sparsify(item: ExportItem, folder: Path, dtype: torch.dtype = torch.fl
            "num_latents": sae.num_latents, "k": sae.k, "multi_topk": False,
            "skip_connection": sae.W_skip is not None, "transcode": bool(sae.cfg.transcode), "d_in": sae.d_in}
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}, str(folder / WEIGHTS),
-              metadata={"format": "pt"})
+    save_weights({k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}, folder / WEIGHTS,
+                 metadata={"format": "pt"})
     (folder / CFG).write_text(json.dumps(cfg, indent=2))
 
 
@@ -69,11 +82,13 @@ def read_sparsify(folder: Path) -> tuple[SparseCoder, dict[str, Any]]:
     if cfg.get("activation", "topk") != "topk":
         raise ValueError(f"{folder / CFG}: sparsify activation {cfg['activation']!r} has no equivalent here "
                          "(TopK only)")
+    d_in = int(cfg["d_in"])
+    L = int(cfg.get("num_latents") or 0) or d_in * int(cfg.get("expansion_factor", 32))
+    check_shapes(folder / WEIGHTS, {"encoder.weight": (L, d_in), "W_dec": (L, d_in)},
+                 f"{folder / CFG} (d_in={d_in}, num_latents={L})", exact_names=False)
     state = {k: v.float() for k, v in load_file(str(folder / WEIGHTS)).items()}
     if "W_dec" not in state:
         raise ValueError(f"{folder / WEIGHTS} has no W_dec (saved with decoder=False): it cannot reconstruct")
-    d_in = int(cfg["d_in"])
-    L = int(cfg.get("num_latents") or 0) or d_in * int(cfg.get("expansion_factor", 32))
     skip, transcode = bool(cfg.get("skip_connection")), bool(cfg.get("transcode"))
     params = {"W_enc": state.pop("encoder.weight"), "b_enc": state.pop("encoder.bias"), "W_dec": state.pop("W_dec"),
               "b_dec": state.pop("b_dec")}

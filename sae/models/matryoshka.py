@@ -21,6 +21,8 @@ O(B K E), beside the O(B L D) selection GEMM.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from sae_kernels import sparse_decode
 from torch import Tensor
@@ -64,10 +66,9 @@ class _Matryoshka:
 
     def _init_groups(self) -> None:
         self.groups = resolve_groups(self.cfg, self.num_latents)
-        bounds = torch.tensor([0, *torch.tensor(self.groups).cumsum(0).tolist()])
-        #: Prefix widths w_0 < w_1 < ... < w_last = L.
-        self.prefix_widths = bounds[1:].tolist()
-        self.register_buffer("group_bounds", bounds, persistent=False)
+        #: Prefix widths w_0 < w_1 < ... < w_last = L (computed on the host: builds on the meta device too).
+        self.prefix_widths = list(itertools.accumulate(self.groups))
+        self.register_buffer("group_bounds", torch.tensor([0, *self.prefix_widths]), persistent=False)
 
     def prefix_reconstructions(self, codes: SparseCodes) -> list[Tensor]:
         """[B, E] reconstruction of every prefix but the last (the whole SAE), narrowest first."""

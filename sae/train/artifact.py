@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from sae.buffer.atomic import naming_the_file, write_json_atomic
 from sae.models import SAEConfig, SparseCoder, build_sae
+from sae.models.weights import check_finite, check_shapes
 
 WEIGHTS = "sae.safetensors"
 CFG = "cfg.json"
@@ -33,19 +35,38 @@ def sae_metadata(sae: SparseCoder, **extra: Any) -> dict[str, Any]:
     }
 
 
+def save_weights(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` to ``path`` as safetensors, atomically (temporary sibling, then rename).
+
+    safetensors writes through a private temporary file of its own, mode 600 whatever the umask; the
+    file here gets the mode a plainly created file would (0o666 less the umask), as cfg.json does,
+    so others on a shared cluster read the weights when they may read the folder.
+
+    Raises:
+        OSError: as the OS raised it; a full disk names ``path``.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with naming_the_file(path):
+        tmp.unlink(missing_ok=True)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
+            mode = os.fstat(fd).st_mode & 0o777
+            os.close(fd)
+            save_file(tensors, str(tmp), metadata=metadata)
+            os.chmod(tmp, mode)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path)
+    return path
+
+
 def save_sae(sae: SparseCoder, directory: str | Path, **extra: Any) -> Path:
     """Write weights and cfg.json into ``directory`` (created). Extra keys go into cfg.json."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
-    tmp = directory / f".{WEIGHTS}.tmp-{os.getpid()}"
-    with naming_the_file(directory / WEIGHTS):
-        try:
-            save_file(tensors, str(tmp))
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, directory / WEIGHTS)
+    save_weights({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, directory / WEIGHTS)
     write_json_atomic(directory / CFG, sae_metadata(sae, **extra))
     return directory
 
@@ -83,7 +104,22 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> Spars
     unknown = set(meta["sae"]) - fields
     if unknown:
         raise ValueError(f"{directory / CFG}: unknown SAE config keys {sorted(unknown)}")
-    sae = build_sae(SAEConfig(**meta["sae"]), meta["d_in"], meta["d_out"])
-    state = load_file(str(directory / WEIGHTS), device="cpu")  # one copy on the device, made by .to()
+    cfg_path, weights = directory / CFG, directory / WEIGHTS
+    for key in ("d_in", "d_out", "num_latents"):
+        if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool) or meta[key] <= 0:
+            raise ValueError(f"{cfg_path}: {key} is {meta.get(key)!r}, not a positive integer; the folder is damaged: "
+                             "restore it or export it again")
+    cfg = SAEConfig(**meta["sae"])
+    # Sizes come from cfg.json; the weight file's header must agree before anything is allocated.
+    with torch.device("meta"):
+        probe = build_sae(cfg, meta["d_in"], meta["d_out"])
+    if probe.num_latents != meta["num_latents"]:
+        raise ValueError(f"{cfg_path}: num_latents is {meta['num_latents']} but its 'sae' section makes an SAE with "
+                         f"{probe.num_latents}; the file was edited: restore it or export it again")
+    check_shapes(weights, {k: tuple(v.shape) for k, v in probe.state_dict().items()},
+                 f"{cfg_path} (d_in={meta['d_in']}, d_out={meta['d_out']}, num_latents={meta['num_latents']})")
+    state = load_file(str(weights), device="cpu")  # one copy on the device, made by .to()
+    check_finite(state, weights)
+    sae = build_sae(cfg, meta["d_in"], meta["d_out"])
     sae.load_state_dict(state, strict=True)
     return sae.to(device)

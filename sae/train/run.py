@@ -33,6 +33,7 @@ from .trainer import Trainer, validate_train_config
 from .wandb_logger import WandbLogger, all_frequencies, density_hook, validate_wandb
 
 log = logging.getLogger(__name__)
+LOG_FILE = "sae-train.log"  # rank 0's log lines (module "sae" and below), beside metrics.jsonl
 
 
 @dataclass
@@ -212,10 +213,18 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
                       data_init=not run.train.init_from, hookpoints=hp_of, sae_meta_by_name=meta_by_name)
     # The folder is locked and checked (same run, or none) before anything in it is written.
     trainer.claim_out_dir()
+    log_file = None
+    if dist.is_main():  # the run's log, in the folder it now holds (Hydra writes nothing there)
+        log_file = logging.FileHandler(out_dir / LOG_FILE)
+        log_file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        logging.getLogger("sae").addHandler(log_file)
     try:
         return _train_claimed(run, trainer, source, strategy, out_dir, hp_of, heldout)
     finally:
         trainer.close()
+        if log_file is not None:
+            logging.getLogger("sae").removeHandler(log_file)
+            log_file.close()
 
 
 def _train_claimed(run: TrainRunConfig, trainer: Trainer, source, strategy, out_dir: Path,

@@ -6,7 +6,10 @@
 - **One run.** ``run.json`` records the run's identity when the folder is first claimed: every
   SAE's architecture, settings and sizes, the hook points, batch size, world size, strategy and
   the data source's identity. Resuming with a different identity is refused before anything in the
-  folder changes, naming every differing key; so is "resuming" a run that already finished.
+  folder changes, naming every differing key; so is "resuming" a run that already finished
+  (``final/`` written and marked complete, :data:`FINISHED`). A run killed after its last
+  checkpoint but before ``final/`` was complete is not finished: the rerun resumes at that
+  checkpoint, trains no step and writes ``final/`` from it.
   ``train.resume=false`` moves an existing run aside (``<out_dir>.replaced-<time>``) and starts
   afresh; nothing is deleted.
 
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 
 IDENTITY = "run.json"
 LOCK = ".lock"
+FINISHED = "final/.complete"  # written last, after every rank's final/ weights
 
 
 def identity_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -147,7 +151,14 @@ class RunFolder:
         ckpt = latest_checkpoint(self.path)
         if ckpt is not None:
             step = int(read_manifest(ckpt)["step"])
-            if step >= total_steps:
+            if step >= total_steps and (self.path / FINISHED).is_file():
                 raise ValueError(f"train.out_dir={self.path} holds a finished run (step {step} of {total_steps}); "
                                  "raise train.steps or train.max_tokens to train it further, or " + fix)
+            if step >= total_steps:
+                log.warning("%s stopped after its last checkpoint (step %d) before final/ was complete: writing "
+                            "final/ from that checkpoint", self.path, step)
         return None
+
+    def mark_finished(self, step: int) -> None:
+        """Record that ``final/`` is complete (called once every rank has written its part)."""
+        write_json_atomic(self.path / FINISHED, {"step": step})

@@ -188,6 +188,7 @@ class Trainer:
             self.trackers[name] = DeadLatentTracker(sae.num_latents, cfg.dead_tokens_threshold, self.device)
         self.step = 0
         self.tokens = 0
+        self._checkpoint_step: int | None = None  # the step of the last checkpoint written or resumed from
         self.last_metrics: dict[str, float] = {}
         self.final_dirs: dict[str, Path] = {}
         self.step_hooks: list = []  # called as hook(trainer) after each step (evaluation, fault tests)
@@ -279,7 +280,8 @@ class Trainer:
         finally:
             bar.close()
             batches.close()  # stops a DeviceFeed's thread
-        self.save_checkpoint()
+        if self._checkpoint_step != self.step:
+            self.save_checkpoint()
         self.final_dirs = self.save_final()
         self.logger.close()
         return self.last_metrics
@@ -448,8 +450,10 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         self.check_deferred_finite()  # never checkpoint weights that saw a bad batch
         meta = {"strategy": self.strategy.name, "saes": sorted(self.saes)}
-        return save_checkpoint(self.out_dir, self.step, self._write_parts, self.state_dict(), meta,
+        path = save_checkpoint(self.out_dir, self.step, self._write_parts, self.state_dict(), meta,
                                keep=self.cfg.keep_checkpoints)
+        self._checkpoint_step = self.step
+        return path
 
     def maybe_resume(self) -> bool:
         ckpt = latest_checkpoint(self.out_dir)
@@ -476,6 +480,7 @@ class Trainer:
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self._checkpoint_step = self.step
         log.info("resumed from %s at step %d", ckpt, self.step)
         return True
 
@@ -488,4 +493,6 @@ class Trainer:
                 out[name] = save_sae(sae, self._sae_dir(self.out_dir / "final", name, sae), **self._meta(name),
                                      **self.strategy.shard_meta(sae))
         dist.barrier()
+        if dist.is_main():
+            self.folder.mark_finished(self.step)
         return out

@@ -127,7 +127,7 @@ def test_training_normalisation_is_folded(tmp_path):
 
 def test_a_smaller_export_leaves_no_stale_layer(tmp_path):
     export_items(layer_items(n=3), tmp_path / "ct", "circuit-tracer")
-    export_items(layer_items(n=2), tmp_path / "ct", "circuit-tracer")
+    export_items(layer_items(n=2), tmp_path / "ct", "circuit-tracer", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "ct").glob("layer_*")) == ["layer_0.safetensors", "layer_1.safetensors"]
 
 

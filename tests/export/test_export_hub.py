@@ -53,7 +53,7 @@ def test_push_to_hub_creates_repo_branch_and_one_commit_then_reupload_is_a_no_op
         args = ("--push-to-hub", "me/pythia-saes", "--private", "--revision", "dev")
         first = export_cli(tmp_path, env, *args)
         assert first.returncode == 0, first.stderr
-        second = export_cli(tmp_path, env, *args)  # same checkpoint, same bytes
+        second = export_cli(tmp_path, env, *args, "--overwrite")  # same checkpoint, same bytes
         assert second.returncode == 0, second.stderr
         created = hub.calls("POST", r"^/api/repos/create$")
         assert len(created) == 2 and created[0].body["name"] == "pythia-saes"

@@ -60,13 +60,15 @@ def peers(tmp_path_factory):
     job: dict[str, list] = {"load": [], "save": []}
     ours = {}
     for fmt, cases in (("saelens", SAELENS_CASES), ("sparsify", SPARSIFY_CASES)):
+        items = []
         for name, (arch, transcode, skip, d_out) in cases.items():
             sae = make_sae(arch, transcode, skip, d_out)
-            export_items([ExportItem(name, sae, hookpoint=name)], tmp / fmt, fmt)
+            items.append(ExportItem(name, sae, hookpoint=name))
             ours[(fmt, name)] = outputs(sae, x)
             save_file({"x": x}, str(tmp / "x.safetensors"))
             job["load"].append({"lib": fmt, "folder": str(tmp / fmt / name), "ref": str(tmp / "x.safetensors"),
                                 "out": str(tmp / f"got_{fmt}_{name}.safetensors")})
+        export_items(items, tmp / fmt, fmt)  # one export per folder: a second one into it is refused
     job["load"] += [  # the Hub layout, through each library's own Hub loader
         {"lib": "saelens", "repo": "me/saelens-saes", "sae_id": "topk", "ref": str(tmp / "x.safetensors"),
          "out": str(tmp / "got_hub_saelens.safetensors")},

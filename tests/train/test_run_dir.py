@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,6 +112,23 @@ def test_finished_run_is_not_resumed_silently(tmp_path):
     api_run().fit()
     with pytest.raises(ValueError, match="holds a finished run"):
         api_run().fit()
+
+
+def test_run_killed_after_its_last_checkpoint_gets_its_final_weights(tmp_path):
+    """kill -9 between the last checkpoint and final/: the rerun writes final/ from that checkpoint,
+    bitwise equal to the uninterrupted run's, and only then is the run finished."""
+    from safetensors.torch import load_file
+
+    done, killed = tmp_path / "done", tmp_path / "killed"
+    train(done, "train.steps=4")
+    train(killed, "train.steps=4")
+    shutil.rmtree(killed / "final")  # the state a kill -9 right after the step-4 checkpoint leaves
+    result = train(killed, "train.steps=4")
+    assert result.final_dirs["topk"] == killed / "final" / "topk"
+    a, b = load_file(done / "final/topk/sae.safetensors"), load_file(killed / "final/topk/sae.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match=r"holds a finished run \(step 4 of 4\)"):
+        train(killed, "train.steps=4")
 
 
 def test_resume_false_moves_the_old_run_aside(tmp_path):
