@@ -50,13 +50,7 @@ class HarvestRunConfig:
     writer: WriterConfig = field(default_factory=WriterConfig)
 
 
-def _eval_dir(sae_path: str, out_dir: str) -> str:
-    """Hydra run dir of ``sae-eval``: the report folder (never a folder derived from an empty path)."""
-    return out_dir or (f"{sae_path}/eval" if sae_path else ".")
-
-
 def register_configs() -> None:
-    OmegaConf.register_new_resolver("eval_dir", _eval_dir, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainRunConfig)
     cs.store(name="harvest_schema", node=HarvestRunConfig)

@@ -24,6 +24,15 @@ def _fingerprint(t: Tensor) -> str:
     return xxhash.xxh3_64_hexdigest(data.view(torch.uint8).numpy().tobytes()) if data.numel() else "empty"
 
 
+def first_nonfinite_row(t: Tensor, chunk_rows: int = 1 << 16) -> int | None:
+    """Index of the first row of ``t`` holding NaN or Inf, else None (reads ``t`` in bounded chunks)."""
+    for start in range(0, t.shape[0], chunk_rows):
+        bad = ~torch.isfinite(t[start:start + chunk_rows]).all(1)
+        if bool(bad.any()):
+            return start + int(bad.nonzero()[0, 0])
+    return None
+
+
 class TensorSource:
     """Shuffled batches of in-memory activations (see the module docstring).
 
@@ -44,6 +53,11 @@ class TensorSource:
         if batch_size <= 0 or x.shape[0] < batch_size * world_size:
             raise ValueError(f"TensorSource: {x.shape[0]} rows are fewer than one batch of {batch_size} per rank "
                              f"({world_size} rank(s)); lower batch_size or pass more rows")
+        for name, t in (("x", x), ("y", y)):
+            row = None if t is None else first_nonfinite_row(t)
+            if row is not None:
+                raise ValueError(f"TensorSource: {name}[{row}] holds NaN or Inf; drop or repair such rows before "
+                                 f"training (e.g. keep = torch.isfinite({name}).all(1))")
         self.x, self.y = x, y
         self.d_in, self.d_out = x.shape[1], (y.shape[1] if y is not None else x.shape[1])
         self.batch_size, self.shuffle, self.seed, self.epochs = batch_size, shuffle, seed, epochs

@@ -16,13 +16,20 @@ import base64
 import dataclasses
 import html
 import importlib.metadata
+import os
 import platform
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .dashboards import Dashboard, Histogram
 from .examples import LatentExamples
 
+REPORT_FILES = frozenset({"report.json", "report.html", "latents.safetensors", "density.png", "l0.png",
+                          "freq_vs_norm.png", "training.png"})
+"""Every file ``sae-eval`` writes; a report folder holds nothing else."""
 PACKAGES = ("sae-forge", "torch", "transformers", "safetensors", "numpy", "matplotlib", "hydra-core")
 
 SUMMARY_ROWS = [
@@ -102,6 +109,61 @@ window.addEventListener('load', function () {
 """
 
 
+# Control characters made visible (C0 as the Unicode control pictures, NUL -> U+2400; DEL; C1 as
+# \x80..\x9f), tab and newline kept: token strings carry raw bytes, and a control character in an
+# HTML page is a parse error that browsers and tools handle differently.
+_CONTROLS = {**{c: chr(0x2400 + c) for c in range(32) if c not in (9, 10)}, 0x7F: "\u2421",
+             **{c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}}
+
+
+def escape(text: str) -> str:
+    """``html.escape`` with every control character but tab and newline shown as a visible escape."""
+    return html.escape(text).translate(_CONTROLS)
+
+
+def check_report_dir(out: Path) -> None:
+    """Refuse an output folder that is a file or holds anything but an earlier report: the report
+    folder is replaced as a whole (:func:`staged_dir`), never over a user's files.
+
+    Raises:
+        ValueError: naming the folder, a file in it no report writes, and the fix.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the report folder {str(out)!r} is a file; set eval.out_dir to a new or empty folder")
+    other = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES) if out.is_dir() else []
+    if other:
+        more = f" and {len(other) - 1} more" if other[1:] else ""
+        raise ValueError(f"the report folder {str(out)!r} holds {other[0]!r}{more}, which no report writes; the "
+                         "folder is replaced whole, so set eval.out_dir to a new or empty folder (or move those files)")
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A fresh temporary sibling of ``out`` to write the report into: renamed to ``out`` (replacing
+    an earlier report) when the block succeeds, removed when it raises (``out`` then untouched)."""
+    final = out.resolve()
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    old = None
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if old is not None:
+                os.rename(old, final)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -117,7 +179,7 @@ def _table(rows: list[tuple[str, str, str]], values: dict[str, Any]) -> str:
     for key, label, fmt in rows:
         v = values.get(key)
         if isinstance(v, (int, float)):
-            cells.append(f"<tr><td>{html.escape(label)}</td><td class='v'>{html.escape(fmt.format(v))}</td>"
+            cells.append(f"<tr><td>{escape(label)}</td><td class='v'>{escape(fmt.format(v))}</td>"
                          f"<td class='meta'>{key}</td></tr>")
     return "<table>" + "".join(cells) + "</table>"
 
@@ -128,27 +190,27 @@ def _clt_table(clt: dict[str, Any]) -> str:
                                              "dead latents"))
     rows = []
     for r in clt["layers"]:
-        cells = [html.escape(str(r["layer"])), html.escape(f"{r['input']} → {r['target']}")]
+        cells = [escape(str(r["layer"])), escape(f"{r['input']} → {r['target']}")]
         cells += [f"{r['fvu']:.4f}", f"{r['mse']:.4g}", f"{r['cosine']:.4f}", f"{r['l0']:.2f}",
                   f"{r['dead_fraction']:.2%}"]
         rows.append("<tr>" + "".join(f"<td class='v'>{c}</td>" if i > 1 else f"<td>{c}</td>"
                                      for i, c in enumerate(cells)) + "</tr>")
     kind = "acausal crosscoder" if clt["acausal"] else "cross-layer transcoder"
-    note = (f"<div class='meta'>{kind}, {clt['activation']}, {clt['latents_per_layer']} latents per layer; "
-            f"sum of per-layer FVUs (the training loss) {clt['fvu_sum']:.4f}</div>")
+    note = (f"<div class='meta'>{kind}, {escape(str(clt['activation']))}, {clt['latents_per_layer']} latents per "
+            f"layer; sum of per-layer FVUs (the training loss) {clt['fvu_sum']:.4f}</div>")
     return note + "<table><tr>" + head + "</tr>" + "".join(rows) + "</table>"
 
 
 def _img(path: Path, caption: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     wide = " class='wide'" if path.stem == "training" else ""
-    return (f"<figure><img{wide} alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
-            f"<figcaption class='meta'>{html.escape(caption)} ({html.escape(path.name)})</figcaption></figure>")
+    return (f"<figure><img{wide} alt='{escape(caption)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption class='meta'>{escape(caption)} ({escape(path.name)})</figcaption></figure>")
 
 
 def _token_span(tok: str, act: float, peak: float, focus: bool) -> str:
     alpha = 0.0 if peak <= 0 else max(0.0, min(1.0, act / peak))
-    text = html.escape(tok.replace("\n", "↵"))
+    text = escape(tok.replace("\n", "↵"))
     title = f" title='{act:.3g}'" if act > 0 else ""
     cls = "tok focus" if focus else "tok"
     return f"<span class='{cls}' style='background:rgba(255,140,0,{alpha:.2f})'{title}>{text}</span>"
@@ -170,7 +232,7 @@ def _histogram_svg(h: Histogram, width: int = 240, height: int = 64) -> str:
 
 def _chips(effects: list, cls: str) -> str:
     return "".join(f"<span class='chip {cls}' title='{e.value:+.3g} (token {e.token_id})'>"
-                   f"{html.escape(e.token.replace(chr(10), '↵'))}</span>" for e in effects)
+                   f"{escape(e.token.replace(chr(10), '↵'))}</span>" for e in effects)
 
 
 def _dashboard_html(d: Dashboard, shown: set[int], tokens_note: str) -> str:
@@ -183,7 +245,7 @@ def _dashboard_html(d: Dashboard, shown: set[int], tokens_note: str) -> str:
         panels.append(f"<div class='panel'><div class='meta'>promotes (W_U · decoder)</div>{_chips(d.promoted, 'up')}"
                       f"<div class='meta'>suppresses</div>{_chips(d.suppressed, 'down')}</div>")
     elif tokens_note:
-        panels.append(f"<div class='panel'><div class='meta'>promoted tokens: {html.escape(tokens_note)}</div></div>")
+        panels.append(f"<div class='panel'><div class='meta'>promoted tokens: {escape(tokens_note)}</div></div>")
     if d.neighbours:
         items = []
         for nb in d.neighbours:
@@ -213,9 +275,9 @@ def render_html(report: dict[str, Any], plots: dict[str, Path], examples: list[L
     """The report page as one HTML string (plots inlined)."""
     s = report["sae"]
     title = f"SAE evaluation: {s['name']} ({s['architecture']}, {s['num_latents']} latents) at {s['hookpoint']}"
-    body = [f"<h1>{html.escape(title)}</h1>",
-            f"<div class='meta'>{html.escape(str(s['path']))} · data: {html.escape(report['data']['source'])} · "
-            f"created {html.escape(report['created'])}</div>", "<div id='broken'></div>",
+    body = [f"<h1>{escape(title)}</h1>",
+            f"<div class='meta'>{escape(str(s['path']))} · data: {escape(report['data']['source'])} · "
+            f"created {escape(report['created'])}</div>", "<div id='broken'></div>",
             "<h2>Summary</h2>", _table(SUMMARY_ROWS, report["metrics"])]
     if report.get("clt"):
         body += ["<h2>Per layer</h2>", _clt_table(report["clt"])]
@@ -226,11 +288,11 @@ def render_html(report: dict[str, Any], plots: dict[str, Path], examples: list[L
                 "the CLT's reconstruction replaces every layer's MLP output at kept positions, its codes from the MLP "
                 + ("inputs of the spliced forward (replacement model)" if splice.get("inputs") == "replacement"
                    else "inputs of the clean forward"))
-        body.append(f"<div class='meta'>{html.escape(splice['kind'])}, model {html.escape(splice['model'])}; "
+        body.append(f"<div class='meta'>{escape(splice['kind'])}, model {escape(splice['model'])}; "
                     f"{what}</div>")
         body.append(_table(SPLICE_ROWS, splice["metrics"]))
     else:
-        body.append(f"<p class='meta'>not run: {html.escape(splice.get('skipped', 'no model'))}</p>")
+        body.append(f"<p class='meta'>not run: {escape(splice.get('skipped', 'no model'))}</p>")
     if plots:
         body.append("<h2>Plots</h2><div class='plots'>")
         body += [_img(p, name) for name, p in plots.items()]
@@ -244,8 +306,8 @@ def render_html(report: dict[str, Any], plots: dict[str, Path], examples: list[L
                     "line, the outlined token where it fires most, shading the activation.</p>")
         body.append(_examples_html(examples, report.get("logit_tokens_skipped", "")))
     else:
-        body.append(f"<p class='meta'>none: {html.escape(report.get('examples_skipped', 'no token ids'))}</p>")
-    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
+        body.append(f"<p class='meta'>none: {escape(report.get('examples_skipped', 'no token ids'))}</p>")
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + escape(title) + "</title><style>"
             + _CSS + "</style><script>" + _SCRIPT + "</script></head><body>" + "".join(body) + "</body></html>")
 
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 
 from sae.buffer.atomic import write_json_atomic
 from sae.buffer.config import DataConfig
@@ -32,7 +31,7 @@ from sae.harvest.harvester import Harvester
 from sae.harvest.model import LoadedModel, resolve_device
 from sae.harvest.text import load_text_dataset
 from sae.models import SparseCoder
-from sae.train.artifact import CFG, load_sae, read_sae_cfg
+from sae.train.artifact import CFG, load_sae, read_sae_cfg, save_weights
 
 from . import plots
 from .config import EvalConfig, validate_eval
@@ -50,7 +49,7 @@ from .data import (
 from .examples import pick_latents, top_examples
 from .lm import SAEReconstructor, load_eval_model, normalizer_from_dict
 from .metrics import ReconstructionStats, SparsityStats, mean_max_cosine
-from .report import examples_json, package_versions, render_html
+from .report import check_report_dir, examples_json, package_versions, render_html, staged_dir
 from .splice import resolve_site, splice_eval
 
 log = logging.getLogger(__name__)
@@ -296,14 +295,55 @@ def _write_plots(out: Path, sae_dir: Path, spa: SparsityStats, norms: torch.Tens
     return made
 
 
+FINITE_METRICS = ("fvu", "mse", "cosine", "l0", "l1")
+"""Metrics every working SAE has finite (others, such as a ratio over an empty set, may be NaN)."""
+
+
+def check_finite_metrics(metrics: dict[str, float], norms: torch.Tensor, sae: SparseCoder) -> None:
+    """Refuse to report an SAE whose core metrics or decoder norms are NaN/Inf.
+
+    Raises:
+        ValueError: naming the non-finite metrics and the likely cause (weights that hold NaN/Inf,
+            or an encoder/reconstruction that overflows).
+    """
+    bad = [f"{k}={metrics[k]}" for k in FINITE_METRICS if k in metrics and not math.isfinite(metrics[k])]
+    if n := int((~torch.isfinite(norms)).sum()):
+        bad.append(f"decoder norms of {n} latents")
+    if not bad:
+        return
+    damaged = [name for name, t in sae.named_parameters() if not torch.isfinite(t).all()]
+    cause = (f"the SAE's {', '.join(damaged)} hold NaN/Inf; evaluate an undamaged checkpoint or retrain" if damaged
+             else "its weights are finite, so its encoder or reconstruction overflows float32 on these rows, or the "
+                  "rows hold NaN/Inf; check the SAE's scale and the eval data (eval.source, eval.buffer_path)")
+    raise ValueError(f"non-finite metrics on the eval rows ({', '.join(bad)}): {cause}")
+
+
+def _write_report(out: Path, cfg: EvalConfig, sae_dir: Path, report: dict[str, Any], spa: SparsityStats,
+                  norms: torch.Tensor, examples: list) -> None:
+    """latents.safetensors, the plots, report.json and report.html into ``out``."""
+    save_weights({"frequency": spa.frequencies.float(), "fire_counts": spa.fire_counts.float(),
+                  "decoder_norm": norms.contiguous()}, str(out / "latents.safetensors"))
+    made = _write_plots(out, sae_dir, spa, norms, report["metrics"]) if cfg.plots else {}
+    report["plots"] = {name: p.name for name, p in made.items()}
+    write_json_atomic(out / "report.json", _finite(report))
+    if cfg.html:
+        (out / "report.html").write_text(render_html(report, made, examples), encoding="utf-8")
+
+
 def run_eval(cfg: EvalConfig) -> EvalResult:
     """Evaluate the SAE at ``cfg.sae_path`` and write the report (see the module docstring).
 
+    Everything is checked and computed before the report folder is touched; the report is written
+    into a temporary sibling and renamed into place, so a failure leaves an earlier report as it was.
+
     Raises:
-        ValueError / FileNotFoundError: bad config, no SAE, missing data; messages name the fix.
+        ValueError / FileNotFoundError: bad config, no SAE, missing data, a folder that is not a
+            report's, non-finite metrics; messages name the fix.
     """
     validate_eval(cfg)
     sae_dir = find_sae_dir(cfg.sae_path)
+    out = Path(cfg.out_dir) if cfg.out_dir else sae_dir / "eval"
+    check_report_dir(out)
     device = resolve_device(cfg.device)
     sae, meta = load_for_eval(sae_dir, device)
     sae.eval()
@@ -323,6 +363,8 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     metrics["encoder_mean_max_cosine"] = mean_max_cosine(W_enc, n)
     metrics["decoder_mean_max_cosine"] = clt.decoder_mean_max_cosine(sae, n) if is_clt else \
         mean_max_cosine(sae.W_dec, n)
+    norms = clt.decoder_norms(sae) if is_clt else plots.decoder_norms(sae.W_dec)
+    check_finite_metrics(metrics, norms, sae)
     if inp.rows.source == "synthetic":
         from sae.buffer.synthetic import feature_recovery
 
@@ -341,11 +383,6 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
                                     neighbours=ex.neighbours, tokens=ex.logit_tokens, W_U=W_U,
                                     out_scale=inp.y_norm.scale if inp.y_norm.mode != "none" else 1.0,
                                     tokenizer=inp.lm.tokenizer)
-    out = Path(cfg.out_dir) if cfg.out_dir else sae_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    norms = clt.decoder_norms(sae) if is_clt else plots.decoder_norms(sae.W_dec)
-    save_file({"frequency": spa.frequencies.float(), "fire_counts": spa.fire_counts.float(),
-               "decoder_norm": norms.contiguous()}, str(out / "latents.safetensors"))
     hist = spa.density_histogram()
     report: dict[str, Any] = {
         "sae": {"name": sae_dir.name, "path": str(sae_dir), "architecture": meta["architecture"],
@@ -370,14 +407,9 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
         report["examples_skipped"] = examples_skipped
     if tokens_skipped:
         report["logit_tokens_skipped"] = tokens_skipped
-    made = _write_plots(out, sae_dir, spa, norms, metrics) if cfg.plots else {}
-    report["plots"] = {name: p.name for name, p in made.items()}
-    write_json_atomic(out / "report.json", _finite(report))
-    html_path = None
-    if cfg.html:
-        html_path = out / "report.html"
-        html_path.write_text(render_html(report, made, examples), encoding="utf-8")
-    return EvalResult(out, report, out / "report.json", html_path)
+    with staged_dir(out) as staging:
+        _write_report(staging, cfg, sae_dir, report, spa, norms, examples)
+    return EvalResult(out, report, out / "report.json", out / "report.html" if cfg.html else None)
 
 
 def _finite(obj: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 
 from .config import SAEConfig
@@ -39,4 +41,9 @@ def build_sae(cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int 
     Raises:
         ValueError: unknown architecture or inconsistent sizes.
     """
+    for f in dataclasses.fields(cfg):  # one place for every family: NaN/Inf pass every range check
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"sae.{f.name}={value} must be a finite number; set it to a real value "
+                             "(see conf/sae_conf/sae/<architecture>.yaml for the defaults)")
     return sae_class(cfg.architecture)(cfg, d_in, d_out, seed=seed)

@@ -118,4 +118,10 @@ def load_trainer_state(ckpt: Path, rank: int = 0) -> dict[str, Any]:
     path = ckpt / state_file(rank)
     if not path.is_file():
         raise FileNotFoundError(f"{ckpt} has no trainer state for rank {rank}; was it written with another world size?")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and plain data
+        reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} holds objects other than tensors and plain data ({reason}); it was not written by "
+                         f"sae-forge or was edited and is not loaded: remove {ckpt} to resume from an earlier "
+                         "checkpoint, or start over with train.resume=false") from None

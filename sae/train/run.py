@@ -220,6 +220,10 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
         logging.getLogger("sae").addHandler(log_file)
     try:
         return _train_claimed(run, trainer, source, strategy, out_dir, hp_of, heldout)
+    except BaseException:
+        if dist.is_main() and trainer.folder.discard_unused():
+            log.warning("the run failed before its first checkpoint: removed what it wrote in %s", out_dir)
+        raise
     finally:
         trainer.close()
         if log_file is not None:

@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 IDENTITY = "run.json"
 LOCK = ".lock"
 FINISHED = "final/.complete"  # written last, after every rank's final/ weights
+#: Names one of which any training run's folder holds (older versions wrote no run.json).
+RUN_FILES = {IDENTITY, "checkpoints", "config.yaml", "metrics.jsonl", "final"}
 
 
 def identity_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -64,6 +67,9 @@ class RunFolder:
     def __init__(self, out_dir: str | Path):
         self.path = Path(out_dir)
         self._fd: int | None = None
+        self._previous_holder = b""
+        self.created = False  # whether claiming made the folder
+        self.fresh = False  # whether it held nothing (of a run) when claimed
 
     def lock(self) -> None:
         """Take the folder's lock (created with the folder), or fail at once.
@@ -71,6 +77,11 @@ class RunFolder:
         Raises:
             RuntimeError: another live run holds it.
         """
+        if Path.cwd().resolve().is_relative_to(self.path.resolve()):
+            raise ValueError(f"train.out_dir={self.path} is the current directory or holds it; a run needs a folder of "
+                             "its own (it may be moved aside by train.resume=false): pick a subfolder such as "
+                             "train.out_dir=runs/my_run")
+        self.created = self.created or not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -80,9 +91,16 @@ class RunFolder:
             os.close(fd)
             raise RuntimeError(f"another training run is writing train.out_dir={self.path} (process {holder}); "
                                "wait for it to finish or pick another train.out_dir") from None
+        self._previous_holder = os.pread(fd, 200, 0)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} on {os.uname().nodename}\n".encode(), 0)
         self._fd = fd
+
+    def _restore_holder(self) -> None:
+        """Make the lock file name its previous holder again (a refused or moved-aside claim)."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, self._previous_holder, 0)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -104,6 +122,7 @@ class RunFolder:
         while aside.exists():
             aside = aside.with_name(f"{aside.name.split('~')[0]}~{n}")
             n += 1
+        self._restore_holder()  # the old run's lock file keeps naming its own last holder
         os.rename(self.path, aside)
         self.release()  # the lock moved with the old folder
         self.lock()
@@ -117,21 +136,35 @@ class RunFolder:
             RuntimeError: another run holds the folder.
             ValueError: the folder holds a different run, or this run finished already.
         """
+        had_lock_file = (self.path / LOCK).exists()
         self.lock()
         try:
             moved = self._check(jsonable(identity), resume, total_steps)
             write_json_atomic(self.path / IDENTITY, jsonable(identity))
             return moved
         except BaseException:
+            self._restore_holder()
             self.release()
+            if not had_lock_file:  # a refused claim leaves the folder as it found it
+                (self.path / LOCK).unlink(missing_ok=True)
+                if self.created and not any(self.path.iterdir()):
+                    self.path.rmdir()
             raise
 
     def _check(self, identity: dict[str, Any], resume: bool, total_steps: int) -> Path | None:
         if not self.holds_a_run():
+            self.fresh = True
             return None
+        names = sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
+        if not set(names) & RUN_FILES:
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            raise ValueError(f"train.out_dir={self.path} holds {shown} and no {IDENTITY}: it is not a training run's "
+                             "folder (a buffer, a model?), and a run would mix its files into it; pick an empty or "
+                             "new train.out_dir")
         fix = (f"pick another train.out_dir, or set train.resume=false to start over (the old run is then moved to "
                f"{self.path.name}.replaced-<time>, not deleted)")
         if not resume:
+            self.fresh = True
             aside = self.move_aside()
             log.warning("train.resume=false: the run that was in %s is now in %s", self.path, aside)
             return aside
@@ -158,6 +191,24 @@ class RunFolder:
                 log.warning("%s stopped after its last checkpoint (step %d) before final/ was complete: writing "
                             "final/ from that checkpoint", self.path, step)
         return None
+
+    def discard_unused(self) -> bool:
+        """After a failed run: empty a folder that held nothing when claimed and got no checkpoint
+        (nothing to resume), and remove it if claiming made it, so the rerun starts as the first did.
+
+        Returns:
+            Whether the folder was discarded.
+        """
+        if not self.fresh or latest_checkpoint(self.path) is not None:
+            return False
+        for p in self.path.iterdir():
+            if p.name != LOCK:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        self.release()
+        (self.path / LOCK).unlink(missing_ok=True)
+        if self.created:
+            self.path.rmdir()
+        return True
 
     def mark_finished(self, step: int) -> None:
         """Record that ``final/`` is complete (called once every rank has written its part)."""

@@ -26,7 +26,7 @@ from torch import Tensor
 from sae.eval.splice import _first, _with_first, resolve_site
 from sae.models import SparseCoder, SparseCodes
 
-from .steer import latent_activation
+from .steer import latent_activation, prompt_ids
 
 
 @dataclass
@@ -97,19 +97,32 @@ def _check_width(sae: SparseCoder, x: Tensor, hookpoint: str) -> None:
                          "SAE trained on this hook point of this model")
 
 
+def check_position(position: int, n_tokens: int) -> int:
+    """``position`` as an index into ``n_tokens`` tokens (negative counts from the end).
+
+    Raises:
+        ValueError: a position outside the prompt, naming the valid range.
+    """
+    if not -n_tokens <= position < n_tokens:
+        raise ValueError(f"--position {position} is {'past' if position >= 0 else 'before the start of'} the "
+                         f"prompt's {n_tokens} tokens; use 0..{n_tokens - 1}, or -1 for the last")
+    return position % n_tokens
+
+
 def attribute(model, tokenizer, sae: SparseCoder, hookpoint: str, prompt: str, target: str | int,
               position: int = -1) -> Attribution:
     """Each active latent's attribution to the logit of ``target`` after ``position`` (default: the
     last token of ``prompt``).
 
     Raises:
-        ValueError: a multi-token target, a hook point the model lacks, a width mismatch.
+        ValueError: a multi-token target, an empty or too long prompt, a position outside it (all
+            before the model runs), a hook point the model lacks, a width mismatch, NaN/Inf
+            attributions.
     """
-    device = next(model.parameters()).device
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    ids = prompt_ids(model, tokenizer, prompt)
     tid = target_token(tokenizer, target)
     T = ids.shape[1]
-    pos = position % T
+    pos = check_position(position, T)
     store: dict[str, Any] = {}
 
     sae_device = next(sae.parameters()).device
@@ -135,6 +148,9 @@ def attribute(model, tokenizer, sae: SparseCoder, hookpoint: str, prompt: str, t
         (grad,) = torch.autograd.grad(logit, store["vals"])
     vals, codes = store["vals"], store["codes"]
     attr = (vals * grad).detach().cpu()
+    if not (torch.isfinite(attr).all() and torch.isfinite(logit)):
+        raise ValueError(f"the logit or the attributions of {target!r} hold NaN/Inf: the SAE's weights or the model's "
+                         f"activations at {hookpoint!r} are not finite; check the SAE (load a good copy) and --dtype")
     idx = codes.idx.cpu() if isinstance(codes, SparseCodes) else None
     per: dict[int, list[float]] = {}
     for t in range(T):
@@ -156,9 +172,8 @@ def ablation_effects(model, tokenizer, sae: SparseCoder, hookpoint: str, result:
                      latents: list[int]) -> dict[int, float]:
     """For each latent: clean logit minus the logit with that latent set to 0 at every position
     (the SAE's error term kept), i.e. the logit the latent contributes."""
-    device = next(model.parameters()).device
     sae_device = next(sae.parameters()).device
-    ids = tokenizer(result.prompt, return_tensors="pt").input_ids.to(device)
+    ids = prompt_ids(model, tokenizer, result.prompt)
     clean = model(input_ids=ids).logits[0, result.position, result.target_id].item()
     out = {}
     for latent in latents:

@@ -2,14 +2,20 @@
 
 Both load the SAE with :func:`sae.export.load_pretrained` (our, SAELens or sparsify format, a
 folder or a Hub repo; raw-activation space) and the causal LM it was trained on (recorded in the
-SAE's folder, or ``--model``), at the hook point it was trained on (or ``--hook``).
+SAE's folder, or ``--model``), at the hook point it was trained on (or ``--hook``). An error prints
+as one line, ``sae-steer: error: ...``, and exits with status 1, as the Hydra commands do
+(``sae.cli``); ``SAE_DEBUG=1`` shows the traceback instead. Flags are checked before anything loads,
+prompts and positions before the model runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,29 @@ each optionally followed by @POSITION (from that token position on)."""
 ATTRIBUTE_HELP = """Attribute the logit of a target token to SAE latents (activation x gradient, every position).
 
   sae-attribute --sae runs/x/final/topk --prompt "The capital of France is" --target " Paris" --check 10"""
+
+
+DEBUG_ENV = "SAE_DEBUG"
+
+
+@contextmanager
+def reports_errors(prog: str) -> Iterator[None]:
+    """Exit with ``<prog>: error: <message>`` on one line (status 1) when the block raises; an
+    unexpected error type is named with the hint to set ``SAE_DEBUG=1``, which re-raises instead."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 (every error becomes one line; SAE_DEBUG shows all)
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        expected = isinstance(e, (ValueError, OSError))
+        hint = "" if expected else f" ({type(e).__name__}; set {DEBUG_ENV}=1 for the traceback)"
+        sys.exit(f"{prog}: error: {' '.join(str(e).splitlines())}{hint}")
+
+
+def at_least(flag: str, value: int, low: int, meaning: str) -> None:
+    """Refuse ``flag value`` below ``low``, saying what the flag means."""
+    if value < low:
+        raise ValueError(f"{flag} {value} must be >= {low} ({meaning})")
 
 
 def recorded_model(info) -> str:
@@ -78,24 +107,23 @@ def steer_main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--out", default="runs/steer")
     a = p.parse_args(argv)
-    try:
+    with reports_errors("sae-steer"):
         prompts = list(a.prompt) + ([ln for ln in Path(a.prompts).read_text().splitlines() if ln.strip()]
                                     if a.prompts else [])
         if not prompts or not a.intervene:
             raise ValueError("give at least one --prompt (or --prompts FILE) and one --intervene")
+        at_least("--max-new-tokens", a.max_new_tokens, 1, "tokens generated per prompt")
         ivs = [Intervention.parse(t) for t in a.intervene]
         model, tok, sae, hook = load(a)
         rows = steer_prompts(model, tok, sae, hook, prompts, ivs, a.max_new_tokens)
         jsonl, page = write_outputs(rows, a.out, f"Steering at {hook}: {a.sae}")
-    except (ValueError, FileNotFoundError, OSError) as e:
-        sys.exit(f"sae-steer: error: {e}")
     for r in rows:
         print(f"prompt:   {r['prompt']!r}\n baseline: {r['baseline']!r}\n steered:  {r['steered']!r}")
     print(f"{'; '.join(describe(iv) for iv in rows[0]['interventions'])}\nwrote {jsonl} and {page}")
 
 
 def attribute_main(argv: list[str] | None = None) -> None:
-    from .attribute import ablation_effects, attribute, spearman
+    from .attribute import attribute
 
     p = argparse.ArgumentParser(prog="sae-attribute", description=ATTRIBUTE_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,14 +134,22 @@ def attribute_main(argv: list[str] | None = None) -> None:
     p.add_argument("--check", type=int, default=0, help="also ablate the top N latents and compare ranks")
     p.add_argument("--out", default="", help="write the attributions as JSON here")
     a = p.parse_args(argv)
-    try:
+    with reports_errors("sae-attribute"):
         if len(a.prompt) != 1:
-            raise ValueError("give exactly one --prompt")
+            raise ValueError(f"give exactly one --prompt (got {len(a.prompt)})")
+        at_least("--top", a.top, 1, "how many latents to list")
+        if a.check == 1 or a.check < 0:
+            raise ValueError(f"--check {a.check}: give 0 (no ablation check) or N >= 2 (ablate the top N latents and "
+                             "compare ranks; a rank correlation needs two)")
         model, tok, sae, hook = load(a)
         target = int(a.target[1:]) if a.target.startswith("#") and a.target[1:].isdigit() else a.target
         result = attribute(model, tok, sae, hook, a.prompt[0], target, a.position)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        sys.exit(f"sae-attribute: error: {e}")
+        _report_attribution(a, result, model, tok, sae, hook)
+
+
+def _report_attribution(a: argparse.Namespace, result, model, tok, sae, hook: str) -> None:
+    from .attribute import ablation_effects, spearman
+
     print(f"target {result.target!r} (id {result.target_id}) after position {result.position}: logit "
           f"{result.logit:.4f}\n latent   attribution")
     for latent, total in result.top(a.top):
