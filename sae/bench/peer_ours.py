@@ -5,7 +5,7 @@
 Builds the SAE with :func:`sae.models.build_sae` and trains it with :class:`sae.train.trainer.Trainer`
 (``fit``: data-dependent init, fused Adam, the decoder-gradient projection, clipping, decoder
 renormalisation, AuxK with dead-latent tracking) on the batches of the train split in file order,
-then leaves the trained SAE in our folder format under ``<out_dir>/final/<arch>`` and writes
+then leaves the trained SAE in our folder format under ``<out_dir>/train/final/<arch>`` and writes
 ``result.json`` (see :mod:`sae.bench.peer_runtime`).
 
 ``selection_dtype`` in the job (``ours-fp32``) sets ``sae.selection_dtype``; without it the default
@@ -15,6 +15,7 @@ then leaves the trained SAE in our folder format under ``<out_dir>/final/<arch>`
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from sae.bench import peer_runtime as rt
@@ -49,7 +50,7 @@ def train_config(job: dict[str, Any]) -> TrainConfig:
         lr_decay_start=(warmup + 0.5) / steps if warmup < steps else 1.0, lr_end_factor=0.0,
         grad_clip=1.0, device="cpu", seed=job["seed"], dead_tokens_threshold=job["dead_tokens"],
         b_dec_init_samples=job["batch"], resume=False, log_every=50, eval_every=0, final_report=False,
-        progress=False, out_dir=job["out_dir"],
+        progress=False, out_dir=str(Path(job["out_dir"]) / "train"),  # the job folder holds job.json, log.txt
     )
 
 

@@ -121,7 +121,13 @@ class SparseCoder(nn.Module):
             raise ValueError("sae.skip_connection=true needs sae.transcode=true (a skip transcoder)")
         self.cfg = cfg
         self.d_in, self.d_out, self.num_latents = d_in, d_out, num_latents
-        self.normalize_decoder = cfg.normalize_decoder and self.unit_norm_decoder
+        # Unit-norm decoder rows by default for SAEs only. A transcoder's decoder starts at zero and
+        # stays free (as sparsify's): its target lives in another space and often at another scale
+        # than its input, so random unit rows start it far from the target (output norms 19x the
+        # target's on a toy MLP) and the norm constraint slows the decoder's growth to the target.
+        auto = cfg.normalize_decoder is None
+        self.normalize_decoder = self.unit_norm_decoder and (not cfg.transcode if auto else cfg.normalize_decoder)
+        self.zero_decoder_init = cfg.transcode and self.unit_norm_decoder and auto
         # The pre-encoder bias (x - b_dec) only makes sense when input and target are the same space.
         self.apply_b_dec_to_input = not cfg.transcode
 
@@ -134,7 +140,7 @@ class SparseCoder(nn.Module):
         W_enc = W_dec.clone() if d_in == d_out else torch.randn(num_latents, d_in, generator=gen) / d_in**0.5
         self.W_enc = nn.Parameter(W_enc)
         self.b_enc = nn.Parameter(torch.zeros(num_latents))
-        self.W_dec = nn.Parameter(W_dec)
+        self.W_dec = nn.Parameter(torch.zeros_like(W_dec) if self.zero_decoder_init else W_dec)
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.W_skip = nn.Parameter(torch.zeros(d_out, d_in)) if cfg.skip_connection else None
 
@@ -187,6 +193,9 @@ class SparseCoder(nn.Module):
         """Data-dependent initialisation, an explicit step the trainer calls before training
         (and before any data-parallel wrapping). The base sets ``b_dec`` from the target sample."""
         self.init_b_dec_from_data(x_sample_ND if y_sample_NE is None else y_sample_NE)
+        if self.zero_decoder_init:
+            # Centre the pre-activations on the sample (sparsify's transcoder init): b_enc = -W_enc mean(x).
+            self.b_enc.copy_(-(x_sample_ND.float().mean(0) @ self.W_enc.T))
 
     @torch.no_grad()
     def init_b_dec_from_data(self, y_sample_NE: Tensor) -> None:

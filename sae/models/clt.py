@@ -122,7 +122,7 @@ class CrossLayerTranscoder(SparseCoder):
         self.sparse_codes = self.activation != "jumprelu"
         self.k = cfg.k
         self.k_aux = cfg.k_aux if cfg.k_aux > 0 else max(1, M // 2)
-        self.normalize_decoder = cfg.normalize_decoder
+        self.normalize_decoder = cfg.normalize_decoder is not False  # null (auto): unit rows, as before
         self.apply_b_dec_to_input = not cfg.transcode  # y = x: a multi-layer SAE / crosscoder on one point
         self.W_skip = None
         gen = torch.Generator().manual_seed(seed) if seed is not None else None

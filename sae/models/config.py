@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 @dataclass
@@ -33,7 +34,10 @@ class SAEConfig:
     selection_dtype: str = "auto"
     # BatchTopK: candidates per token considered by the batch-level selection (cap * k).
     batch_topk_cap: int = 4
-    threshold_momentum: float = 0.99
+    # BatchTopK: the inference threshold is a running average of the smallest kept activation per
+    # batch with this momentum (a time constant of ~10 steps: it ends at the final weights' value
+    # also in short runs and for transcoders, whose activations change scale while the decoder grows).
+    threshold_momentum: float = 0.9
     # ReLU/L1 (Anthropic, April 2024 update): lambda * sum_i f_i * ||W_dec_i||.
     l1_coefficient: float = 5.0
     sparsity_warmup_steps: int = 1000
@@ -44,7 +48,9 @@ class SAEConfig:
     # Transcoders: encode the input hook point, reconstruct the target hook point.
     transcode: bool = False
     skip_connection: bool = False
-    normalize_decoder: bool = True
+    # Unit-norm decoder rows. null (default): true for SAEs, false for transcoders, whose decoder then
+    # starts at zero (sparsify's transcoder init; see sae/models/base.py).
+    normalize_decoder: Optional[bool] = None  # noqa: UP045 (OmegaConf 2.3 reads Optional, not X | None)
     # Pre-encoder bias initialisation from data: geometric_median | mean | zeros.
     b_dec_init: str = "geometric_median"
     # Matryoshka (Bussmann et al. 2025; Nabeshima 2024): latent counts of the nested groups, in

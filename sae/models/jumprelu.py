@@ -104,7 +104,9 @@ class JumpReLUSAE(DenseCodeSAE):
     @torch.no_grad()
     def init_from_data(self, x_sample_ND: Tensor, y_sample_NE: Tensor | None = None) -> None:
         super().init_from_data(x_sample_ND, y_sample_NE)
-        self.act_scale.copy_(activation_scale(x_sample_ND if y_sample_NE is None else y_sample_NE))
+        # Bandwidth and threshold floor are in pre-activation units: the encoder's input scale (a
+        # transcoder's target may be orders of magnitude smaller than its input).
+        self.act_scale.copy_(activation_scale(x_sample_ND))
         z = self.pre_activations(self.encoder_input(x_sample_ND.float())).relu()
         q = torch.quantile(z, 1.0 - self.cfg.k / self.num_latents, dim=0) if z.shape[0] > 1 else z[0]
         floor = self.cfg.jumprelu_init_threshold * float(self.act_scale)

@@ -277,6 +277,8 @@ def _train_claimed(run: TrainRunConfig, trainer: Trainer, source, strategy, out_
         if isinstance(source, SyntheticSource):
             m["feature_recovery"] = feature_recovery(source.features, sae.W_dec.cpu()).item()
         eval_metrics[name] = m
+        if divergence(m):
+            log.warning("%s %s", name, divergence(m))
     for part in dist.all_gather_objects((eval_metrics, {n: str(p) for n, p in final_dirs.items()})):
         eval_metrics.update(part[0])
         final_dirs.update({n: Path(p) for n, p in part[1].items()})
@@ -317,9 +319,24 @@ def final_reports(final_dirs: dict[str, Path], device: str) -> dict[str, Any]:
     return {name: run_eval(EvalConfig(sae_path=str(d), device=device)) for name, d in final_dirs.items()}
 
 
+def divergence(m: dict[str, float]) -> str | None:
+    """Why held-out metrics say a run diverged (FVU above 1, or a reconstruction norm far from the
+    target's), with the likely fix; None when they look sane."""
+    fvu, norm = m.get("fvu", 0.0), m.get("relative_norm", 1.0)
+    if not (fvu > 1 or norm > 3 or norm < 1 / 3):
+        return None
+    return (f"diverged: held-out FVU {fvu:.3g} (above 1 is worse than predicting the mean), reconstruction norm "
+            f"{norm:.3g}x the target's; likely fixes: lower train.lr, normalise the activations "
+            "(data.normalize=scale), train longer than the warm-up, and for a transcoder leave sae.normalize_decoder "
+            "unset (its decoder then starts at zero)")
+
+
 def format_summary(result: RunResult) -> str:
     lines = [f"outputs: {result.out_dir}"]
     for name, m in result.eval_metrics.items():
+        problem = divergence(m)
+        if problem:
+            lines.append(f"  WARNING {name}: {problem}")
         report = result.reports.get(name)
         if report is not None:  # the full evaluation: FVU, L0, dead %, spliced-model figure, report path
             from sae.eval.run import summary_line
