@@ -13,9 +13,12 @@ OUT=runs/canary
 mkdir -p "$OUT"
 rm -rf "$VENV"
 "${PYTHON:-python3}" -m venv "$VENV"
+PIN="$(mktemp)"
+echo "torch==2.13.0" >"$PIN"  # the CPU wheel: an eager upgrade would otherwise pull a multi-GB CUDA build
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+"$VENV/bin/python" -m pip install -q -c "$PIN" "torch==2.13.0"
+"$VENV/bin/python" -m pip install -q -c "$PIN" --upgrade --upgrade-strategy eager -e ".[dev]"
+rm -f "$PIN"
 "$VENV/bin/python" - launch/lock/cpu.txt >"$OUT/changes.txt" <<'PY'
 import re, sys
 from importlib.metadata import distributions

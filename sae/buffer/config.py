@@ -12,7 +12,7 @@ from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
 
 from .synthetic import SyntheticConfig
 
-NORMALIZE = ("none", "scale", "center_scale")
+NORMALIZE = ("auto", "none", "scale", "center_scale")
 VERIFY = ("lazy", "open", "none")
 
 
@@ -58,8 +58,11 @@ class DataConfig:
     # Several hook points, one SAE each (with train.parallel=sae, spread across ranks); when set it
     # replaces ``hookpoint``, and excludes ``target_hookpoint``. Globs allowed for data=live.
     hookpoints: list[str] = field(default_factory=list)
-    # none | scale (x * sqrt(d) / E||x||, SAELens) | center_scale ((x - mean) * sqrt(d / E||x - mean||^2))
-    normalize: str = "none"
+    # auto | none | scale (x * sqrt(d) / E||x||, SAELens) | center_scale ((x - mean) * sqrt(d / E||x - mean||^2)).
+    # auto: scale for transcoders but ReLU ones (input and target each to E||.||^2 = d: a target ~100x
+    # smaller than the input otherwise leaves Adam's steps far larger than the decoder's scale), none
+    # for SAEs and CLTs. The weights are exported with the normalisation folded in either way.
+    normalize: str = "auto"
     seed: int = 0
     prefetch_batches: int = 4  # batches prepared ahead by a background thread (0: none)
     buffer: BufferConfig = field(default_factory=BufferConfig)

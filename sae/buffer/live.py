@@ -75,7 +75,7 @@ class LiveSource:
         self._heldout: Chunk | None = None
         self.x_norm = self.y_norm = Normalizer("none")
         self.norms = {hp: Normalizer("none") for hp in self.hookpoints}
-        if normalize != "none":
+        if normalize not in ("none", "auto"):
             held = self._heldout_rows()
             self.norms = {hp: Normalizer.from_sums(normalize, activation_sums(held.acts[hp]),
                                                    f"held-out contexts at {hp}") for hp in self.hookpoints}

@@ -108,6 +108,9 @@ class SparseCoder(nn.Module):
     unit_norm_decoder: bool = True
     #: Whether the family's codes are SparseCodes.
     sparse_codes: bool = True
+    #: Whether a transcoder of this family trains on normalised input and target by default
+    #: (``data.normalize=auto``); see :func:`sae.train.run.resolve_normalize`.
+    normalize_transcoder_data: bool = True
 
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         super().__init__()

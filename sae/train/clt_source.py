@@ -135,7 +135,7 @@ def build_clt_source(data: DataConfig, batch_size: int, *, rank: int = 0, world_
     if data.source != "buffer":
         raise ValueError(f"data.source={data.source!r}: sae=clt trains from one harvested buffer of every layer's "
                          "MLP input and output (data=buffer)")
-    if data.normalize != "none":
+    if data.normalize not in ("none", "auto"):
         raise ValueError(f"data.normalize={data.normalize!r}: sae=clt reads activations as harvested (its loss sums "
                          "per-layer FVUs, which do not depend on each layer's scale); set data.normalize=none")
     if data.target_hookpoint or data.hookpoint:

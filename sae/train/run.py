@@ -23,6 +23,7 @@ from sae.buffer.synthetic import SyntheticSource, feature_recovery
 from sae.config import TrainRunConfig, sae_configs
 from sae.eval.quick import PeriodicEval, batches_of, evaluate_batches
 from sae.models import build_sae
+from sae.models.registry import sae_class
 
 from . import dist
 from .checkpoint import latest_checkpoint
@@ -162,10 +163,22 @@ def write_resolved_config(run: TrainRunConfig, out_dir: Path) -> None:
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(run)))
 
 
+def resolve_normalize(data: DataConfig, cfgs: dict[str, Any]) -> DataConfig:
+    """``data.normalize=auto`` made concrete: ``scale`` when every SAE is a per-layer transcoder of a
+    family that trains better on normalised data (all but ReLU), ``none`` otherwise (SAEs; CLTs
+    read activations as harvested)."""
+    if data.normalize != "auto":
+        return data
+    transcoders = all(c.transcode and c.architecture != "clt" and sae_class(c.architecture).normalize_transcoder_data
+                      for c in cfgs.values())
+    return dataclasses.replace(data, normalize="scale" if transcoders and data.source != "synthetic" else "none")
+
+
 def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
     validate_train_config(run.train)
     validate_wandb(run.wandb)
     cfgs = sae_configs(run)
+    run = dataclasses.replace(run, data=resolve_normalize(run.data, cfgs))
     strategy = build_strategy(run.train.parallel)
     device = dist.init_from_env()  # None unless launched by torchrun / accelerate with WORLD_SIZE > 1
     if dist.world_size() > 1 and strategy.name == "none":

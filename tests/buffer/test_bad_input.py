@@ -126,7 +126,7 @@ def test_d_mismatch_between_buffer_and_sae_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("data.buffer.verify=sometimes", "data.buffer.verify='sometimes' must be one of lazy, open, none"),
-    ("data.normalize=zscore", "data.normalize='zscore' must be one of none, scale, center_scale"),
+    ("data.normalize=zscore", "data.normalize='zscore' must be one of auto, none, scale, center_scale"),
     ("data.hookpoint=''", "data.hookpoint='' must name a hook point for data=live"),
 ])
 def test_bad_data_settings_name_the_field(override, message):

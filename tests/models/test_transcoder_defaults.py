@@ -56,6 +56,19 @@ def test_every_topk_family_transcoder_trains_with_the_defaults(mlp_buffer, tmp_p
         assert 0.5 * k <= l0 <= 1.5 * k, (name, l0, k)  # BatchTopK's inference threshold keeps L0 near k
 
 
+@pytest.mark.slow
+def test_a_jumprelu_transcoder_trains_with_the_defaults(mlp_buffer, tmp_path):
+    """Its L0 is set by sae.k at the start and the L0 penalty after; the target is normalised
+    (data.normalize=auto: scale for transcoders), else Adam's steps dwarf the decoder's scale and
+    the thresholds swallow every latent (L0 0.6, 63% dead before)."""
+    relu = train(mlp_buffer, tmp_path / "relu", "sae=relu")["relu"]
+    got = train(mlp_buffer, tmp_path / "jr", "sae=jumprelu")["jumprelu"]
+    (fvu_relu, l0_relu), (fvu, l0, dead) = ((relu[k] for k in ("fvu", "l0")),
+                                            (got[k] for k in ("fvu", "l0", "dead_fraction")))
+    print(f"relu: fvu={fvu_relu:.4f} l0={l0_relu:.1f}; jumprelu: fvu={fvu:.4f} l0={l0:.1f} dead={dead:.1%}")
+    assert fvu <= 2 * fvu_relu and dead <= 0.05 and l0_relu / 3 <= l0 <= 3 * l0_relu, (fvu, l0, dead)
+
+
 def test_a_diverged_run_is_named_with_the_fix():
     from sae.train.run import divergence
 
