@@ -51,15 +51,29 @@ def harvest_split(train_tokens: int, heldout_tokens: int, batch: int, *, hookpoi
     Raises:
         ValueError: the corpus gives less than one batch of training rows or no held-out rows.
     """
-    text = TextConfig()
-    lm = load_model(ModelConfig(device="cpu"))
-    harvester = Harvester(lm, [hookpoint], text, HarvestConfig(progress=False))
-    train_parts, held_parts, n_train, n_held = [], [], 0, 0
+    splits, info = harvest_splits(train_tokens, heldout_tokens, batch, hookpoints=[hookpoint],
+                                  heldout_every=heldout_every, seed=seed)
+    train, heldout = splits[hookpoint]
+    return train, heldout, {**info, "hookpoint": hookpoint}
+
+
+def harvest_splits(train_tokens: int, heldout_tokens: int, batch: int, *, hookpoints: list[str],
+                   model: str = "all-MiniLM-L6-v2", context_length: int = 0, heldout_every: int = 8,
+                   seed: int = 0) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """:func:`harvest_split` for several hook points of the same tokens (a transcoder's input and
+    target): hook point -> (train, heldout), rows aligned across hook points, and the info."""
+    text = TextConfig(context_length=context_length) if context_length else TextConfig()
+    lm = load_model(ModelConfig(name=model, device="cpu", dtype="float32"))
+    harvester = Harvester(lm, hookpoints, text, HarvestConfig(progress=False))
+    train_parts: dict[str, list] = {hp: [] for hp in hookpoints}
+    held_parts: dict[str, list] = {hp: [] for hp in hookpoints}
+    n_train = n_held = 0
     for chunk in harvester.chunks(load_text_dataset(text)):
-        acts = chunk.acts[hookpoint].float()
         held = chunk.contexts % heldout_every == heldout_every - 1
-        train_parts.append(acts[~held])
-        held_parts.append(acts[held])
+        for hp in hookpoints:
+            acts = chunk.acts[hp].float()
+            train_parts[hp].append(acts[~held])
+            held_parts[hp].append(acts[held])
         n_train, n_held = n_train + int((~held).sum()), n_held + int(held.sum())
         if n_train >= train_tokens and n_held >= heldout_tokens:
             break
@@ -67,15 +81,14 @@ def harvest_split(train_tokens: int, heldout_tokens: int, batch: int, *, hookpoi
     if keep == 0 or n_held == 0:
         raise ValueError(f"the corpus gave {n_train} training and {n_held} held-out rows; the benchmark needs at "
                          f"least one batch of {batch} and some held-out rows")
-    gen = torch.Generator().manual_seed(seed)
-    train = torch.cat(train_parts)
-    train = train[torch.randperm(train.shape[0], generator=gen)[:keep]]
-    heldout = torch.cat(held_parts)[:heldout_tokens]
-    info = {"model": lm.info["name"], "model_path": lm.info["path"], "hookpoint": hookpoint, "corpus": text.name,
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:keep]
+    splits = {hp: (torch.cat(train_parts[hp])[order], torch.cat(held_parts[hp])[:heldout_tokens])
+              for hp in hookpoints}
+    info = {"model": lm.info["name"], "model_path": lm.info["path"], "hookpoints": hookpoints, "corpus": text.name,
             "context_length": text.context_length, "heldout_every": heldout_every, "seed": seed,
-            "train_rows": keep, "train_rows_available": n_train, "heldout_rows": int(heldout.shape[0]),
-            "d": int(train.shape[1])}
+            "train_rows": keep, "train_rows_available": n_train,
+            "heldout_rows": int(splits[hookpoints[0]][1].shape[0]), "d": int(splits[hookpoints[0]][0].shape[1])}
     if keep < train_tokens:
         log.warning("the corpus has %d training rows, fewer than the budget of %d: runners will cycle over %d rows",
                     n_train, train_tokens, keep)
-    return train, heldout, info
+    return splits, info

@@ -46,10 +46,12 @@ class ActivationModel(nn.Module):
     indices ``input_ids`` holds ([sequences, context] -> [sequences, context, d]) through
     ``layers.0``, the hook point sparsify trains on."""
 
-    def __init__(self, batches):
+    def __init__(self, batches, target: str = ""):
         super().__init__()
-        self.batches = batches
-        self.layers = nn.ModuleList([nn.Identity()])
+        self.batches, self.target = batches, target
+        # A transcoder job: layers.0 maps the batch's input rows to its target rows ("train_y"), so
+        # sparsify's hook sees the module input as x and the output as y, as on a real MLP.
+        self.layers = nn.ModuleList([TargetLookup() if target else nn.Identity()])
         self.config = SimpleNamespace(num_hidden_layers=1)
         self.dummy_inputs = {"input_ids": torch.zeros(1, CONTEXT, dtype=torch.long)}
         self.training_started = False
@@ -65,12 +67,28 @@ class ActivationModel(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         n = input_ids.numel()
         if not self.training_started:  # sparsify's width probe (resolve_widths): no batch consumed
+            start = 0
             x = self.batches.data.rows("train", 0, n)
         else:
             if n != self.batches.batch:
                 raise ValueError(f"sparsify asked for {n} rows per batch; the job's batch is {self.batches.batch}")
-            x = self.batches.get(int(input_ids[0, 0]) // n)
+            i = int(input_ids[0, 0]) // n
+            start = (i % self.batches.num_batches) * n
+            x = self.batches.get(i)
+        if self.target:
+            self.layers[0].y = self.batches.data.rows(self.target, start, n).view(*input_ids.shape, -1)
         return self.layers[0](x.view(*input_ids.shape, -1))
+
+
+class TargetLookup(nn.Module):
+    """``forward(x)`` returns the target rows set for this batch (a transcoder's module output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.y: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.y
 
 
 class RowIndexDataset:
@@ -105,10 +123,11 @@ def main() -> None:
 
     data = rt.ActivationFile(job["data"])
     batches = rt.TimedBatches(data, job["batch"], job["steps"])
-    model = ActivationModel(batches)
+    transcode = bool(job.get("transcode"))
+    model = ActivationModel(batches, target="train_y" if transcode else "")
     rss_start = rt.baseline_rss_mib()
     cfg = TrainConfig(
-        SparseCoderConfig(activation="topk", num_latents=job["num_latents"], k=job["k"]),
+        SparseCoderConfig(activation="topk", num_latents=job["num_latents"], k=job["k"], transcode=transcode),
         batch_size=job["batch"] // CONTEXT, optimizer="adam", lr=job["lr"], lr_warmup_steps=job["warmup_steps"],
         auxk_alpha=job["auxk_alpha"], dead_feature_threshold=job["dead_tokens"], hookpoints=["layers.0"],
         init_seeds=[job["seed"]], log_to_wandb=False, save_every=10**9, save_dir=job["out_dir"], run_name="run",
