@@ -83,7 +83,7 @@ def train_ours(family: str, data: dict[str, torch.Tensor], args: argparse.Namesp
     if sae_class(family).normalize_transcoder_data:  # what data.normalize=auto does for this family
         nx = Normalizer.from_sums("scale", activation_sums(x), "input")
         ny = Normalizer.from_sums("scale", activation_sums(y), "target")
-        x, y, norm = nx(x), ny(y), {"x": nx.as_dict(), "y": ny.as_dict()}
+        x, y, norm = nx(x.clone()), ny(y.clone()), {"x": nx.as_dict(), "y": ny.as_dict()}  # normalises in place
     cfg = SAEConfig(architecture=family, transcode=True, expansion_factor=args.expansion, k=args.k)
     sae = build_sae(cfg, x.shape[1], y.shape[1], seed=0)
     train = TrainConfig(batch_size=args.batch, steps=args.steps, out_dir=str(out / f"ours-{family}"), resume=False,
