@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from sae.buffer.atomic import fsync_dir, naming_the_file, write_json_atomic
+from sae.paths import inside
 
 from . import dist
 
@@ -104,7 +105,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text().strip()
+    path = inside(root, pointer.read_text().strip(), str(pointer))  # never a folder outside checkpoints/
     if not (path / MANIFEST).is_file():
         raise FileNotFoundError(f"{pointer} names {path.name}, which has no {MANIFEST}; the checkpoint was altered")
     return path

@@ -132,3 +132,15 @@ def test_a_pickle_in_a_trainer_state_is_refused_naming_the_file(tmp_path):
     (ckpt / state_file(0)).write_bytes(pickle.dumps(os.getcwd))  # would call a function if unpickled
     with pytest.raises(ValueError, match=rf"{state_file(0)} holds objects other than tensors and plain data"):
         load_trainer_state(ckpt)
+
+
+def test_a_latest_pointer_outside_the_checkpoints_is_refused(tmp_path):
+    from sae.paths import UnsafePathError
+    from sae.train.checkpoint import LATEST, checkpoint_root
+
+    run_training(compose_train_config([*SMALL, "train.steps=2", f"train.out_dir={tmp_path / 'run'}"]))
+    victim = tmp_path / "victim"
+    (victim / "step_00000002").mkdir(parents=True)
+    (checkpoint_root(tmp_path / "run") / LATEST).write_text("../../victim/step_00000002")
+    with pytest.raises(UnsafePathError, match=r"is '../../victim/step_00000002', which points outside"):
+        latest_checkpoint(tmp_path / "run")
