@@ -166,6 +166,7 @@ def hookpoint_parallel_run(rank: int, world: int, port: int, out: str, overrides
     try:
         result = run_training(compose_train_config([*overrides, "train.parallel=sae"]))
         Path(out, f"ok{rank}").write_text(",".join(sorted(result.final_dirs)))
+        dist.barrier()  # leave together, as sae-train does (see tests/train/wandb_workers.py)
     finally:
         dist.destroy()
 

@@ -28,6 +28,9 @@ def run_data_parallel(rank: int, world: int, port: int, out: str, overrides: lis
     run_mod.WandbLogger = counting
     try:
         run_mod.run_training(compose_train_config(overrides), heldout=1)
+        # Leave together, as sae-train does (sae/cli.py): rank 0 evaluates and finishes W&B alone
+        # after training, and a gloo group torn down on one rank meanwhile can abort its peer.
+        dist.barrier()
     finally:
         dist.destroy()
     Path(out, f"rank{rank}.json").write_text(json.dumps({"wandb_loggers": len(built)}))
