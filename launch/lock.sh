@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the install locks from their inputs (the one command to refresh them):
-#   launch/lock/cpu.txt    <- pyproject.toml (dependencies + dev extra) + launch/lock/cpu.in   (.venv)
+#   launch/lock/cpu.txt    <- pyproject.toml (dependencies + dev, smollm2 extras) + launch/lock/cpu.in   (.venv)
 #   launch/lock/peers.txt  <- launch/lock/peers.in                                          (.venv-peers)
 # Each lock pins every package of its environment (all transitive dependencies) for CPython 3.11 on
 # x86_64 Linux, the machines README and CI run on. Resolved by uv (pinned below, in .venv-lock) with
@@ -26,5 +26,5 @@ compile() {  # compile OUT INPUT...
   rm -f "$out.tmp"
   echo "$out: $(grep -c '^[A-Za-z0-9_.-]*==' "$out") packages"
 }
-compile launch/lock/cpu.txt pyproject.toml launch/lock/cpu.in --extra dev
+compile launch/lock/cpu.txt pyproject.toml launch/lock/cpu.in --extra dev --extra smollm2
 compile launch/lock/peers.txt launch/lock/peers.in
