@@ -16,11 +16,7 @@ import base64
 import dataclasses
 import html
 import importlib.metadata
-import os
 import platform
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +119,7 @@ def escape(text: str) -> str:
 
 def check_report_dir(out: Path) -> None:
     """Refuse an output folder that is a file or holds anything but an earlier report: the report
-    folder is replaced as a whole (:func:`staged_dir`), never over a user's files.
+    folder is replaced as a whole (:func:`sae.paths.replacing_dir`), never over a user's files.
 
     Raises:
         ValueError: naming the folder, a file in it no report writes, and the fix.
@@ -135,33 +131,6 @@ def check_report_dir(out: Path) -> None:
         more = f" and {len(other) - 1} more" if other[1:] else ""
         raise ValueError(f"the report folder {str(out)!r} holds {other[0]!r}{more}, which no report writes; the "
                          "folder is replaced whole, so set eval.out_dir to a new or empty folder (or move those files)")
-
-
-@contextmanager
-def staged_dir(out: Path) -> Iterator[Path]:
-    """A fresh temporary sibling of ``out`` to write the report into: renamed to ``out`` (replacing
-    an earlier report) when the block succeeds, removed when it raises (``out`` then untouched)."""
-    final = out.resolve()
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    old = None
-    try:
-        yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.rename(final, old)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if old is not None:
-                os.rename(old, final)
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def package_versions() -> dict[str, str]:

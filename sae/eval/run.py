@@ -31,6 +31,7 @@ from sae.harvest.harvester import Harvester
 from sae.harvest.model import LoadedModel, resolve_device
 from sae.harvest.text import load_text_dataset
 from sae.models import SparseCoder
+from sae.paths import replacing_dir
 from sae.train.artifact import CFG, load_sae, read_sae_cfg, save_weights
 
 from . import plots
@@ -49,7 +50,7 @@ from .data import (
 from .examples import pick_latents, top_examples
 from .lm import SAEReconstructor, load_eval_model, normalizer_from_dict
 from .metrics import ReconstructionStats, SparsityStats, mean_max_cosine
-from .report import check_report_dir, examples_json, package_versions, render_html, staged_dir
+from .report import check_report_dir, examples_json, package_versions, render_html
 from .splice import resolve_site, splice_eval
 
 log = logging.getLogger(__name__)
@@ -407,7 +408,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
         report["examples_skipped"] = examples_skipped
     if tokens_skipped:
         report["logit_tokens_skipped"] = tokens_skipped
-    with staged_dir(out) as staging:
+    with replacing_dir(out, "report") as staging:
         _write_report(staging, cfg, sae_dir, report, spa, norms, examples)
     return EvalResult(out, report, out / "report.json", out / "report.html" if cfg.html else None)
 

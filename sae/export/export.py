@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
-import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from sae.paths import replacing_dir
 
 from . import circuit_tracer, native, saelens, sparsify
 from .card import CardEntry, repo_card, sae_card
@@ -100,45 +99,6 @@ def check_output(out: Path, overwrite: bool) -> None:
                          "contents, or export to a new folder")
 
 
-@contextmanager
-def replacing(out: Path) -> Iterator[Path]:
-    """A new hidden sibling folder of ``out`` to write into, which then replaces ``out``.
-
-    On success the old ``out`` is renamed aside, the new folder renamed in and the old one removed;
-    on any failure the new folder is removed and ``out`` is left as it was.
-
-    Raises:
-        OSError: the folder that holds ``out`` cannot be written (naming it and the fix).
-    """
-    target = Path(os.path.realpath(out))  # a symbolic link keeps pointing at the export
-    token = f"{os.getpid()}-{secrets.token_hex(4)}"
-    tmp, aside = (target.with_name(f".{target.name}.{what}-{token}") for what in ("export", "replaced"))
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    except OSError as e:  # the OS names the hidden folder, not the user's, and no fix
-        where = Path(e.filename or tmp).parent
-        why = "no permission to write in" if isinstance(e, PermissionError) else f"{e.strerror or e} in"
-        raise type(e)(f"cannot create the export folder {out}: {why} {where}; export to a folder you can write "
-                      "to") from None
-    try:
-        yield tmp
-        if target.exists():
-            os.rename(target, aside)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            if aside.exists():
-                os.rename(aside, target)
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-    if aside.exists():
-        log.warning("could not remove the replaced export %s; delete it by hand", aside)
-
-
 def write_export(items: list[ExportItem], folder: Path, fmt: str, dtype: torch.dtype, repo_id: str = "",
                  name: str = "") -> dict[str, str]:
     """Write ``items`` in format ``fmt`` with model cards into the new folder ``folder``.
@@ -180,7 +140,7 @@ def export_items(items: list[ExportItem], out_dir: str | Path, fmt: str = "saele
     check_exportable(items, fmt)
     out = Path(out_dir)
     check_output(out, overwrite)
-    with replacing(out) as tmp:
+    with replacing_dir(out, "export") as tmp:
         folders = write_export(items, tmp, fmt, torch_dtype, repo_id, Path(os.path.realpath(out)).name)
     return ExportResult(out, {name: out / rel for name, rel in folders.items()}, fmt)
 

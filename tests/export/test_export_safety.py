@@ -206,7 +206,7 @@ def test_cli_unwritable_parent_is_one_line_naming_the_folder_and_the_fix(tmp_pat
     finally:
         locked.chmod(0o755)
     assert str(err.value) == (f"sae-export: error: cannot create the export folder {locked / 'out'}: no permission "
-                              f"to write in {locked}; export to a folder you can write to")
+                              f"to write in {locked}; write the export to a folder you can write to")
     assert list(locked.iterdir()) == []
 
 
