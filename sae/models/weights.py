@@ -9,12 +9,11 @@ Used by every reader (ours in ``sae.train.artifact``, the peers' formats in ``sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def file_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
@@ -29,13 +28,6 @@ def file_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     except Exception as e:  # safetensors raises its own error types for a bad header
         raise ValueError(f"{path} is not a readable safetensors file ({e}); the folder is damaged: export or "
                          "download it again") from None
-
-
-def meta_shapes(build: Callable[[], nn.Module]) -> dict[str, tuple[int, ...]]:
-    """The state-dict shapes of the module ``build()`` makes, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        module = build()
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
 def check_shapes(path: str | Path, expected: dict[str, tuple[int, ...]], config: str,
