@@ -111,6 +111,8 @@ class SparseCoder(nn.Module):
     #: Whether a transcoder of this family trains on normalised input and target by default
     #: (``data.normalize=auto``); see :func:`sae.train.run.resolve_normalize`.
     normalize_transcoder_data: bool = True
+    #: Whether the family's loss has a sparsity penalty (L1 or L0) whose coefficient sets its L0.
+    sparsity_penalty: bool = False
 
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         super().__init__()
@@ -162,10 +164,25 @@ class SparseCoder(nn.Module):
 
         Args:
             dead_mask: [L] bool, latents considered dead (AuxK).
-            sparsity_scale: warm-up factor of the sparsity penalty (ReLU, JumpReLU).
+            sparsity_scale: factor of the sparsity penalty's coefficient (ReLU, JumpReLU, Gated): its
+                warm-up, or the target-L0 controller's multiplier (sae.train.sparsity).
             variance_fn: how the target variance (FVU denominator) is computed; default per batch.
         """
         raise NotImplementedError
+
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        """Adam's parameter groups (each with its ``lr``): one for every parameter by default."""
+        return [{"params": list(self.parameters()), "lr": lr}]
+
+    @property
+    def target_l0(self) -> float:
+        """The L0 the trainer steers the sparsity penalty to; 0 for a fixed coefficient (and for the
+        families without a penalty). ``sae.target_l0=null``: ``k`` for transcoders, else 0."""
+        if not self.sparsity_penalty:
+            return 0.0
+        if self.cfg.target_l0 is None:
+            return float(self.cfg.k) if self.cfg.transcode else 0.0
+        return float(self.cfg.target_l0)
 
     # --- shared helpers -------------------------------------------------------------------
     def check_x(self, x_BD: Tensor) -> None:

@@ -31,8 +31,10 @@ Loss: the sum over output layers of each layer's FVU (``fvu/layer{j}``; their su
 ``auxk_alpha`` * AuxK (TopK/BatchTopK: the k_aux largest dead latents of each group reconstruct the
 residual, scaled by min(1, dead / (N k_aux))), plus the JumpReLU L0 term.
 
-Decoder normalisation: a latent's decoder row spans every layer it writes; with
-``sae.normalize_decoder=true`` the *concatenated* row ``W_dec[i][l]`` ([N - i, M] flattened) is
+Decoder normalisation: a latent's decoder row spans every layer it writes. By default
+(``sae.normalize_decoder=null``) a TopK or BatchTopK transcoder CLT starts its decoder at zero with
+centred pre-activations and keeps it free, as a per-layer transcoder does; a JumpReLU CLT and a
+crosscoder on one point keep unit rows. With unit rows the *concatenated* row ``W_dec[i][l]`` ([N - i, M] flattened) is
 kept at unit norm, so an activation is the norm of the latent's whole contribution (what TopK
 ranks and what an L0 penalty should not be able to shrink away), and the gradient component along
 that row is projected out (:meth:`remove_parallel_grad_`). The fused GPU optimiser step
@@ -66,7 +68,7 @@ from .base import Codes, ForwardOutput, SparseCoder, SparseCodes, VarianceFn, fv
 from .batchtopk import batch_cut
 from .config import SAEConfig
 from .dense import activation_scale
-from .jumprelu import _JumpReLU, _Step
+from .jumprelu import _JumpReLU, _Step, threshold_groups
 from .registry import register
 
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
@@ -120,9 +122,18 @@ class CrossLayerTranscoder(SparseCoder):
         self.d_in, self.d_out, self.num_latents = d_in, d_out, n * L
         self.activation, self.acausal = cfg.clt_activation, cfg.clt_acausal
         self.sparse_codes = self.activation != "jumprelu"
+        self.sparsity_penalty = self.activation == "jumprelu"
         self.k = cfg.k
         self.k_aux = cfg.k_aux if cfg.k_aux > 0 else max(1, M // 2)
-        self.normalize_decoder = cfg.normalize_decoder is not False  # null (auto): unit rows, as before
+        # null (auto): unit-norm rows for a crosscoder / multi-layer SAE (y = x); a transcoder's decoder
+        # starts at zero and stays free, as a single-layer transcoder's (sae/models/base.py): with
+        # random unit rows the toy CLT ended with 94% dead latents.
+        # A JumpReLU CLT keeps unit rows and the least-squares encoder scale (from a zero decoder its
+        # thresholds swallowed every latent: L0 0.5, FVU 0.9 per layer on the same toy).
+        auto = cfg.normalize_decoder is None
+        free = cfg.transcode and cfg.clt_activation != "jumprelu"
+        self.normalize_decoder = not free if auto else cfg.normalize_decoder
+        self.zero_decoder_init = free and auto
         self.apply_b_dec_to_input = not cfg.transcode  # y = x: a multi-layer SAE / crosscoder on one point
         self.W_skip = None
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -132,7 +143,8 @@ class CrossLayerTranscoder(SparseCoder):
         self.W_dec = nn.ParameterList()
         for i in range(n):
             W = torch.randn(L, n - self.first_out(i), M, generator=gen)
-            self.W_dec.append(nn.Parameter(W / W.flatten(1).norm(dim=1)[:, None, None]))
+            W = torch.zeros_like(W) if self.zero_decoder_init else W / W.flatten(1).norm(dim=1)[:, None, None]
+            self.W_dec.append(nn.Parameter(W))
         self.b_dec = nn.Parameter(torch.zeros(n, M))
         if not cfg.transcode:  # y = x: each encoder starts as the transpose of its decoder (Gao et al. 2024, A.1)
             with torch.no_grad():
@@ -195,6 +207,20 @@ class CrossLayerTranscoder(SparseCoder):
         if codes.shape[1] != self.n_layers * L:
             raise ValueError(f"dense codes have {codes.shape[1]} latents, the CLT has {self.n_layers * L}")
         return self._decode_dense(list(codes.split(L, dim=1)))
+
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        if self.activation != "jumprelu":
+            return super().optimizer_groups(lr)
+        return threshold_groups(self, lr, self.W_enc.shape[-1])  # each group's encoder width
+
+    @property
+    def target_l0(self) -> float:
+        """A JumpReLU CLT's L0 (summed over layers) is steered only to an explicit ``sae.target_l0``:
+        from the default coefficient the controller crushed a toy CLT to L0 3 (FVU 0.43, against
+        0.05 at L0 42 with the fixed, warmed-up coefficient)."""
+        if not self.sparsity_penalty or self.cfg.target_l0 is None:
+            return 0.0
+        return float(self.cfg.target_l0)
 
     def forward(self, x_BD: Tensor, y_BE: Tensor | None = None, *, dead_mask: Tensor | None = None,
                 sparsity_scale: float = 1.0, variance_fn: VarianceFn | None = None) -> ForwardOutput:
@@ -479,6 +505,9 @@ class CrossLayerTranscoder(SparseCoder):
         for j in range(n):
             self.b_dec[j].copy_(self._b_dec_init(y[:, j * M:(j + 1) * M]))
         xs = self.layer_inputs(self.encoder_input(x_sample_ND.float()))
+        if self.zero_decoder_init:  # centred pre-activations (sparsify's transcoder init); nothing to scale
+            for i in range(n):
+                self.b_enc[i].copy_(-(xs[i].mean(0) @ self.W_enc[i].T))
         if self.activation == "jumprelu":
             for j in range(n):
                 self.act_scale[j] = activation_scale(y[:, j * M:(j + 1) * M])
@@ -493,12 +522,15 @@ class CrossLayerTranscoder(SparseCoder):
                 f = self._jump(self.pre_activations(xs[i], i).relu(), i)
                 v, idx = f.topk(max(1, int((f > 0).sum(1).max())), dim=1, sorted=False)
                 codes.append(SparseCodes(v, idx))
-        elif self.cfg.fit_encoder_scale:
+        elif self.cfg.fit_encoder_scale and not self.zero_decoder_init:
             codes = []
             for i in range(n):  # per-token top-k, also for BatchTopK (as topk.py)
                 v, idx, own = latents.topk(self.pre_activations(xs[i], i), self.k)
                 codes.append(SparseCodes(v.relu() if own is None else v.relu() * own, idx))
         else:
+            return
+        if self.zero_decoder_init:  # the reconstruction is b_dec whatever the scale
+            self._mark_normalized()
             return
         scale = self._encoder_scales(codes, y - self.b_dec.flatten(), latents)
         self.W_enc.mul_(scale[:, None, None])

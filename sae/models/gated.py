@@ -38,6 +38,8 @@ from .registry import register
 
 @register("gated")
 class GatedSAE(DenseCodeSAE):
+    sparsity_penalty = True
+
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         super().__init__(cfg, d_in, d_out, seed=seed)
         if cfg.l1_coefficient < 0:

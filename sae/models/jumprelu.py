@@ -75,8 +75,30 @@ class _Step(torch.autograd.Function):
         return None, g_theta, None
 
 
+def threshold_lr_scale(cfg: SAEConfig, d_enc: int) -> float:
+    """``sae.threshold_lr_scale``, resolved for an encoder reading ``d_enc`` features (null:
+    sqrt(d_enc) for transcoders, 1 for SAEs)."""
+    scale = cfg.threshold_lr_scale
+    if scale is None:
+        return math.sqrt(d_enc) if cfg.transcode else 1.0
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"sae.threshold_lr_scale={scale} must be a positive number (or null for the default)")
+    return float(scale)
+
+
+def threshold_groups(module: nn.Module, lr: float, d_enc: int) -> list[dict]:
+    """Adam groups: the log-thresholds at ``threshold_lr_scale`` times ``lr``, the rest at ``lr``."""
+    scale = threshold_lr_scale(module.cfg, d_enc)
+    if scale == 1.0:  # one group, as before the scale existed (its checkpoints resume)
+        return [{"params": list(module.parameters()), "lr": lr}]
+    th = module.log_threshold
+    rest = [p for p in module.parameters() if p is not th]
+    return [{"params": rest, "lr": lr}, {"params": [th], "lr": lr * scale}]
+
+
 @register("jumprelu")
 class JumpReLUSAE(DenseCodeSAE):
+    sparsity_penalty = True
     #: Train through the dense [B, L] autograd graph (:meth:`forward_dense`, the reference).
     dense_backward: bool = False
 
@@ -89,6 +111,7 @@ class JumpReLUSAE(DenseCodeSAE):
             )
         if not 0 < cfg.k < self.num_latents:
             raise ValueError(f"sae.k={cfg.k} (initial L0 target) must be in [1, num_latents={self.num_latents})")
+        threshold_lr_scale(cfg, d_in)  # validated at build time
         init = math.log(cfg.jumprelu_init_threshold)
         self.log_threshold = nn.Parameter(torch.full((self.num_latents,), init))
         self.register_buffer("act_scale", torch.tensor(1.0))
@@ -96,6 +119,9 @@ class JumpReLUSAE(DenseCodeSAE):
     @property
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
+
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        return threshold_groups(self, lr, self.d_in)
 
     @property
     def bandwidth(self) -> float:

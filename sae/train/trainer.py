@@ -36,6 +36,7 @@ from .logger import MetricLogger, NullLogger
 from .optim import ADAM_STATE_DTYPES
 from .run_dir import RunFolder
 from .schedule import build_optimizer, build_scheduler, default_lr
+from .sparsity import SparsityController
 from .strategy import SingleProcess
 
 log = logging.getLogger(__name__)
@@ -180,12 +181,14 @@ class Trainer:
         # The fused optimiser step runs where the Triton kernels do (CUDA), unless exact mode.
         self.fused_step = not cfg.deterministic and resolve_backend(self.device) is Backend.TRITON
         self.optimizers, self.schedulers, self.trackers = {}, {}, {}
+        self.sparsity: dict[str, SparsityController] = {}  # the sparsity penalty's coefficient over steps
         for name, sae in self.saes.items():
             lr = cfg.lr if cfg.lr is not None else default_lr(self.strategy.full_num_latents(sae))
             self.optimizers[name] = build_optimizer(sae, lr, cfg, fused_step=self.fused_step,
                                                     grad_sq_total=self.strategy.grad_sq_total(sae))
             self.schedulers[name] = build_scheduler(self.optimizers[name], self.total_steps, cfg)
             self.trackers[name] = DeadLatentTracker(sae.num_latents, cfg.dead_tokens_threshold, self.device)
+            self.sparsity[name] = SparsityController(sae.target_l0, sae.cfg.sparsity_warmup_steps)
         self.step = 0
         self.tokens = 0
         self._checkpoint_step: int | None = None  # the step of the last checkpoint written or resumed from
@@ -369,7 +372,8 @@ class Trainer:
         return metrics
 
     def _eager_step(self, name: str, sae: SparseCoder, x: Tensor, y: Tensor | None, log_now: bool):
-        out, loss = self._forward_backward(sae, self.trackers[name], x, y, log_now)
+        out, loss = self._forward_backward(sae, self.trackers[name], x, y, log_now,
+                                           self.sparsity[name].scale(self.step))
         self.strategy.after_backward(sae)
         # SAEAdam projects, clips and renormalises in its own passes (build_optimizer may decline it).
         fused = getattr(self.optimizers[name], "fuses_decoder_step", False)
@@ -386,15 +390,15 @@ class Trainer:
         with torch.no_grad():
             fired = sum(self.strategy.fired_counts(sae, o) for o in out)
             self.trackers[name].update(fired, self.strategy.tokens_per_step(x.shape[0]))
+        if self.sparsity[name].wants_l0(self.step):  # the same steps on every rank: mean_l0 all-reduces
+            self.sparsity[name].observe(sum(self.strategy.mean_l0(o) for o in out) / len(out))
         return out, loss
 
     def _forward_backward(self, sae: SparseCoder, tracker: DeadLatentTracker, x: Tensor, y: Tensor | None,
-                          need_loss: bool):
+                          need_loss: bool, sparsity_scale: float = 1.0):
         """Forward and backward over ``grad_accum_steps`` chunks; returns (outputs, loss or nan)."""
         n = self.cfg.grad_accum_steps
-        warm = sae.cfg.sparsity_warmup_steps
-        kw: dict[str, Any] = {"dead_mask": self.strategy.step_dead_mask(tracker),
-                              "sparsity_scale": min(1.0, (self.step + 1) / warm) if warm > 0 else 1.0}
+        kw: dict[str, Any] = {"dead_mask": self.strategy.step_dead_mask(tracker), "sparsity_scale": sparsity_scale}
         outs, total = [], 0.0 if need_loss else math.nan
         base_var = self.strategy.variance_fn or token_variance
         full_var = base_var(y if y is not None else x) if n > 1 else None
@@ -419,6 +423,8 @@ class Trainer:
         m[f"train/l0/{name}"] = sum(self.strategy.mean_l0(o) for o in outs) / n
         m[f"train/dead_fraction/{name}"] = self.strategy.dead_fraction(self.trackers[name].dead_mask)
         m[f"train/lr/{name}"] = self.optimizers[name].param_groups[0]["lr"]
+        if self.sparsity[name].active:
+            m[f"train/sparsity_scale/{name}"] = self.sparsity[name].scale(self.step)
         return m
 
     def state_dict(self) -> dict[str, Any]:
@@ -428,6 +434,7 @@ class Trainer:
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
             "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
             "trackers": {n: t.state_dict() for n, t in self.trackers.items()},
+            "sparsity": {n: c.state_dict() for n, c in self.sparsity.items()},
             "source": self._source_state if self._source_state is not None else self.source.state_dict(),
             "rng": {"cpu": torch.get_rng_state()},
         }
@@ -475,6 +482,8 @@ class Trainer:
             self.optimizers[name].load_state_dict(state["optimizers"][name])
             self.schedulers[name].load_state_dict(state["schedulers"][name])
             self.trackers[name].load_state_dict(state["trackers"][name])
+            if name in state.get("sparsity", {}):  # absent from checkpoints of before the controller
+                self.sparsity[name].load_state_dict(state["sparsity"][name])
         self.source.load_state_dict(state["source"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -53,6 +54,21 @@ def test_data_parallel_equals_single_process_on_the_union(tmp_path, extra):
     r1 = load_file(str(tmp_path / "rank1.safetensors"))
     assert_close_state(r0, r1, atol=0, rtol=0)  # replicas stay identical
     ref = single({"a": W.make_sae("topk", 0)}, W.UnionSource(2, batch), tmp_path / "ref", steps, 2 * batch, **extra)
+    assert_close_state(r0, {f"a.{k}": v for k, v in ref.saes["a"].state_dict().items()})
+
+
+def test_a_target_l0_controller_under_data_parallel_equals_single_process(tmp_path):
+    """The L0 the controller reads is all-reduced: both ranks and one process on the union of their
+    batches steer the penalty's coefficient alike, and so train the same weights."""
+    steps, batch = 25, 64  # controller updates after steps 10 and 20
+    spawn(W.run_strategy, str(tmp_path), "data", "relu@5", steps, batch, {})
+    r0 = load_file(str(tmp_path / "rank0.safetensors"))
+    assert_close_state(r0, load_file(str(tmp_path / "rank1.safetensors")), atol=0, rtol=0)
+    c0, c1 = (json.loads((tmp_path / f"rank{r}.sparsity.json").read_text())["a"] for r in (0, 1))
+    ref = single({"a": W.make_sae("relu", 0, target_l0=5.0)}, W.UnionSource(2, batch), tmp_path / "ref", steps,
+                 2 * batch)
+    assert c0 == c1 and c0["log_multiplier"] != 0
+    assert c0["log_multiplier"] == pytest.approx(ref.sparsity["a"].log_multiplier, rel=1e-3)
     assert_close_state(r0, {f"a.{k}": v for k, v in ref.saes["a"].state_dict().items()})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -72,12 +73,16 @@ def run_strategy(rank: int, world: int, port: int, out: str, strategy: str, arch
         strat = build_strategy(strategy)
         r, w = strat.data_split()
         src = SyntheticSource(SYN, batch, rank=r, world_size=w)
-        saes = {"a": make_sae(arch, 0), "b": make_sae(arch, 1, k_aux=8)} if strategy == "sae" else \
-            {"a": make_sae(arch, 0)}
+        arch, _, target = arch.partition("@")  # "relu@5": the penalty steered to L0 5
+        kw = {"target_l0": float(target)} if target else {}
+        saes = {"a": make_sae(arch, 0, **kw), "b": make_sae(arch, 1, k_aux=8, **kw)} if strategy == "sae" else \
+            {"a": make_sae(arch, 0, **kw)}
         cfg = train_cfg(Path(out) / "run", steps, batch, **extra)
         trainer = Trainer(cfg, saes, src, strategy=strat)
         trainer.fit()
         save_tensors(Path(out) / f"rank{rank}.safetensors", trainer.saes)
+        (Path(out) / f"rank{rank}.sparsity.json").write_text(
+            json.dumps({n: c.state_dict() for n, c in trainer.sparsity.items()}))
     finally:
         dist.destroy()
 

@@ -14,6 +14,9 @@ ACTS = ["topk", "batchtopk", "jumprelu"]
 
 
 def make(act="topk", acausal=False, seed=0, **kw):
+    # The mechanics at a generic point: random unit-norm decoder rows (a transcoder's default decoder
+    # starts at zero, where the encoder has no gradient; test_a_transcoder_clt_starts_as_sparsify_s).
+    kw.setdefault("normalize_decoder", True)
     cfg = SAEConfig(architecture="clt", clt_layers=N, clt_activation=act, clt_acausal=acausal, num_latents=L, k=K,
                     transcode=True, batch_topk_cap=6, **kw)  # cap * k >= L: every latent is a candidate
     return build_sae(cfg, N * M, seed=seed)
@@ -264,3 +267,21 @@ def test_sparse_per_layer_decode_reads_strided_decoder_views_in_triton(monkeypat
     assert not clt.W_dec[0][:, 1].is_contiguous()
     for j in range(N):
         torch.testing.assert_close(clt.decode_layer(j, sparse), clt.decode_layer(j, dense), rtol=1e-5, atol=1e-5)
+
+
+def test_a_transcoder_clt_starts_as_sparsify_s():
+    """Default (sae.normalize_decoder=null) CLT transcoder: zero decoder kept free of the unit-norm
+    constraint, centred pre-activations, b_dec at the target's centre; a crosscoder on one point
+    (transcode=false) keeps random unit rows."""
+    x, y = data()
+    clt = make("topk", normalize_decoder=None)
+    assert not clt.normalize_decoder and all(float(p.detach().abs().sum()) == 0 for p in clt.W_dec)
+    clt.init_from_data(x, y)
+    for i, x_i in enumerate(clt.layer_inputs(x)):
+        torch.testing.assert_close(clt.pre_activations(x_i, i).mean(0), torch.zeros(L), atol=1e-4, rtol=0)
+    out = clt(x, y)
+    torch.testing.assert_close(out.x_hat, clt.b_dec.flatten().expand_as(y))
+    out.losses["loss"].backward()
+    assert all(float(p.grad.abs().sum()) > 0 for p in clt.W_dec)  # the decoder learns first
+    sae = build_sae(SAEConfig(architecture="clt", clt_layers=N, num_latents=L, k=K), N * M, seed=0)
+    assert sae.normalize_decoder and all(float(p.detach().abs().sum()) > 0 for p in sae.W_dec)

@@ -19,13 +19,14 @@ ARCHS = ["topk", "batchtopk", "relu", "jumprelu"]
 NEWER_ARCHS = ["gated", "matryoshka_topk", "matryoshka_batchtopk"]
 TRANSCODER_ARCHS = [*ARCHS, "gated"]
 D, N_FEATURES, LATENTS = 32, 128, 256
-# Per-family settings that train well in a few hundred small steps.
+# Per-family settings that train well in a few hundred small steps: fixed, warmed-up coefficients
+# (target_l0=0; transcoders would otherwise steer L0 to k, tests/train/test_sparsity.py).
 SAE_KW = {
     "topk": dict(k=8),
     "batchtopk": dict(k=8),
-    "relu": dict(l1_coefficient=2.0, sparsity_warmup_steps=50),
-    "jumprelu": dict(k=8, l0_coefficient=0.0005, sparsity_warmup_steps=50),
-    "gated": dict(l1_coefficient=3.0, sparsity_warmup_steps=50),
+    "relu": dict(l1_coefficient=2.0, sparsity_warmup_steps=50, target_l0=0.0),
+    "jumprelu": dict(k=8, l0_coefficient=0.0005, sparsity_warmup_steps=50, target_l0=0.0),
+    "gated": dict(l1_coefficient=3.0, sparsity_warmup_steps=50, target_l0=0.0),
 }
 
 

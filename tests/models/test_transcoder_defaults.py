@@ -4,8 +4,10 @@ On a random tiny GPT-2, layer 0's MLP input -> MLP output: the target is ~100x s
 input. With random unit-norm decoder rows a TopK transcoder used to end at FVU ~480 (output norm 19x
 the target's) and a BatchTopK one at 99% dead latents; the TopK family now starts its decoder at zero,
 free of the unit-norm constraint, with centred pre-activations (sparsify's transcoder init), and
-BatchTopK's inference threshold tracks the final weights. Each family must come within 2x of the ReLU
-transcoder's FVU at the ReLU's L0, with at most 5% dead latents, skip transcoders included.
+BatchTopK's inference threshold tracks the final weights. The penalised families (ReLU, JumpReLU,
+Gated) steer their coefficient to L0 = sae.k. Each family must come within 2x of the ReLU
+transcoder's FVU at the ReLU's L0, with at most 5% dead latents, skip transcoders included; a TopK
+CLT over both layers too (it ended with 94% dead latents from random unit rows).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def mlp_buffer(tiny_gpt2, tmp_path_factory):
     out = tmp_path_factory.mktemp("mlp") / "buf"
     h = compose_harvest_config([f"model.name={tiny_gpt2}", "text.context_length=64", "harvest.progress=false",
                                 "harvest.max_tokens=24576", f"writer.out_dir={out}", "writer.shard_tokens=8192",
-                                "hookpoints=[layers.0.mlp_in,layers.0.mlp]"])
+                                "hookpoints=[layers.*.mlp_in,layers.*.mlp]"])
     harvest_to_buffer(h.model, h.text, h.harvest, h.writer, h.hookpoints)
     return out
 
@@ -38,10 +40,8 @@ def train(buffer, out, *extra):
 
 
 @pytest.mark.slow
-def test_every_topk_family_transcoder_trains_with_the_defaults(mlp_buffer, tmp_path):
-    relu = train(mlp_buffer, tmp_path / "relu", "sae=relu")
-    fvu_relu, l0_relu = relu["relu"]["fvu"], relu["relu"]["l0"]
-    assert fvu_relu < 0.5, relu
+def test_every_topk_family_transcoder_trains_with_the_defaults(relu, mlp_buffer, tmp_path):
+    fvu_relu, l0_relu = relu["fvu"], relu["l0"]
     k = max(4, round(l0_relu))
     variants = ", ".join([f"{a}: {{architecture: {a}}}" for a in TOPK_FAMILY[1:]]
                          + ["topk_skip: {skip_connection: true}"])
@@ -56,17 +56,40 @@ def test_every_topk_family_transcoder_trains_with_the_defaults(mlp_buffer, tmp_p
         assert 0.5 * k <= l0 <= 1.5 * k, (name, l0, k)  # BatchTopK's inference threshold keeps L0 near k
 
 
+@pytest.fixture(scope="module")
+def relu(mlp_buffer, tmp_path_factory):
+    """The reference: a ReLU transcoder with every default (L0 steered to sae.k = 32)."""
+    got = train(mlp_buffer, tmp_path_factory.mktemp("relu"), "sae=relu")["relu"]
+    print(f"relu: fvu={got['fvu']:.4f} l0={got['l0']:.1f} dead={got['dead_fraction']:.1%}")
+    # Near its target (tens, not hundreds). Its own dead fraction is printed, not held to 5%: an L1
+    # penalty strong enough for L0 ~30 silences a third of the latents within 300 steps.
+    assert got["fvu"] < 0.5 and 8 <= got["l0"] <= 80, got
+    return got
+
+
 @pytest.mark.slow
-def test_a_jumprelu_transcoder_trains_with_the_defaults(mlp_buffer, tmp_path):
-    """Its L0 is set by sae.k at the start and the L0 penalty after; the target is normalised
-    (data.normalize=auto: scale for transcoders), else Adam's steps dwarf the decoder's scale and
-    the thresholds swallow every latent (L0 0.6, 63% dead before)."""
-    relu = train(mlp_buffer, tmp_path / "relu", "sae=relu")["relu"]
-    got = train(mlp_buffer, tmp_path / "jr", "sae=jumprelu")["jumprelu"]
-    (fvu_relu, l0_relu), (fvu, l0, dead) = ((relu[k] for k in ("fvu", "l0")),
-                                            (got[k] for k in ("fvu", "l0", "dead_fraction")))
-    print(f"relu: fvu={fvu_relu:.4f} l0={l0_relu:.1f}; jumprelu: fvu={fvu:.4f} l0={l0:.1f} dead={dead:.1%}")
-    assert fvu <= 2 * fvu_relu and dead <= 0.05 and l0_relu / 3 <= l0 <= 3 * l0_relu, (fvu, l0, dead)
+# Not Gated yet: on this toy its L0 lags the coefficient by ~100 steps and the controller overshoots
+# (L0 5, FVU 0.98 for a target of 14); on SmolLM2 it lands at L0 ~30 (python -m sae.bench.transcoders).
+@pytest.mark.parametrize("arch", ["jumprelu"])
+def test_a_penalised_transcoder_lands_at_its_target_l0(arch, relu, mlp_buffer, tmp_path):
+    """Their L0 is steered to sae.k (here the ReLU's L0); JumpReLU's thresholds learn sqrt(d_in)
+    times faster than the rest, else they cannot follow the encoder (L0 ~200 at k 32 on SmolLM2)."""
+    k = round(relu["l0"])
+    got = train(mlp_buffer, tmp_path / arch, f"sae={arch}", f"sae.k={k}")[arch]
+    fvu, l0, dead = got["fvu"], got["l0"], got["dead_fraction"]
+    print(f"relu: fvu={relu['fvu']:.4f} l0={relu['l0']:.1f}; {arch}: fvu={fvu:.4f} l0={l0:.1f} dead={dead:.1%}")
+    assert fvu <= 2 * relu["fvu"] and dead <= 0.05 and k / 3 <= l0 <= 3 * k, (fvu, l0, dead)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("act", ["topk", "batchtopk"])
+def test_a_cross_layer_transcoder_trains_with_the_defaults(act, relu, mlp_buffer, tmp_path):
+    got = run_training(compose_train_config([
+        "data=buffer", f"data.buffer.path={mlp_buffer}", "sae=clt", f"sae.clt_activation={act}", "sae.k=8",
+        "sae.expansion_factor=16", "train=smoke", "train.steps=300", "train.batch_size=256", "train.progress=false",
+        "train.eval_every=0", f"train.out_dir={tmp_path}"])).eval_metrics["clt"]
+    print(f"clt {act}: fvu={got['fvu']:.4f} l0={got['l0']:.1f} dead={got['dead_fraction']:.1%}")
+    assert got["fvu"] <= 2 * relu["fvu"] and got["dead_fraction"] <= 0.05, got
 
 
 def test_a_diverged_run_is_named_with_the_fix():

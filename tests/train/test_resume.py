@@ -16,7 +16,10 @@ D = 24
 
 def make_trainer(out_dir, arch="topk", total_steps=40):
     src = SyntheticSource(SyntheticConfig(d=D, num_features=64, active_prob=0.05), 256)
+    arch, _, target = arch.partition("@")  # "relu@6": the penalty's coefficient steered to L0 6
     cfg_kw = dict(k=4) if arch != "relu" else {}
+    if target:
+        cfg_kw["target_l0"] = float(target)
     saes = {
         "a": build_sae(SAEConfig(architecture=arch, num_latents=96, **cfg_kw), D, seed=0),
         "b": build_sae(SAEConfig(architecture=arch, num_latents=48, **cfg_kw), D, seed=1),
@@ -40,7 +43,7 @@ def run_until(trainer, n_steps):
             trainer.save_checkpoint()
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu", "relu@6", "jumprelu@3"])
 def test_resume_matches_uninterrupted(arch, tmp_path):
     straight = make_trainer(tmp_path / "straight", arch)
     straight.fit()
@@ -61,6 +64,9 @@ def test_resume_matches_uninterrupted(arch, tmp_path):
             torch.testing.assert_close(s1[i]["exp_avg"], s2[i]["exp_avg"], rtol=0, atol=0)
         t1, t2 = straight.trackers[name], resumed.trackers[name]
         torch.testing.assert_close(t1.tokens_since_fired, t2.tokens_since_fired)
+        assert straight.sparsity[name].state_dict() == resumed.sparsity[name].state_dict()
+        if "@" in arch:  # the controller moved the coefficient (checkpoints at 10 and 20 saw updates)
+            assert straight.sparsity[name].log_multiplier != interrupted.sparsity[name].log_multiplier != 0
     assert straight.source.state_dict() == resumed.source.state_dict()
 
 
