@@ -63,9 +63,12 @@ def _sparsity_rule(item: ExportItem) -> str:
         t = sae.threshold.detach()
         return (f"per-latent thresholds (median {t.median().item():.4g}, "
                 f"range {t.min().item():.4g}..{t.max().item():.4g})")
+    coef = f"coefficient {sae.cfg.l1_coefficient:g}"
+    if sae.target_l0 > 0:
+        coef = f"starting {coef}, steered in training to L0 {sae.target_l0:g}"
     if sae.architecture == "gated":
-        return f"gate with an L1 penalty (coefficient {sae.cfg.l1_coefficient:g}), magnitudes unpenalised"
-    return f"L1 penalty (coefficient {sae.cfg.l1_coefficient:g})"
+        return f"gate with an L1 penalty ({coef}), magnitudes unpenalised"
+    return f"L1 penalty ({coef})"
 
 
 def _load_snippet(fmt: str, repo: str, folder: str) -> str:

@@ -88,3 +88,15 @@ def test_training_lands_near_the_target(arch, tmp_path):
     print(f"{arch}: L0 {l0:.1f} (target 10), coefficient x{scale:.3g}, FVU {last[f'train/fvu/{arch}']:.3f}")
     # ReLU undershoots here (L0 ~3): its latents fall silent faster than the controller backs off.
     assert (2.5 if arch == "relu" else 5) <= l0 <= 20, (l0, scale)
+
+
+def test_the_model_card_names_the_target_not_only_the_starting_coefficient():
+    from sae.export.card import _sparsity_rule
+    from sae.export.source import ExportItem
+
+    def rule(**kw):
+        return _sparsity_rule(ExportItem("relu", build_sae(SAEConfig(architecture="relu", num_latents=64, k=6, **kw),
+                                                            8, 8)))
+
+    assert rule() == "L1 penalty (coefficient 5)"
+    assert rule(transcode=True) == "L1 penalty (starting coefficient 5, steered in training to L0 6)"
