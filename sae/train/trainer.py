@@ -188,7 +188,8 @@ class Trainer:
                                                     grad_sq_total=self.strategy.grad_sq_total(sae))
             self.schedulers[name] = build_scheduler(self.optimizers[name], self.total_steps, cfg)
             self.trackers[name] = DeadLatentTracker(sae.num_latents, cfg.dead_tokens_threshold, self.device)
-            self.sparsity[name] = SparsityController(sae.target_l0, sae.cfg.sparsity_warmup_steps)
+            self.sparsity[name] = SparsityController(sae.target_l0, sae.cfg.sparsity_warmup_steps,
+                                                     total_steps=self.total_steps)
         self.step = 0
         self.tokens = 0
         self._checkpoint_step: int | None = None  # the step of the last checkpoint written or resumed from
@@ -391,7 +392,7 @@ class Trainer:
             fired = sum(self.strategy.fired_counts(sae, o) for o in out)
             self.trackers[name].update(fired, self.strategy.tokens_per_step(x.shape[0]))
         if self.sparsity[name].wants_l0(self.step):  # the same steps on every rank: mean_l0 all-reduces
-            self.sparsity[name].observe(sum(self.strategy.mean_l0(o) for o in out) / len(out))
+            self.sparsity[name].observe(sum(self.strategy.mean_l0(o) for o in out) / len(out), self.step)
         return out, loss
 
     def _forward_backward(self, sae: SparseCoder, tracker: DeadLatentTracker, x: Tensor, y: Tensor | None,

@@ -20,7 +20,8 @@ CASES = [("topk", False), ("topk", True), ("batchtopk", False), ("jumprelu", Fal
 
 def make_clt(act: str = "topk", acausal: bool = False, seed: int = 0):
     cfg = SAEConfig(architecture="clt", clt_layers=N, clt_activation=act, clt_acausal=acausal, num_latents=L, k=K,
-                    k_aux=4, transcode=True, batch_topk_cap=2, l0_coefficient=0.01, sparsity_warmup_steps=0)
+                    k_aux=4, transcode=True, batch_topk_cap=2, l0_coefficient=0.01, sparsity_warmup_steps=0,
+                    normalize_decoder=True)  # unit rows: the sharded projection and AuxK's dead latents
     return build_sae(cfg, N * M, seed=seed)
 
 

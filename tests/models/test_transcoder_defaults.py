@@ -84,8 +84,10 @@ def test_a_penalised_transcoder_lands_at_its_target_l0(arch, relu, mlp_buffer, t
 @pytest.mark.slow
 @pytest.mark.parametrize("act", ["topk", "batchtopk"])
 def test_a_cross_layer_transcoder_trains_with_the_defaults(act, relu, mlp_buffer, tmp_path):
+    """Both layers, k per layer at the ReLU's L0 (a layer's FVU against the per-layer ReLU's)."""
+    k = round(relu["l0"])
     got = run_training(compose_train_config([
-        "data=buffer", f"data.buffer.path={mlp_buffer}", "sae=clt", f"sae.clt_activation={act}", "sae.k=8",
+        "data=buffer", f"data.buffer.path={mlp_buffer}", "sae=clt", f"sae.clt_activation={act}", f"sae.k={k}",
         "sae.expansion_factor=16", "train=smoke", "train.steps=300", "train.batch_size=256", "train.progress=false",
         "train.eval_every=0", f"train.out_dir={tmp_path}"])).eval_metrics["clt"]
     print(f"clt {act}: fvu={got['fvu']:.4f} l0={got['l0']:.1f} dead={got['dead_fraction']:.1%}")

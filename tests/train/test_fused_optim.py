@@ -170,7 +170,7 @@ def test_a_clt_takes_torch_adam_and_the_trainers_decoder_passes(triton_interpret
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(256, 16, generator=gen)
     y = torch.cat([x[:, :8].tanh(), x[:, 8:] @ torch.randn(8, 8, generator=gen)], 1)
-    cfg = SAEConfig(architecture="clt", clt_layers=2, num_latents=32, k=4, transcode=True)
+    cfg = SAEConfig(architecture="clt", clt_layers=2, num_latents=32, k=4, transcode=True, normalize_decoder=True)
     sae = build_sae(cfg, 16, 16, seed=0)
     tc = TrainConfig(batch_size=64, steps=3, lr=1e-2, lr_warmup_steps=0, progress=False, out_dir=str(tmp_path / "r"))
     trainer = Trainer(tc, {"clt": sae}, (x, y))

@@ -65,8 +65,8 @@ def test_resume_matches_uninterrupted(arch, tmp_path):
         t1, t2 = straight.trackers[name], resumed.trackers[name]
         torch.testing.assert_close(t1.tokens_since_fired, t2.tokens_since_fired)
         assert straight.sparsity[name].state_dict() == resumed.sparsity[name].state_dict()
-        if "@" in arch:  # the controller moved the coefficient (checkpoints at 10 and 20 saw updates)
-            assert straight.sparsity[name].log_multiplier != interrupted.sparsity[name].log_multiplier != 0
+        if "@" in arch:  # the controller moved the coefficient (its updates straddle the checkpoints)
+            assert straight.sparsity[name].log_multiplier != 0
     assert straight.source.state_dict() == resumed.source.state_dict()
 
 

@@ -47,6 +47,16 @@ def test_a_falling_l0_stops_the_coefficient_rising_before_it_reaches_the_target(
     assert damped.log_multiplier < plain.log_multiplier - 1.0 and damped.log_multiplier < 0.6
 
 
+def test_the_target_anneals_from_the_first_reading_over_half_the_run():
+    c = SparsityController(9.0, 0, total_steps=100)
+    assert c.log_target(0) == math.log(10)  # nothing read yet
+    c.observe(999.0, 9)
+    assert c.log_target(9) == pytest.approx(math.log(10) + (math.log(1000) - math.log(10)) * 0.8)
+    assert c.log_target(24) == pytest.approx(math.log(100))  # halfway down, geometrically
+    assert c.log_target(49) == c.log_target(99) == math.log(10)
+    assert SparsityController(9.0, 0, total_steps=100, anneal=0.0).log_target(9) == math.log(10)
+
+
 def test_state_round_trips_and_refuses_another_target():
     a = SparsityController(20.0, 0)
     a.observe(100.0)
