@@ -34,8 +34,8 @@ residual, scaled by min(1, dead / (N k_aux))), plus the JumpReLU L0 term.
 Decoder normalisation: a latent's decoder row spans every layer it writes. By default
 (``sae.normalize_decoder=null``) a TopK or BatchTopK transcoder CLT starts its decoder at zero with
 centred pre-activations and keeps it free, as a per-layer transcoder does; a JumpReLU CLT and a
-crosscoder on one point keep unit rows. With unit rows the *concatenated* row ``W_dec[i][l]`` ([N - i, M] flattened) is
-kept at unit norm, so an activation is the norm of the latent's whole contribution (what TopK
+crosscoder on one point keep unit rows. With unit rows the *concatenated* row ``W_dec[i][l]``
+([N - i, M] flattened) is kept at unit norm, so an activation is the norm of the latent's whole contribution (what TopK
 ranks and what an L0 penalty should not be able to shrink away), and the gradient component along
 that row is projected out (:meth:`remove_parallel_grad_`). The fused GPU optimiser step
 (:class:`sae.train.optim.SAEAdam`) handles one ``W_dec`` tensor only, so a CLT always trains with
@@ -522,15 +522,12 @@ class CrossLayerTranscoder(SparseCoder):
                 f = self._jump(self.pre_activations(xs[i], i).relu(), i)
                 v, idx = f.topk(max(1, int((f > 0).sum(1).max())), dim=1, sorted=False)
                 codes.append(SparseCodes(v, idx))
-        elif self.cfg.fit_encoder_scale and not self.zero_decoder_init:
+        elif self.cfg.fit_encoder_scale and not self.zero_decoder_init:  # a zero decoder: nothing to fit
             codes = []
             for i in range(n):  # per-token top-k, also for BatchTopK (as topk.py)
                 v, idx, own = latents.topk(self.pre_activations(xs[i], i), self.k)
                 codes.append(SparseCodes(v.relu() if own is None else v.relu() * own, idx))
         else:
-            return
-        if self.zero_decoder_init:  # the reconstruction is b_dec whatever the scale
-            self._mark_normalized()
             return
         scale = self._encoder_scales(codes, y - self.b_dec.flatten(), latents)
         self.W_enc.mul_(scale[:, None, None])
