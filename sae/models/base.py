@@ -177,12 +177,14 @@ class SparseCoder(nn.Module):
     @property
     def target_l0(self) -> float:
         """The L0 the trainer steers the sparsity penalty to; 0 for a fixed coefficient (and for the
-        families without a penalty). ``sae.target_l0=null``: ``k`` for transcoders, else 0."""
+        families without a penalty). ``sae.target_l0=null``: :meth:`default_target_l0`."""
         if not self.sparsity_penalty:
             return 0.0
-        if self.cfg.target_l0 is None:
-            return float(self.cfg.k) if self.cfg.transcode else 0.0
-        return float(self.cfg.target_l0)
+        return self.default_target_l0() if self.cfg.target_l0 is None else float(self.cfg.target_l0)
+
+    def default_target_l0(self) -> float:
+        """``sae.target_l0=null``: ``k`` for transcoders, 0 (a fixed coefficient) for SAEs."""
+        return float(self.cfg.k) if self.cfg.transcode else 0.0
 
     # --- shared helpers -------------------------------------------------------------------
     def check_x(self, x_BD: Tensor) -> None:

@@ -213,14 +213,11 @@ class CrossLayerTranscoder(SparseCoder):
             return super().optimizer_groups(lr)
         return threshold_groups(self, lr, self.W_enc.shape[-1])  # each group's encoder width
 
-    @property
-    def target_l0(self) -> float:
+    def default_target_l0(self) -> float:
         """A JumpReLU CLT's L0 (summed over layers) is steered only to an explicit ``sae.target_l0``:
         from the default coefficient the controller crushed a toy CLT to L0 3 (FVU 0.43, against
         0.05 at L0 42 with the fixed, warmed-up coefficient)."""
-        if not self.sparsity_penalty or self.cfg.target_l0 is None:
-            return 0.0
-        return float(self.cfg.target_l0)
+        return 0.0
 
     def forward(self, x_BD: Tensor, y_BE: Tensor | None = None, *, dead_mask: Tensor | None = None,
                 sparsity_scale: float = 1.0, variance_fn: VarianceFn | None = None) -> ForwardOutput:

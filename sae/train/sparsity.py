@@ -81,10 +81,10 @@ class SparsityController:
         trend = 0.0 if self.last_log_l0 is None else log_l0 - self.last_log_l0
         self.last_log_l0 = log_l0
         err = log_l0 - self.log_target(step) + self.horizon * trend
-        step = max(-self.max_log_step, min(self.max_log_step, self.gain * err))
+        change = max(-self.max_log_step, min(self.max_log_step, self.gain * err))
         # Bounded (1e-4 to 1e4 times the configured coefficient): a target the family cannot reach
         # in this run (its thresholds move at their learning rate) must not wind the coefficient up.
-        self.log_multiplier = max(-MAX_LOG_MULTIPLIER, min(MAX_LOG_MULTIPLIER, self.log_multiplier + step))
+        self.log_multiplier = max(-MAX_LOG_MULTIPLIER, min(MAX_LOG_MULTIPLIER, self.log_multiplier + change))
 
     def state_dict(self) -> dict[str, Any]:
         return {"target_l0": self.target_l0, "log_multiplier": self.log_multiplier, "last_log_l0": self.last_log_l0,
