@@ -63,7 +63,7 @@ def _sparsity_rule(item: ExportItem) -> str:
         t = sae.threshold.detach()
         return (f"per-latent thresholds (median {t.median().item():.4g}, "
                 f"range {t.min().item():.4g}..{t.max().item():.4g})")
-    coef = f"coefficient {sae.cfg.l1_coefficient:g}"
+    coef = f"coefficient {sae.l1_coefficient:g}"
     if sae.target_l0 > 0:
         coef = f"starting {coef}, steered in training to L0 {sae.target_l0:g}"
     if sae.architecture == "gated":

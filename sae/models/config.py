@@ -38,9 +38,15 @@ class SAEConfig:
     # batch with this momentum (a time constant of ~10 steps: it ends at the final weights' value
     # also in short runs and for transcoders, whose activations change scale while the decoder grows).
     threshold_momentum: float = 0.9
-    # ReLU/L1 (Anthropic, April 2024 update): lambda * sum_i f_i * ||W_dec_i||.
-    l1_coefficient: float = 5.0
+    # ReLU/L1 (Anthropic, April 2024 update): lambda * sum_i f_i * ||W_dec_i||; Gated: on the gate.
+    # null: ReLU 5 for SAEs (the paper's), 1 for transcoders, whose coefficient is steered to
+    # sae.target_l0 from there (from 5 a SmolLM2 MLP transcoder's L0 fell from 2281 to 16 within 50
+    # steps, before the controller could react, and most latents never came back); Gated 1.
+    l1_coefficient: Optional[float] = None  # noqa: UP045
     sparsity_warmup_steps: int = 1000
+    # ReLU: ghost grads (sae/models/dense.py) for latents dead for train.dead_tokens_threshold tokens.
+    # null: on for transcoders, off for SAEs.
+    ghost_grads: Optional[bool] = None  # noqa: UP045
     # JumpReLU (Rajamanoharan et al. 2024): lambda * L0 with straight-through estimators.
     l0_coefficient: float = 1.0
     # ReLU, JumpReLU, Gated (and a JumpReLU CLT): the L0 the trainer steers the penalty's coefficient

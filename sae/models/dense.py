@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Codes, SparseCoder, SparseCodes, VarianceFn, token_variance
+from .base import Codes, SparseCoder, SparseCodes, VarianceFn, fvu_from_error, token_variance
 
 
 class DenseCodeSAE(SparseCoder):
@@ -31,6 +31,48 @@ class DenseCodeSAE(SparseCoder):
         if isinstance(codes, SparseCodes):
             raise TypeError(f"{type(self).__name__}.decode expects dense [B, L] codes")
         return torch.addmm(self.b_dec, codes, self.W_dec)
+
+    @property
+    def l1_coefficient(self) -> float:
+        """``sae.l1_coefficient`` resolved (null: :meth:`default_l1_coefficient`); checked >= 0."""
+        value = self.default_l1_coefficient() if self.cfg.l1_coefficient is None else float(self.cfg.l1_coefficient)
+        if value < 0:
+            raise ValueError(f"sae.l1_coefficient={value} must be >= 0")
+        return value
+
+    def default_l1_coefficient(self) -> float:
+        """The L1 coefficient of ``sae.l1_coefficient=null`` (families with an L1 penalty)."""
+        raise NotImplementedError(f"{type(self).__name__} has no L1 penalty")
+
+    def ghost_grads_on(self) -> bool:
+        """``sae.ghost_grads`` resolved: null is on for transcoders, off for SAEs."""
+        return self.cfg.transcode if self.cfg.ghost_grads is None else bool(self.cfg.ghost_grads)
+
+
+def ghost_grad_loss(pre_BL: Tensor, dead_mask_L: Tensor, W_dec_LE: Tensor, x_hat_BE: Tensor, y_BE: Tensor,
+                    variance_fn: VarianceFn | None = None) -> Tensor | None:
+    """Ghost grads (Anthropic, "Circuits Updates - January 2024"; SAELens' ``use_ghost_grads``): a
+    gradient that brings back latents a ReLU has silenced, or None when none is dead.
+
+    A latent whose pre-activation is negative on every token gets no gradient from the
+    reconstruction, so once the sparsity penalty has pushed it below zero it never returns. Here the
+    dead latents reconstruct the residual ``y - x_hat`` through exp(pre) (positive, with a
+    gradient everywhere), rescaled per token to half the residual's norm; the pre-activations of
+    those whose decoder row points along the residual rise until they fire again. Each token's
+    term is weighted so that its value equals that token's main squared error (the weights are
+    detached), and the sum is divided like FVU: its value is the batch's FVU, its gradient reaches
+    only the dead latents' encoder and decoder rows. Pre-activations are capped at 0 (a latent
+    that fires on this batch is not silent here).
+    """
+    dead_idx = dead_mask_L.nonzero().squeeze(1)
+    if dead_idx.numel() == 0:
+        return None
+    ghost_BE = pre_BL.index_select(1, dead_idx).float().clamp_max(0).exp() @ W_dec_LE.index_select(0, dead_idx).float()
+    residual_BE = (y_BE.float() - x_hat_BE.detach().float())
+    scale_B = residual_BE.norm(dim=1) / (2 * ghost_BE.norm(dim=1)).clamp_min(1e-6)
+    ghost_err_B = (ghost_BE * scale_B.detach()[:, None] - residual_BE).pow(2).sum(1)
+    weight_B = residual_BE.pow(2).sum(1) / ghost_err_B.detach().clamp_min(1e-12)
+    return fvu_from_error(weight_B @ ghost_err_B, y_BE, variance_fn)
 
 
 def activation_scale(y_BE: Tensor, variance_fn: VarianceFn | None = None) -> Tensor:

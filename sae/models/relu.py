@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .base import ForwardOutput, VarianceFn, fvu
 from .config import SAEConfig
-from .dense import DenseCodeSAE, activation_scale
+from .dense import DenseCodeSAE, activation_scale, ghost_grad_loss
 from .registry import register
 
 
@@ -33,8 +33,11 @@ class ReLUSAE(DenseCodeSAE):
 
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         super().__init__(cfg, d_in, d_out, seed=seed)
-        if cfg.l1_coefficient < 0:
-            raise ValueError(f"sae.l1_coefficient={cfg.l1_coefficient} must be >= 0")
+        self.l1_coefficient  # noqa: B018 (validates sae.l1_coefficient)
+
+    def default_l1_coefficient(self) -> float:
+        """5 for SAEs (the April 2024 update's); 1 for transcoders, the start of the target-L0 steering."""
+        return 1.0 if self.cfg.transcode else 5.0
 
     def activation(self, pre_BL: Tensor) -> Tensor:
         return pre_BL.relu()
@@ -42,9 +45,15 @@ class ReLUSAE(DenseCodeSAE):
     def forward(self, x_BD: Tensor, y_BE: Tensor | None = None, *, dead_mask: Tensor | None = None,
                 sparsity_scale: float = 1.0, variance_fn: VarianceFn | None = None) -> ForwardOutput:
         y_BE = self.check_input(x_BD, y_BE)
-        f = self.activation(self.pre_activations(self.encoder_input(x_BD)))
+        pre = self.pre_activations(self.encoder_input(x_BD))
+        f = self.activation(pre)
         x_hat = self.reconstruct(x_BD, f)
         rec = fvu(x_hat, y_BE, variance_fn)
         l1 = (f @ self.W_dec.norm(dim=1)).mean() / (self.d_out * activation_scale(y_BE, variance_fn))
-        loss = rec + self.cfg.l1_coefficient * sparsity_scale * l1
-        return ForwardOutput(x_hat, f, {"fvu": rec, "l1": l1, "loss": loss})
+        losses = {"fvu": rec, "l1": l1, "loss": rec + self.l1_coefficient * sparsity_scale * l1}
+        if dead_mask is not None and self.ghost_grads_on():
+            ghost = ghost_grad_loss(pre, dead_mask, self.W_dec, x_hat, y_BE, variance_fn)
+            if ghost is not None:
+                losses["ghost"] = ghost
+                losses["loss"] = losses["loss"] + ghost
+        return ForwardOutput(x_hat, f, losses)

@@ -42,8 +42,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     parallel: str = "none"  # none | data | latent | sae (one SAE per rank: hook points, sweeps)
     seed: int = 0
-    # Dead latents: not fired in this many tokens (Gao et al.: 10M).
-    dead_tokens_threshold: int = 10_000_000
+    # Dead latents (AuxK, ghost grads, the dead fraction logged): not fired in this many tokens.
+    # null: 2% of the run's tokens, at most 10M (Gao et al.'s), so that a short run revives its dead
+    # latents too (sae.train.dead.resolve_dead_threshold).
+    dead_tokens_threshold: Optional[int] = None  # noqa: UP045
     b_dec_init_samples: int = 4096
     # Fine-tune a published SAE instead of a fresh one: a folder or Hub repo id in our, SAELens' or
     # sparsify's format (``sae.export.load_pretrained``); its architecture and sizes replace ``sae.*``,

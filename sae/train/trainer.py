@@ -30,7 +30,7 @@ from . import dist
 from .artifact import load_sae, save_sae
 from .checkpoint import latest_checkpoint, load_trainer_state, read_manifest, save_checkpoint, shard_dir
 from .config import TrainConfig
-from .dead import DeadLatentTracker
+from .dead import DeadLatentTracker, resolve_dead_threshold
 from .graphed import GraphedStep, graphed_step
 from .logger import MetricLogger, NullLogger
 from .optim import ADAM_STATE_DTYPES
@@ -181,13 +181,14 @@ class Trainer:
         # The fused optimiser step runs where the Triton kernels do (CUDA), unless exact mode.
         self.fused_step = not cfg.deterministic and resolve_backend(self.device) is Backend.TRITON
         self.optimizers, self.schedulers, self.trackers = {}, {}, {}
+        dead_tokens = resolve_dead_threshold(cfg.dead_tokens_threshold, self.total_steps * cfg.batch_size)
         self.sparsity: dict[str, SparsityController] = {}  # the sparsity penalty's coefficient over steps
         for name, sae in self.saes.items():
             lr = cfg.lr if cfg.lr is not None else default_lr(self.strategy.full_num_latents(sae))
             self.optimizers[name] = build_optimizer(sae, lr, cfg, fused_step=self.fused_step,
                                                     grad_sq_total=self.strategy.grad_sq_total(sae))
             self.schedulers[name] = build_scheduler(self.optimizers[name], self.total_steps, cfg)
-            self.trackers[name] = DeadLatentTracker(sae.num_latents, cfg.dead_tokens_threshold, self.device)
+            self.trackers[name] = DeadLatentTracker(sae.num_latents, dead_tokens, self.device)
             self.sparsity[name] = SparsityController(sae.target_l0, sae.cfg.sparsity_warmup_steps,
                                                      total_steps=self.total_steps)
         self.step = 0

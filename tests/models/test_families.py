@@ -184,3 +184,44 @@ def test_auxk_revives_dead_latents():
 def test_config_dataclass_roundtrip():
     cfg = SAEConfig(architecture="jumprelu", k=4)
     assert SAEConfig(**dataclasses.asdict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated"])
+def test_ghost_grads_reach_only_silenced_latents(arch):
+    """Ghost grads: latents silent on every token (b_enc far below zero) get encoder gradient only
+    from the ghost term; its value is the batch's FVU (per-token weights); off for SAEs by default."""
+    src = synthetic()
+    x = src.batch(0).x
+    y = x @ torch.randn(D, D, generator=torch.Generator().manual_seed(0)) / D**0.5
+    sae = build_sae(SAEConfig(architecture=arch, num_latents=LATENTS, transcode=True), D, D, seed=1)
+    with torch.no_grad():
+        sae.b_enc[:100] = -20.0  # silent on every token (exp(-20) is still a float32)
+        sae.W_dec.normal_()  # a Gated transcoder's starts at zero (its first steps give the rows a direction)
+    dead = torch.zeros(LATENTS, dtype=torch.bool)
+    dead[:100] = True
+    out = sae(x, y, dead_mask=dead)
+    assert "ghost" in out.losses and torch.allclose(out.losses["ghost"], out.losses["fvu"], rtol=1e-4)
+    out.losses["loss"].backward()
+    assert sae.W_enc.grad[:100].abs().sum(dim=1).gt(0).all()  # every silenced row is reached
+    sae.zero_grad()
+    plain = sae(x, y, dead_mask=torch.zeros(LATENTS, dtype=torch.bool))
+    assert "ghost" not in plain.losses
+    plain.losses["loss"].backward()
+    assert sae.W_enc.grad[:100].abs().sum() == 0  # without it nothing reaches them
+    off = build_sae(SAEConfig(architecture=arch, num_latents=LATENTS, transcode=True, ghost_grads=False), D, D)
+    assert "ghost" not in off(x, y, dead_mask=dead).losses
+    an_sae = build_sae(SAEConfig(architecture=arch, num_latents=LATENTS), D)
+    assert "ghost" not in an_sae(x, dead_mask=dead).losses  # null: off for SAEs
+
+
+@pytest.mark.parametrize("ghost", [False, True])
+def test_ghost_grads_bring_silenced_latents_back_in_training(ghost, tmp_path):
+    src = synthetic()
+    sae = build_sae(SAEConfig(architecture="relu", num_latents=LATENTS, l1_coefficient=0.5, target_l0=0.0,
+                              sparsity_warmup_steps=1, ghost_grads=ghost), D, seed=1)
+    with torch.no_grad():
+        sae.b_enc[: LATENTS // 2] = -0.5  # half of the latents start silent on every token
+    train(sae, src, tmp_path, steps=200)
+    fired = evaluate_batches(sae, [src.batch(10**6 + i) for i in range(4)])["dead_fraction"]
+    print(f"ghost_grads={ghost}: dead {fired:.1%}")
+    assert (fired < 0.1) if ghost else (fired > 0.4)

@@ -109,4 +109,4 @@ def test_the_model_card_names_the_target_not_only_the_starting_coefficient():
                                                             8, 8)))
 
     assert rule() == "L1 penalty (coefficient 5)"
-    assert rule(transcode=True) == "L1 penalty (starting coefficient 5, steered in training to L0 6)"
+    assert rule(transcode=True) == "L1 penalty (starting coefficient 1, steered in training to L0 6)"
