@@ -57,7 +57,7 @@ def ghost_grad_loss(pre_BL: Tensor, dead_mask_L: Tensor, W_dec_LE: Tensor, x_hat
     A latent whose pre-activation is negative on every token gets no gradient from the
     reconstruction, so once the sparsity penalty has pushed it below zero it never returns. Here the
     dead latents reconstruct the residual ``y - x_hat`` through exp(pre) (positive, with a
-    gradient everywhere), rescaled per token to half the residual's norm; the pre-activations of
+    gradient everywhere), rescaled per token to half the residual's norm (never scaled up); the pre-activations of
     those whose decoder row points along the residual rise until they fire again. Each token's
     term is weighted so that its value equals that token's main squared error (the weights are
     detached), and the sum is divided like FVU: its value is the batch's FVU, its gradient reaches
@@ -69,7 +69,12 @@ def ghost_grad_loss(pre_BL: Tensor, dead_mask_L: Tensor, W_dec_LE: Tensor, x_hat
         return None
     ghost_BE = pre_BL.index_select(1, dead_idx).float().clamp_max(0).exp() @ W_dec_LE.index_select(0, dead_idx).float()
     residual_BE = (y_BE.float() - x_hat_BE.detach().float())
-    scale_B = residual_BE.norm(dim=1) / (2 * ghost_BE.norm(dim=1)).clamp_min(1e-6)
+    r_norm_B = residual_BE.norm(dim=1)
+    # At most 1: the paper's factor grows without bound as the dead rows shrink (a transcoder's dead
+    # rows are still at their zero init), and W_dec's gradient with it (1.9e7 against 41 for the main
+    # loss on a toy Gated transcoder), which then scaled every other update of the step away through
+    # train.grad_clip. Adam moves the dead latents' own rows by ~lr per step either way.
+    scale_B = r_norm_B / torch.maximum(2 * ghost_BE.norm(dim=1), r_norm_B).clamp_min(1e-12)
     ghost_err_B = (ghost_BE * scale_B.detach()[:, None] - residual_BE).pow(2).sum(1)
     weight_B = residual_BE.pow(2).sum(1) / ghost_err_B.detach().clamp_min(1e-12)
     return fvu_from_error(weight_B @ ghost_err_B, y_BE, variance_fn)

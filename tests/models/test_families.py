@@ -225,3 +225,23 @@ def test_ghost_grads_bring_silenced_latents_back_in_training(ghost, tmp_path):
     fired = evaluate_batches(sae, [src.batch(10**6 + i) for i in range(4)])["dead_fraction"]
     print(f"ghost_grads={ghost}: dead {fired:.1%}")
     assert (fired < 0.1) if ghost else (fired > 0.4)
+
+
+def test_ghost_grads_stay_bounded_when_the_dead_rows_are_zero():
+    """A transcoder's dead decoder rows may still be at their zero init: the ghost term must not blow
+    W_dec's gradient up (the paper's scale factor did, 1.9e7 vs 41, and grad clipping then scaled the
+    whole step away)."""
+    x = torch.randn(512, D, generator=torch.Generator().manual_seed(0)) * 10
+    y = x @ torch.randn(D, D, generator=torch.Generator().manual_seed(1)) * 0.01
+    sae = build_sae(SAEConfig(architecture="gated", num_latents=LATENTS, transcode=True), D, D, seed=0)
+    sae.init_from_data(x, y)
+    with torch.no_grad():
+        sae.W_dec[100:].normal_(0, 0.01)  # rows 0..99 never fired: still zero
+    dead = torch.zeros(LATENTS, dtype=torch.bool)
+    dead[:100] = True
+    norms = []
+    for mask in (None, dead):
+        sae.zero_grad()
+        sae(x, y, dead_mask=mask).losses["loss"].backward()
+        norms.append(float(sae.W_dec.grad.norm()))
+    assert sae.W_dec.grad[:100].abs().sum() > 0 and norms[1] < 2 * norms[0], norms
