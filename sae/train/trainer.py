@@ -181,7 +181,9 @@ class Trainer:
         # The fused optimiser step runs where the Triton kernels do (CUDA), unless exact mode.
         self.fused_step = not cfg.deterministic and resolve_backend(self.device) is Backend.TRITON
         self.optimizers, self.schedulers, self.trackers = {}, {}, {}
-        dead_tokens = resolve_dead_threshold(cfg.dead_tokens_threshold, self.total_steps * cfg.batch_size)
+        # In the trackers' unit: tokens over all data-parallel ranks.
+        run_tokens = self.total_steps * self.strategy.tokens_per_step(cfg.batch_size)
+        dead_tokens = resolve_dead_threshold(cfg.dead_tokens_threshold, run_tokens)
         self.sparsity: dict[str, SparsityController] = {}  # the sparsity penalty's coefficient over steps
         for name, sae in self.saes.items():
             lr = cfg.lr if cfg.lr is not None else default_lr(self.strategy.full_num_latents(sae))

@@ -110,3 +110,18 @@ def test_the_model_card_names_the_target_not_only_the_starting_coefficient():
 
     assert rule() == "L1 penalty (coefficient 5)"
     assert rule(transcode=True) == "L1 penalty (starting coefficient 1, steered in training to L0 6)"
+
+
+def test_the_dead_window_is_2_percent_of_the_run_at_most_10m_tokens(tmp_path):
+    """train.dead_tokens_threshold=null: a short run's AuxK and ghost grads start within it (a fixed
+    10M-token window never closes in a run of a few million tokens)."""
+    from sae.train.dead import resolve_dead_threshold
+
+    assert resolve_dead_threshold(None, 300 * 4096) == 24576
+    assert resolve_dead_threshold(None, 10**10) == 10_000_000 and resolve_dead_threshold(None, 10) == 1
+    assert resolve_dead_threshold(5000, 10**10) == 5000
+    src = SyntheticSource(SyntheticConfig(d=16, num_features=32), 256)
+    sae = build_sae(SAEConfig(architecture="relu", num_latents=64), 16, seed=0)
+    for given, want in ((None, 300 * 256 // 50), (777, 777)):
+        cfg = TrainConfig(batch_size=256, steps=300, out_dir=str(tmp_path), dead_tokens_threshold=given)
+        assert Trainer(cfg, {"relu": sae}, src).trackers["relu"].threshold_tokens == want
