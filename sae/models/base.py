@@ -170,6 +170,11 @@ class SparseCoder(nn.Module):
         """
         raise NotImplementedError
 
+    def dead_window_fraction(self) -> float | None:
+        """``train.dead_tokens_threshold=null``: the fraction of the run's tokens after which a silent
+        latent counts as dead, or None for the fixed 10M (sae.train.dead.resolve_dead_threshold)."""
+        return None
+
     def optimizer_groups(self, lr: float) -> list[dict]:
         """Adam's parameter groups (each with its ``lr``): one for every parameter by default."""
         return [{"params": list(self.parameters()), "lr": lr}]

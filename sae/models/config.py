@@ -44,7 +44,7 @@ class SAEConfig:
     # steps, before the controller could react, and most latents never came back); Gated 1.
     l1_coefficient: Optional[float] = None  # noqa: UP045
     sparsity_warmup_steps: int = 1000
-    # ReLU: ghost grads (sae/models/dense.py) for latents dead for train.dead_tokens_threshold tokens.
+    # ReLU, Gated: ghost grads (sae/models/dense.py) for latents dead for train.dead_tokens_threshold tokens.
     # null: on for transcoders, off for SAEs.
     ghost_grads: Optional[bool] = None  # noqa: UP045
     # JumpReLU (Rajamanoharan et al. 2024): lambda * L0 with straight-through estimators.

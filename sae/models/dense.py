@@ -16,6 +16,8 @@ from .base import Codes, SparseCoder, SparseCodes, VarianceFn, fvu_from_error, t
 
 class DenseCodeSAE(SparseCoder):
     sparse_codes = False
+    #: Whether the family revives silenced latents with :func:`ghost_grad_loss` (``sae.ghost_grads``).
+    has_ghost_grads = False
 
     def pre_activations(self, x_in_BD: Tensor) -> Tensor:
         return torch.addmm(self.b_enc, x_in_BD, self.W_enc.T)
@@ -45,8 +47,14 @@ class DenseCodeSAE(SparseCoder):
         raise NotImplementedError(f"{type(self).__name__} has no L1 penalty")
 
     def ghost_grads_on(self) -> bool:
-        """``sae.ghost_grads`` resolved: null is on for transcoders, off for SAEs."""
+        """``sae.ghost_grads`` resolved for a family that has them: null is on for transcoders, off for SAEs."""
+        if not self.has_ghost_grads:
+            return False
         return self.cfg.transcode if self.cfg.ghost_grads is None else bool(self.cfg.ghost_grads)
+
+    def dead_window_fraction(self) -> float | None:
+        """With ghost grads, 2% of the run (they must start within a short one)."""
+        return 0.02 if self.ghost_grads_on() else None
 
 
 def ghost_grad_loss(pre_BL: Tensor, dead_mask_L: Tensor, W_dec_LE: Tensor, x_hat_BE: Tensor, y_BE: Tensor,
@@ -57,24 +65,27 @@ def ghost_grad_loss(pre_BL: Tensor, dead_mask_L: Tensor, W_dec_LE: Tensor, x_hat
     A latent whose pre-activation is negative on every token gets no gradient from the
     reconstruction, so once the sparsity penalty has pushed it below zero it never returns. Here the
     dead latents reconstruct the residual ``y - x_hat`` through exp(pre) (positive, with a
-    gradient everywhere), rescaled per token to half the residual's norm (never scaled up); the pre-activations of
+    gradient everywhere), rescaled per token to half the residual's norm; the pre-activations of
     those whose decoder row points along the residual rise until they fire again. Each token's
     term is weighted so that its value equals that token's main squared error (the weights are
-    detached), and the sum is divided like FVU: its value is the batch's FVU, its gradient reaches
-    only the dead latents' encoder and decoder rows. Pre-activations are capped at 0 (a latent
-    that fires on this batch is not silent here).
+    detached), and the sum is divided like FVU: its value is the batch's FVU. Pre-activations are
+    capped at 0 (a latent that fires on this batch is not silent here).
+
+    Only the dead latents' encoder rows (and biases) get gradient; their decoder rows enter as
+    constants. The rescaling grows as the dead rows shrink, and through W_dec so did its gradient:
+    a transcoder's dead rows may still be at their zero init, where W_dec's gradient was 1.9e7 (41
+    from the main loss) on a toy Gated transcoder and gradient clipping scaled the rest of the step
+    away. The encoder's gradient stays bounded (the factor and exp(pre) cancel), and it needs the
+    paper's factor: capped at 1 it left a SmolLM2 ReLU transcoder 15.5% dead instead of 6.5%
+    (Adam's second moments still held the latents' gradients from before they died).
     """
     dead_idx = dead_mask_L.nonzero().squeeze(1)
     if dead_idx.numel() == 0:
         return None
-    ghost_BE = pre_BL.index_select(1, dead_idx).float().clamp_max(0).exp() @ W_dec_LE.index_select(0, dead_idx).float()
-    residual_BE = (y_BE.float() - x_hat_BE.detach().float())
-    r_norm_B = residual_BE.norm(dim=1)
-    # At most 1: the paper's factor grows without bound as the dead rows shrink (a transcoder's dead
-    # rows are still at their zero init), and W_dec's gradient with it (1.9e7 against 41 for the main
-    # loss on a toy Gated transcoder), which then scaled every other update of the step away through
-    # train.grad_clip. Adam moves the dead latents' own rows by ~lr per step either way.
-    scale_B = r_norm_B / torch.maximum(2 * ghost_BE.norm(dim=1), r_norm_B).clamp_min(1e-12)
+    W_dead = W_dec_LE.detach().index_select(0, dead_idx).float()
+    ghost_BE = pre_BL.index_select(1, dead_idx).float().clamp_max(0).exp() @ W_dead
+    residual_BE = y_BE.float() - x_hat_BE.detach().float()
+    scale_B = residual_BE.norm(dim=1) / (2 * ghost_BE.norm(dim=1)).clamp_min(1e-12)
     ghost_err_B = (ghost_BE * scale_B.detach()[:, None] - residual_BE).pow(2).sum(1)
     weight_B = residual_BE.pow(2).sum(1) / ghost_err_B.detach().clamp_min(1e-12)
     return fvu_from_error(weight_B @ ghost_err_B, y_BE, variance_fn)

@@ -39,6 +39,7 @@ from .registry import register
 @register("gated")
 class GatedSAE(DenseCodeSAE):
     sparsity_penalty = True
+    has_ghost_grads = True
     # Like ReLU, it learns on raw activations: on a tiny GPT-2's MLP (tests/models/test_transcoder_defaults.py)
     # FVU 0.09 at L0 25 raw vs 0.47 normalised; on SmolLM2's layer-10 MLP 0.39 at L0 63 raw vs 0.25 at 58.
     normalize_transcoder_data = False

@@ -25,6 +25,7 @@ from .registry import register
 @register("relu")
 class ReLUSAE(DenseCodeSAE):
     sparsity_penalty = True
+    has_ghost_grads = True
     # On a tiny GPT-2's MLP (tests/models/test_transcoder_defaults.py), with L0 steered to 32 (no
     # annealing yet), the ReLU transcoder learned on raw activations (FVU 0.20 at L0 14) and not on
     # normalised ones (0.97 at L0 26); annealed, raw: 0.054 at L0 29.

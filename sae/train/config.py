@@ -43,8 +43,8 @@ class TrainConfig:
     parallel: str = "none"  # none | data | latent | sae (one SAE per rank: hook points, sweeps)
     seed: int = 0
     # Dead latents (AuxK, ghost grads, the dead fraction logged): not fired in this many tokens.
-    # null: 2% of the run's tokens, at most 10M (Gao et al.'s), so that a short run revives its dead
-    # latents too (sae.train.dead.resolve_dead_threshold).
+    # null: Gao et al.'s 10M; 2% of the run's tokens (at most 10M) for ReLU and Gated transcoders,
+    # whose ghost grads must start within a short run (sae.train.dead.resolve_dead_threshold).
     dead_tokens_threshold: Optional[int] = None  # noqa: UP045
     b_dec_init_samples: int = 4096
     # Fine-tune a published SAE instead of a fresh one: a folder or Hub repo id in our, SAELens' or

@@ -10,17 +10,21 @@ from torch import Tensor
 MAX_DEAD_TOKENS = 10_000_000
 
 
-def resolve_dead_threshold(configured: int | None, run_tokens: int) -> int:
-    """``train.dead_tokens_threshold``; null: 2% of the run's tokens, at most :data:`MAX_DEAD_TOKENS`.
+def resolve_dead_threshold(configured: int | None, run_tokens: int, run_fraction: float | None = None) -> int:
+    """``train.dead_tokens_threshold``; null: :data:`MAX_DEAD_TOKENS`, or for a family that asks for
+    a window relative to the run (``SparseCoder.dead_window_fraction``) that fraction of the run's
+    tokens, at most :data:`MAX_DEAD_TOKENS`.
 
-    A fixed 10M-token window never closes in a run of a few million tokens, so AuxK and ghost grads
-    never start there (a 300-step Matryoshka BatchTopK transcoder on SmolLM2 kept 13% of its latents
-    dead; a ReLU one 63%). 2% lets a latent stay silent for 6 steps of a 300-step run before the
-    auxiliary loss reaches it, and keeps 10M from 500M tokens on.
+    Ghost grads (ReLU and Gated transcoders) need the relative window: a 10M-token one never closes
+    in a run of a few million tokens, and a 300-step ReLU transcoder on SmolLM2 kept 63% of its
+    latents silent. AuxK (the TopK family) keeps Gao et al.'s 10M: at 2% of that run it made
+    BatchTopK and Matryoshka steps 45-75% slower and left as many latents dead.
     """
     if configured is not None:
         return configured
-    return max(1, min(MAX_DEAD_TOKENS, run_tokens // 50))
+    if run_fraction is None:
+        return MAX_DEAD_TOKENS
+    return max(1, min(MAX_DEAD_TOKENS, int(run_tokens * run_fraction)))
 
 
 class DeadLatentTracker:

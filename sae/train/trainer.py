@@ -183,14 +183,14 @@ class Trainer:
         self.optimizers, self.schedulers, self.trackers = {}, {}, {}
         # In the trackers' unit: tokens over all data-parallel ranks.
         run_tokens = self.total_steps * self.strategy.tokens_per_step(cfg.batch_size)
-        dead_tokens = resolve_dead_threshold(cfg.dead_tokens_threshold, run_tokens)
         self.sparsity: dict[str, SparsityController] = {}  # the sparsity penalty's coefficient over steps
         for name, sae in self.saes.items():
             lr = cfg.lr if cfg.lr is not None else default_lr(self.strategy.full_num_latents(sae))
             self.optimizers[name] = build_optimizer(sae, lr, cfg, fused_step=self.fused_step,
                                                     grad_sq_total=self.strategy.grad_sq_total(sae))
             self.schedulers[name] = build_scheduler(self.optimizers[name], self.total_steps, cfg)
-            self.trackers[name] = DeadLatentTracker(sae.num_latents, dead_tokens, self.device)
+            self.trackers[name] = DeadLatentTracker(sae.num_latents, resolve_dead_threshold(
+                cfg.dead_tokens_threshold, run_tokens, sae.dead_window_fraction()), self.device)
             self.sparsity[name] = SparsityController(sae.target_l0, sae.cfg.sparsity_warmup_steps,
                                                      total_steps=self.total_steps)
         self.step = 0

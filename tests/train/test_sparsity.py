@@ -112,16 +112,18 @@ def test_the_model_card_names_the_target_not_only_the_starting_coefficient():
     assert rule(transcode=True) == "L1 penalty (starting coefficient 1, steered in training to L0 6)"
 
 
-def test_the_dead_window_is_2_percent_of_the_run_at_most_10m_tokens(tmp_path):
-    """train.dead_tokens_threshold=null: a short run's AuxK and ghost grads start within it (a fixed
-    10M-token window never closes in a run of a few million tokens)."""
+def test_the_dead_window_is_2_percent_of_the_run_for_ghost_grads_else_10m(tmp_path):
+    """train.dead_tokens_threshold=null: ghost grads (ReLU and Gated transcoders) start within a short
+    run (a 10M-token window never closes in a run of a few million tokens); AuxK keeps 10M."""
     from sae.train.dead import resolve_dead_threshold
 
-    assert resolve_dead_threshold(None, 300 * 4096) == 24576
-    assert resolve_dead_threshold(None, 10**10) == 10_000_000 and resolve_dead_threshold(None, 10) == 1
-    assert resolve_dead_threshold(5000, 10**10) == 5000
+    assert resolve_dead_threshold(None, 300 * 4096, 0.02) == 24576
+    assert resolve_dead_threshold(None, 10**10, 0.02) == 10_000_000 and resolve_dead_threshold(None, 10, 0.02) == 1
+    assert resolve_dead_threshold(None, 300 * 4096) == 10_000_000 and resolve_dead_threshold(5000, 10**10, 0.02) == 5000
     src = SyntheticSource(SyntheticConfig(d=16, num_features=32), 256)
-    sae = build_sae(SAEConfig(architecture="relu", num_latents=64), 16, seed=0)
-    for given, want in ((None, 300 * 256 // 50), (777, 777)):
+    for arch, transcode, given, want in (("relu", True, None, 300 * 256 // 50), ("gated", True, None, 300 * 256 // 50),
+                                         ("relu", False, None, 10_000_000), ("topk", True, None, 10_000_000),
+                                         ("relu", True, 777, 777)):
+        sae = build_sae(SAEConfig(architecture=arch, num_latents=64, k=4, transcode=transcode), 16, 16, seed=0)
         cfg = TrainConfig(batch_size=256, steps=300, out_dir=str(tmp_path), dead_tokens_threshold=given)
-        assert Trainer(cfg, {"relu": sae}, src).trackers["relu"].threshold_tokens == want
+        assert Trainer(cfg, {arch: sae}, src).trackers[arch].threshold_tokens == want, (arch, transcode, given)
