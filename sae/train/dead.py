@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
 #: Gao et al.'s window (and sparsify's default): a latent is dead after 10M tokens without firing.
 MAX_DEAD_TOKENS = 10_000_000
 
