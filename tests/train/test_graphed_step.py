@@ -57,7 +57,7 @@ def run(tmp_path, graphs: bool, steps: int, dead_window: tuple[int, int] | None,
     def mark_dead(t):  # 5 latents dead after step a, alive again after step b: AuxK steps run eagerly
         if dead_window and t.step - 1 in dead_window:
             tracker = t.trackers["topk"]
-            tracker.tokens_since_fired[:5] = cfg.dead_tokens_threshold if t.step - 1 == dead_window[0] else 0
+            tracker.tokens_since_fired[:5] = tracker.threshold_tokens if t.step - 1 == dead_window[0] else 0
             tracker.refresh_bound()
 
     trainer.step_hooks.append(mark_dead)
