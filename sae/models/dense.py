@@ -56,6 +56,17 @@ class DenseCodeSAE(SparseCoder):
         """With ghost grads, 2% of the run (they must start within a short one)."""
         return 0.02 if self.ghost_grads_on() else None
 
+    def add_ghost_loss(self, losses: dict[str, Tensor], pre_BL: Tensor, dead_mask_L: Tensor | None, x_hat_BE: Tensor,
+                       y_BE: Tensor, variance_fn: VarianceFn | None = None) -> None:
+        """Add :func:`ghost_grad_loss` of the dead latents to ``losses`` (as "ghost" and into "loss")
+        when ghost grads are on and some latent is dead."""
+        if dead_mask_L is None or not self.ghost_grads_on():
+            return
+        ghost = ghost_grad_loss(pre_BL, dead_mask_L, self.W_dec, x_hat_BE, y_BE, variance_fn)
+        if ghost is not None:
+            losses["ghost"] = ghost
+            losses["loss"] = losses["loss"] + ghost
+
 
 def ghost_grad_loss(pre_BL: Tensor, dead_mask_L: Tensor, W_dec_LE: Tensor, x_hat_BE: Tensor, y_BE: Tensor,
                     variance_fn: VarianceFn | None = None) -> Tensor | None:

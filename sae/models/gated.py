@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .base import ForwardOutput, VarianceFn, fvu
 from .config import SAEConfig
-from .dense import DenseCodeSAE, activation_scale, ghost_grad_loss
+from .dense import DenseCodeSAE, activation_scale
 from .registry import register
 
 
@@ -96,9 +96,5 @@ class GatedSAE(DenseCodeSAE):
         skip = self.skip(x_BD)
         aux = fvu(aux_hat if skip is None else aux_hat + skip.detach(), y_BE, variance_fn)
         losses = {"fvu": rec, "l1": l1, "aux": aux, "loss": rec + self.l1_coefficient * sparsity_scale * l1 + aux}
-        if dead_mask is not None and self.ghost_grads_on():
-            ghost = ghost_grad_loss(pi_gate, dead_mask, self.W_dec, x_hat, y_BE, variance_fn)
-            if ghost is not None:
-                losses["ghost"] = ghost
-                losses["loss"] = losses["loss"] + ghost
+        self.add_ghost_loss(losses, pi_gate, dead_mask, x_hat, y_BE, variance_fn)
         return ForwardOutput(x_hat, f, losses)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .base import ForwardOutput, VarianceFn, fvu
 from .config import SAEConfig
-from .dense import DenseCodeSAE, activation_scale, ghost_grad_loss
+from .dense import DenseCodeSAE, activation_scale
 from .registry import register
 
 
@@ -52,9 +52,5 @@ class ReLUSAE(DenseCodeSAE):
         rec = fvu(x_hat, y_BE, variance_fn)
         l1 = (f @ self.W_dec.norm(dim=1)).mean() / (self.d_out * activation_scale(y_BE, variance_fn))
         losses = {"fvu": rec, "l1": l1, "loss": rec + self.l1_coefficient * sparsity_scale * l1}
-        if dead_mask is not None and self.ghost_grads_on():
-            ghost = ghost_grad_loss(pre, dead_mask, self.W_dec, x_hat, y_BE, variance_fn)
-            if ghost is not None:
-                losses["ghost"] = ghost
-                losses["loss"] = losses["loss"] + ghost
+        self.add_ghost_loss(losses, pre, dead_mask, x_hat, y_BE, variance_fn)
         return ForwardOutput(x_hat, f, losses)
