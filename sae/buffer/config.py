@@ -59,9 +59,10 @@ class DataConfig:
     # replaces ``hookpoint``, and excludes ``target_hookpoint``. Globs allowed for data=live.
     hookpoints: list[str] = field(default_factory=list)
     # auto | none | scale (x * sqrt(d) / E||x||, SAELens) | center_scale ((x - mean) * sqrt(d / E||x - mean||^2)).
-    # auto: scale for transcoders but ReLU ones (input and target each to E||.||^2 = d: a target ~100x
-    # smaller than the input otherwise leaves Adam's steps far larger than the decoder's scale), none
-    # for SAEs and CLTs. The weights are exported with the normalisation folded in either way.
+    # auto: scale for transcoders but ReLU and Gated ones (input and target each to E||.||^2 = d: a
+    # target ~100x smaller than the input otherwise leaves Adam's steps far larger than the decoder's
+    # scale), CLTs included (per layer), none for SAEs. The weights are exported with the
+    # normalisation folded in either way.
     normalize: str = "auto"
     seed: int = 0
     prefetch_batches: int = 4  # batches prepared ahead by a background thread (0: none)

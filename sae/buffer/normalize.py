@@ -73,3 +73,37 @@ class Normalizer:
     def as_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "scale": self.scale,
                 "mean": None if self.mean is None else self.mean.tolist()}
+
+
+def recorded_affine(entry: dict[str, Any] | None, dim: int, what: str) -> tuple[float, Tensor] | None:
+    """(scale, mean [dim] float64) of one normaliser as cfg.json records it (:meth:`Normalizer.as_dict`);
+    None for the identity.
+
+    Raises:
+        ValueError: a scale that is not a positive number or a mean of the wrong size (naming ``what``).
+    """
+    if not entry or entry.get("mode", "none") == "none":
+        return None
+    scale, mean = entry.get("scale"), entry.get("mean")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"cfg.json normalization.{what}.scale={scale!r} must be a positive number; the SAE folder is "
+                         "damaged")
+    mu = torch.tensor(mean, dtype=torch.float64) if mean is not None else torch.zeros(dim, dtype=torch.float64)
+    if mu.shape != (dim,):
+        raise ValueError(f"cfg.json normalization.{what}.mean has {mu.numel()} entries, expected {dim}")
+    return float(scale), mu
+
+
+def per_layer_affines(layers: Any, dim: int) -> tuple[list[tuple[float, Tensor]], list[tuple[float, Tensor]]]:
+    """Input and target maps (scale, mean [dim] float64) of every layer of a CLT's recorded
+    ``normalization.per_layer`` (each entry ``{"x": ..., "y": ...}``); (1, 0) for the identity.
+
+    Raises:
+        ValueError: entries that are not what :attr:`ShardReader.normalization` writes (naming the entry).
+    """
+    if not isinstance(layers, list) or not all(isinstance(e, dict) for e in layers):
+        raise ValueError("cfg.json normalization.per_layer must be a list of {x, y} normalisers; the SAE folder is "
+                         "damaged or its cfg.json was edited")
+    identity = (1.0, torch.zeros(dim, dtype=torch.float64))
+    return ([recorded_affine(e.get("x"), dim, f"per_layer[{j}].x") or identity for j, e in enumerate(layers)],
+            [recorded_affine(e.get("y"), dim, f"per_layer[{j}].y") or identity for j, e in enumerate(layers)])

@@ -2,7 +2,8 @@
 
 - Rows: every layer's MLP input and output from the held-out shards of the buffer it trained on,
   side by side as in training (:mod:`sae.train.clt_source`), with the token ids of the first layer's
-  rows (all layers' rows are the same tokens, in harvest order).
+  rows (all layers' rows are the same tokens, in harvest order), as harvested: the per-layer
+  normalisers the CLT trained with are folded into a copy of its weights (:func:`raw_clt`).
 - Per-layer scores: FVU, MSE and cosine of each output layer's reconstruction, and the L0 and dead
   fraction of each layer's latent group; ``fvu_sum`` is the training loss's sum of per-layer FVUs.
 - The spliced model: every MLP output replaced by the CLT at once (:func:`sae.eval.splice.clt_splice_eval`):
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +25,24 @@ import torch
 from torch import Tensor
 
 from sae.buffer.manifest import read_manifest
-from sae.buffer.normalize import Normalizer
+from sae.buffer.normalize import Normalizer, per_layer_affines
 from sae.harvest.text import load_text_dataset
 
 from .config import EvalConfig
 from .data import EvalSet, RowBatch, buffer_rows, first_contexts, splice_batches
 from .metrics import ReconstructionStats, SparsityStats, sampled_rows
 from .splice import clt_splice_eval, resolve_site
+
+
+def raw_clt(clt: Any, meta: dict[str, Any]) -> Any:
+    """``clt`` working on raw rows: a copy with the per-layer normalisers of its cfg.json
+    (``normalization.per_layer``) folded into the weights; ``clt`` itself when it trained on raw rows."""
+    layers = (meta.get("normalization") or {}).get("per_layer")
+    if not layers:
+        return clt
+    out = copy.deepcopy(clt)
+    out.fold_normalization_(*per_layer_affines(layers, clt.d_model))
+    return out
 
 
 def clt_inputs(cfg: EvalConfig, meta: dict[str, Any]):

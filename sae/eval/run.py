@@ -353,6 +353,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
         from . import clt
 
         inp = clt.clt_inputs(cfg, meta)
+        sae = clt.raw_clt(sae, meta)
         rec, spa, layer_stats = clt.score_clt_rows(sae, inp.rows, device, cfg.dead_window_tokens)
         W_enc, directions = clt.weight_views(sae)
     else:

@@ -175,8 +175,8 @@ class CLTSplicer:
     output layer j gets ``decode_layer(j)`` of the groups computed so far. ``inputs="clean"`` (the
     acausal crosscoder, whose groups read every layer, later ones included): codes come from the MLP
     inputs of the clean forward of the same batch, which :func:`_score` always runs first.
-    ``mean`` is a list of per-layer mean MLP outputs. Rows reach the CLT as harvested (it trains
-    without normalisation).
+    ``mean`` is a list of per-layer mean MLP outputs. Rows reach the CLT as harvested: a CLT trained
+    on normalised rows comes with its normalisers folded in (:func:`sae.eval.clt.raw_clt`).
     """
 
     def __init__(self, model: nn.Module, reads: list[HookPoint], writes: list[HookPoint], clt: Any,

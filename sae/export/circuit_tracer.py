@@ -175,9 +175,6 @@ def check_clt(item: ExportItem) -> None:
     if sae.activation == "topk":
         raise ValueError(f"{name}: circuit-tracer's CLT is ReLU or JumpReLU (no TopK), and this one is TopK; train "
                          "sae.clt_activation=jumprelu or batchtopk (exported as JumpReLU), or use --format ours")
-    if not is_identity(item.meta.get("normalization")):
-        raise ValueError(f"{name}: its cfg.json records a training normalisation, which a CLT is not trained with "
-                         "(sae=clt needs data.normalize=none); the folder is damaged or not from sae-train")
     if sae.activation == "batchtopk" and bool((sae.threshold < 0).any()):
         raise ValueError(f"{name}: this BatchTopK CLT has no inference threshold yet for some layers (estimated "
                          "during training); train it for at least one step before exporting")
@@ -235,7 +232,7 @@ def _clt_thresholds(sae: SparseCoder) -> Tensor:
 
 def _write_clt(item: ExportItem, out: Path, dtype: torch.dtype) -> list[dict[str, Any]]:
     check_clt(item)
-    sae = item.sae
+    sae = fold_normalization(item.sae, item.meta.get("normalization"))  # its per-layer normalisers
     thr = _clt_thresholds(sae)
     for i in range(sae.n_layers):
         enc, dec = clt_files(i)

@@ -13,6 +13,8 @@ Transcoder (no pre-encoder bias):
     W_skip <- (s_x / s_y) W_skip,   b_dec <- b_dec / s_y + mu_y - (s_x / s_y) W_skip mu_x.
 (A gated transcoder's magnitude bias shifts like b_enc, times exp(r_mag).)
 Pre-activations are unchanged, so TopK selections and JumpReLU/BatchTopK thresholds carry over.
+A cross-layer transcoder records one normaliser pair per layer (``normalization.per_layer``) and
+folds them itself (:meth:`sae.models.clt.CrossLayerTranscoder.fold_normalization_`).
 The arithmetic runs in float64; the folded weights differ from exact by float32 rounding only.
 """
 
@@ -22,28 +24,18 @@ import copy
 from typing import Any
 
 import torch
-from torch import Tensor
 
+from sae.buffer.normalize import per_layer_affines, recorded_affine
 from sae.models import SparseCoder
-
-
-def _affine(entry: dict[str, Any] | None, dim: int, what: str) -> tuple[float, Tensor] | None:
-    """(scale, mean [dim] float64) of one recorded normaliser; None for the identity."""
-    if not entry or entry.get("mode", "none") == "none":
-        return None
-    scale = float(entry["scale"])
-    if not scale > 0:
-        raise ValueError(f"cfg.json normalization.{what}.scale={scale!r} must be > 0; the SAE folder is damaged")
-    mean = entry.get("mean")
-    mu = torch.tensor(mean, dtype=torch.float64) if mean is not None else torch.zeros(dim, dtype=torch.float64)
-    if mu.shape != (dim,):
-        raise ValueError(f"cfg.json normalization.{what}.mean has {mu.numel()} entries, expected {dim}")
-    return scale, mu
 
 
 def is_identity(normalization: dict[str, Any] | None) -> bool:
     """Whether the recorded normalisation leaves activations unchanged."""
-    return all(not e or e.get("mode", "none") == "none" for e in (normalization or {}).values())
+    norm = normalization or {}
+    if "per_layer" in norm:
+        layers = norm["per_layer"]
+        return isinstance(layers, list) and all(isinstance(e, dict) and is_identity(e) for e in layers)
+    return all(not e or e.get("mode", "none") == "none" for e in norm.values())
 
 
 @torch.no_grad()
@@ -60,9 +52,15 @@ def fold_normalization(sae: SparseCoder, normalization: dict[str, Any] | None) -
     if is_identity(normalization):
         return out
     norm = normalization or {}
-    x = _affine(norm.get("x"), sae.d_in, "x")
+    if "per_layer" in norm:  # a CLT's, one normaliser pair per layer
+        if not hasattr(out, "fold_normalization_"):
+            raise ValueError(f"cfg.json records per-layer normalisation for a {sae.architecture!r} SAE, which has one "
+                             "layer; the SAE folder is damaged or its cfg.json was edited")
+        out.fold_normalization_(*per_layer_affines(norm["per_layer"], out.d_model))
+        return out
+    x = recorded_affine(norm.get("x"), sae.d_in, "x")
     if sae.apply_b_dec_to_input:
-        y = _affine(norm.get("y"), sae.d_out, "y") if norm.get("y") else x
+        y = recorded_affine(norm.get("y"), sae.d_out, "y") if norm.get("y") else x
         if (x is None) != (y is None) or (x is not None and (x[0] != y[0] or not torch.equal(x[1], y[1]))):
             raise ValueError("cfg.json records different input and target normalisation for an SAE (not a "
                              "transcoder); it cannot be folded into one pre-encoder bias")
@@ -72,7 +70,7 @@ def fold_normalization(sae: SparseCoder, normalization: dict[str, Any] | None) -
         out.W_dec.copy_(W_dec / s)
         out.b_dec.copy_(b_dec / s + mu)
         return out
-    y = _affine(norm.get("y"), sae.d_out, "y")
+    y = recorded_affine(norm.get("y"), sae.d_out, "y")
     s_x, mu_x = x if x is not None else (1.0, torch.zeros(sae.d_in, dtype=torch.float64))
     s_y, mu_y = y if y is not None else (1.0, torch.zeros(sae.d_out, dtype=torch.float64))
     W_enc, b_enc, W_dec, b_dec = (t.double() for t in (out.W_enc, out.b_enc, out.W_dec, out.b_dec))

@@ -32,9 +32,9 @@ Loss: the sum over output layers of each layer's FVU (``fvu/layer{j}``; their su
 residual, scaled by min(1, dead / (N k_aux))), plus the JumpReLU L0 term.
 
 Decoder normalisation: a latent's decoder row spans every layer it writes. By default
-(``sae.normalize_decoder=null``) a TopK or BatchTopK transcoder CLT starts its decoder at zero with
-centred pre-activations and keeps it free, as a per-layer transcoder does; a JumpReLU CLT and a
-crosscoder on one point keep unit rows. With unit rows the *concatenated* row ``W_dec[i][l]``
+(``sae.normalize_decoder=null``) a transcoder CLT of every activation starts its decoder at zero
+with centred pre-activations and keeps it free, as a per-layer transcoder does; a crosscoder on one
+point keeps unit rows. With unit rows the *concatenated* row ``W_dec[i][l]``
 ([N - i, M] flattened) is kept at unit norm, so an activation is the norm of the latent's whole contribution (what TopK
 ranks and what an L0 penalty should not be able to shrink away), and the gradient component along
 that row is projected out (:meth:`remove_parallel_grad_`). The fused GPU optimiser step
@@ -127,11 +127,9 @@ class CrossLayerTranscoder(SparseCoder):
         self.k_aux = cfg.k_aux if cfg.k_aux > 0 else max(1, M // 2)
         # null (auto): unit-norm rows for a crosscoder / multi-layer SAE (y = x); a transcoder's decoder
         # starts at zero and stays free, as a single-layer transcoder's (sae/models/base.py): with
-        # random unit rows the toy CLT ended with 94% dead latents.
-        # A JumpReLU CLT keeps unit rows and the least-squares encoder scale (from a zero decoder its
-        # thresholds swallowed every latent: L0 0.5, FVU 0.9 per layer on the same toy).
+        # random unit rows the toy CLT ended with 94% dead latents (TopK), 92% (JumpReLU).
         auto = cfg.normalize_decoder is None
-        free = cfg.transcode and cfg.clt_activation != "jumprelu"
+        free = cfg.transcode
         self.normalize_decoder = not free if auto else cfg.normalize_decoder
         self.zero_decoder_init = free and auto
         self.apply_b_dec_to_input = not cfg.transcode  # y = x: a multi-layer SAE / crosscoder on one point
@@ -214,10 +212,9 @@ class CrossLayerTranscoder(SparseCoder):
         return threshold_groups(self, lr, self.W_enc.shape[-1])  # each group's encoder width
 
     def default_target_l0(self) -> float:
-        """A JumpReLU CLT's L0 (summed over layers) is steered only to an explicit ``sae.target_l0``:
-        from the default coefficient the controller crushed a toy CLT to L0 3 (FVU 0.43, against
-        0.05 at L0 42 with the fixed, warmed-up coefficient)."""
-        return 0.0
+        """A JumpReLU transcoder CLT's L0 (summed over layers) is steered to ``sae.k`` per layer, as a
+        per-layer transcoder's to ``sae.k``; a crosscoder on one point keeps a fixed coefficient."""
+        return float(self.k * self.n_layers) if self.cfg.transcode else 0.0
 
     def forward(self, x_BD: Tensor, y_BE: Tensor | None = None, *, dead_mask: Tensor | None = None,
                 sparsity_scale: float = 1.0, variance_fn: VarianceFn | None = None) -> ForwardOutput:
@@ -488,6 +485,43 @@ class CrossLayerTranscoder(SparseCoder):
                 g, W = p.grad.view(p.shape[0], -1), self.dec_rows(i)
                 g.addcmul_(torch.einsum("ld,ld->l", g, W).unsqueeze(1), W, value=-1)
 
+    # --- normalisation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_normalization_(self, x_maps: list[tuple[float, Tensor]], y_maps: list[tuple[float, Tensor]]) -> None:
+        """Fold per-layer normalisers into the weights, in place, so the CLT reads and writes raw rows.
+
+        Layer j's rows were trained as x'_j = (x_j - mu_x_j) s_x_j and y'_j = (y_j - mu_y_j) s_y_j
+        (``x_maps[j]`` = (s_x_j, mu_x_j [M]), likewise ``y_maps``): every encoder block reading layer
+        j is scaled by s_x_j and its bias shifted by -s_x_j W mu_x_j, every decoder block writing
+        layer j divided by s_y_j, and b_dec_j <- b_dec_j / s_y_j + mu_y_j. Pre-activations are
+        unchanged, so selections and thresholds carry over. Arithmetic in float64.
+
+        Raises:
+            ValueError: a map per layer missing, or a coder with a pre-encoder bias (transcode=false).
+        """
+        n, M = self.n_layers, self.d_model
+        if len(x_maps) != n or len(y_maps) != n:
+            raise ValueError(f"normalisation for {len(x_maps)} input and {len(y_maps)} target layers, but the CLT has "
+                             f"{n} layers; the cfg.json's normalization.per_layer is damaged")
+        if self.apply_b_dec_to_input:
+            raise ValueError("a multi-layer coder of its own input (sae.transcode=false) cannot fold per-layer "
+                             "normalisation into one pre-encoder bias; train it with data.normalize=none")
+        s_x = torch.tensor([float(s) for s, _ in x_maps], dtype=torch.float64)
+        mu_x = torch.cat([mu.double().cpu() for _, mu in x_maps])
+        for i in range(n):
+            W = self.W_enc[i].double()
+            cols = torch.arange(W.shape[1]) // M + (0 if self.acausal else i)  # the layer each column reads
+            W_raw = W * s_x[cols].to(W.device)[None, :]
+            mu = mu_x[i * M:(i + 1) * M] if not self.acausal else mu_x
+            self.b_enc[i].copy_(self.b_enc[i].double() - W_raw @ mu.to(W.device))
+            self.W_enc[i].copy_(W_raw)
+            for j in range(self.first_out(i), n):
+                s, _ = y_maps[j]
+                self.W_dec[i][:, j - self.first_out(i)].copy_(self.W_dec[i][:, j - self.first_out(i)].double() / s)
+        for j, (s, mu) in enumerate(y_maps):
+            self.b_dec[j].copy_(self.b_dec[j].double() / s + mu.double().to(self.b_dec.device))
+        self._mark_normalized()
+
     # --- data-dependent init -----------------------------------------------------------------
     @torch.no_grad()
     def init_from_data(self, x_sample_ND: Tensor, y_sample_NE: Tensor | None = None, *,
@@ -502,36 +536,40 @@ class CrossLayerTranscoder(SparseCoder):
         for j in range(n):
             self.b_dec[j].copy_(self._b_dec_init(y[:, j * M:(j + 1) * M]))
         xs = self.layer_inputs(self.encoder_input(x_sample_ND.float()))
-        if self.zero_decoder_init:  # centred pre-activations (sparsify's transcoder init); nothing to scale
+        if self.zero_decoder_init:  # centred pre-activations (sparsify's transcoder init)
             for i in range(n):
                 self.b_enc[i].copy_(-(xs[i].mean(0) @ self.W_enc[i].T))
         if self.activation == "jumprelu":
-            for j in range(n):
-                self.act_scale[j] = activation_scale(y[:, j * M:(j + 1) * M])
-            L = self.full_latents_per_layer
-            for i in range(n):
-                z = self.pre_activations(xs[i], i).relu()
-                q = torch.quantile(z, 1.0 - self.k / L, dim=0) if z.shape[0] > 1 else z[0]
-                floor = self.cfg.jumprelu_init_threshold * float(self.act_scale[i])
-                self.log_threshold[i].copy_(q.clamp_min(floor).log())
-            codes = []
-            for i in range(n):  # kept sparse: (values, indices) of each token's active latents
+            self._init_thresholds(y, xs)
+        if self.zero_decoder_init or (self.activation != "jumprelu" and not self.cfg.fit_encoder_scale):
+            self._mark_normalized()  # a zero decoder: no reconstruction to fit the encoder's scale to
+            return
+        codes = []
+        for i in range(n):
+            if self.activation == "jumprelu":  # kept sparse: (values, indices) of each token's active latents
                 f = self._jump(self.pre_activations(xs[i], i).relu(), i)
                 v, idx = f.topk(max(1, int((f > 0).sum(1).max())), dim=1, sorted=False)
                 codes.append(SparseCodes(v, idx))
-        elif self.cfg.fit_encoder_scale and not self.zero_decoder_init:  # a zero decoder: nothing to fit
-            codes = []
-            for i in range(n):  # per-token top-k, also for BatchTopK (as topk.py)
+            else:  # per-token top-k, also for BatchTopK (as topk.py)
                 v, idx, own = latents.topk(self.pre_activations(xs[i], i), self.k)
                 codes.append(SparseCodes(v.relu() if own is None else v.relu() * own, idx))
-        else:
-            return
         scale = self._encoder_scales(codes, y - self.b_dec.flatten(), latents)
         self.W_enc.mul_(scale[:, None, None])
         self.b_enc.mul_(scale[:, None])
         if self.activation == "jumprelu":
             self.log_threshold.add_(scale.log()[:, None])
         self._mark_normalized()
+
+    def _init_thresholds(self, y_ND: Tensor, xs: list[Tensor]) -> None:
+        """JumpReLU: each layer's bandwidth unit from its target, thresholds at the (1 - k/L) quantile."""
+        M, L = self.d_model, self.full_latents_per_layer
+        for j in range(self.n_layers):
+            self.act_scale[j] = activation_scale(y_ND[:, j * M:(j + 1) * M])
+        for i in range(self.n_layers):
+            z = self.pre_activations(xs[i], i).relu()
+            q = torch.quantile(z, 1.0 - self.k / L, dim=0) if z.shape[0] > 1 else z[0]
+            floor = self.cfg.jumprelu_init_threshold * float(self.act_scale[i])
+            self.log_threshold[i].copy_(q.clamp_min(floor).log())
 
     def _b_dec_init(self, y_NM: Tensor) -> Tensor:
         method = self.cfg.b_dec_init

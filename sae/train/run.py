@@ -164,13 +164,12 @@ def write_resolved_config(run: TrainRunConfig, out_dir: Path) -> None:
 
 
 def resolve_normalize(data: DataConfig, cfgs: dict[str, Any]) -> DataConfig:
-    """``data.normalize=auto`` made concrete: ``scale`` when every SAE is a per-layer transcoder of a
-    family that trains better on normalised data (all but ReLU), ``none`` otherwise (SAEs; CLTs
-    read activations as harvested)."""
+    """``data.normalize=auto`` made concrete: ``scale`` when every SAE is a transcoder of a family
+    that trains better on normalised data (all but ReLU and Gated; a CLT per layer), ``none``
+    otherwise (SAEs)."""
     if data.normalize != "auto":
         return data
-    transcoders = all(c.transcode and c.architecture != "clt" and sae_class(c.architecture).normalize_transcoder_data
-                      for c in cfgs.values())
+    transcoders = all(c.transcode and sae_class(c.architecture).normalize_transcoder_data for c in cfgs.values())
     return dataclasses.replace(data, normalize="scale" if transcoders and data.source != "synthetic" else "none")
 
 

@@ -129,6 +129,11 @@ def test_sae_eval_reports_per_layer_fvu_and_the_spliced_replacement_model(traine
                                            "splice.contexts=12", "examples.num_latents=3", "examples.per_latent=2"]))
     r = json.loads(result.report_json.read_text())
     layers = r["clt"]["layers"]
+    # Trained on per-layer normalised rows (data.normalize=auto), scored on raw rows with the
+    # normalisers folded in: the same FVU as training's held-out score, up to the rows drawn.
+    cfg = json.loads((res.final_dirs["clt"] / "cfg.json").read_text())
+    assert [e["x"]["mode"] for e in cfg["normalization"]["per_layer"]] == ["scale"] * LAYERS
+    assert r["metrics"]["fvu"] == pytest.approx(res.eval_metrics["clt"]["fvu"], rel=0.1)  # 0.2847 vs 0.2828
     assert [x["target"] for x in layers] == [f"layers.{i}.mlp" for i in range(LAYERS)]
     assert all(0 < x["fvu"] < 0.9 for x in layers), layers
     assert r["clt"]["fvu_sum"] == pytest.approx(sum(x["fvu"] for x in layers))

@@ -235,6 +235,50 @@ def test_clt_files_and_round_trip(tmp_path, activation):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def per_layer_normalization(seed: int = 5) -> tuple[dict, list, list]:
+    """cfg.json's ``normalization.per_layer`` with a different centre and scale per layer, and the maps."""
+    gen = torch.Generator().manual_seed(seed)
+    xs = [(0.5 + i, torch.randn(M, generator=gen)) for i in range(N_LAYERS)]
+    ys = [(30.0 * (i + 1), 0.01 * torch.randn(M, generator=gen)) for i in range(N_LAYERS)]
+    entry = [{"x": {"mode": "center_scale", "scale": sx, "mean": mx.tolist()},
+              "y": {"mode": "center_scale", "scale": sy, "mean": my.tolist()}} for (sx, mx), (sy, my) in zip(xs, ys)]
+    return {"per_layer": entry}, xs, ys
+
+
+@pytest.mark.parametrize("acausal", [False, True])
+def test_a_clt_per_layer_normalisation_folds_into_its_weights(tmp_path, acausal):
+    """A CLT trains on rows normalised layer by layer (data.normalize=auto): folded, it maps raw rows
+    to what it computed on the normalised rows, mapped back; the circuit-tracer export is folded."""
+    from sae.export.fold import fold_normalization
+
+    clt = make_clt(clt_acausal=acausal)
+    norm, xmaps, ymaps = per_layer_normalization()
+    raw = layer_x()
+    normed = [(x - mx) * sx for x, (sx, mx) in zip(raw, xmaps)]
+    codes, recon = clt_outputs(clt, normed)
+    want = [r / sy + my for r, (sy, my) in zip(recon, ymaps)]
+    folded = fold_normalization(clt, norm)
+    got_codes, got_recon = clt_outputs(folded, raw)
+    assert any(bool((c > 0).any()) for c in codes)
+    for a, b in zip(got_codes + got_recon, codes + want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(p, q) for p, q in zip(clt.state_dict().values(), make_clt(clt_acausal=acausal)
+                                                 .state_dict().values()))  # the original is untouched
+    if not acausal:  # circuit-tracer's CLT is causal
+        export_items([clt_item(clt, normalization=norm)], tmp_path / "ct", "circuit-tracer")
+        back_codes, back_recon = clt_outputs(load_pretrained(tmp_path / "ct"), raw)
+        for a, b in zip(back_codes + back_recon, codes + want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    bad = {"per_layer": norm["per_layer"][:2]}
+    with pytest.raises(ValueError, match="normalisation for 2 input and 2 target layers, but the CLT has 3"):
+        fold_normalization(clt, bad)
+    with pytest.raises(ValueError, match=r"normalization.per_layer\[1\].y.scale=-1.0 must be a positive number"):
+        fold_normalization(clt, {"per_layer": [e if i != 1 else {**e, "y": {**e["y"], "scale": -1.0}}
+                                               for i, e in enumerate(norm["per_layer"])]})
+    with pytest.raises(ValueError, match="per-layer normalisation for a 'jumprelu' SAE, which has one layer"):
+        fold_normalization(layer_items(n=1)[0].sae, norm)
+
+
 def test_cli_exports_a_trained_clt(tmp_path, capsys):
     clt = make_clt()
     rec = {"layers": [0, 1, 2], "d_model": M, "inputs": [f"layers.{i}.mlp_in" for i in range(N_LAYERS)],

@@ -7,8 +7,8 @@ free of the unit-norm constraint, with centred pre-activations (sparsify's trans
 BatchTopK's inference threshold tracks the final weights. The penalised families (ReLU, JumpReLU,
 Gated) steer their coefficient to L0 = sae.k, and ReLU and Gated revive silenced latents with ghost
 grads. Each family must come within 2x of the ReLU transcoder's FVU at the ReLU's L0, with at most 5%
-dead latents, skip transcoders included; a TopK CLT over both layers too (it ended with 94% dead
-latents from random unit rows).
+dead latents, skip transcoders included; a CLT over both layers too, TopK (94% dead latents from
+random unit rows), BatchTopK and JumpReLU (92% dead on raw rows: it trains per-layer normalised).
 
 Dead = never fired on 4096 held-out tokens (16 batches): on 1024, a live latent that fires on one
 token in 300 is counted dead 3% of the time.
@@ -85,7 +85,7 @@ def test_a_penalised_transcoder_lands_at_its_target_l0(arch, relu, mlp_buffer, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("act", ["topk", "batchtopk"])
+@pytest.mark.parametrize("act", ["topk", "batchtopk", "jumprelu"])
 def test_a_cross_layer_transcoder_trains_with_the_defaults(act, relu, mlp_buffer, tmp_path):
     """Both layers, k per layer at the ReLU's L0 (a layer's FVU against the per-layer ReLU's)."""
     k = round(relu["l0"])

@@ -77,11 +77,12 @@ def test_the_default_target_is_k_for_transcoders_of_penalised_families_only():
     assert target("relu") == target("jumprelu") == 0  # SAEs keep a fixed coefficient
     assert target("topk", transcode=True) == 0  # no penalty to steer
     assert target("relu", target_l0=12.0) == 12 and target("relu", transcode=True, target_l0=0.0) == 0
-    def clt(**kw):
-        return build_sae(SAEConfig(architecture="clt", clt_layers=2, clt_activation="jumprelu", num_latents=32, k=3,
-                                   transcode=True, **kw), 16)
+    def clt(activation="jumprelu", **kw):
+        return build_sae(SAEConfig(architecture="clt", clt_layers=2, clt_activation=activation, num_latents=32, k=3,
+                                   **kw), 16)
 
-    assert clt().target_l0 == 0 and clt(target_l0=6.0).target_l0 == 6  # a CLT's only when asked
+    assert clt(transcode=True).target_l0 == 6 and clt(transcode=True, target_l0=4.0).target_l0 == 4  # k per layer
+    assert clt(transcode=False).target_l0 == 0 and clt("topk", transcode=True).target_l0 == 0  # crosscoder; TopK
 
 
 @pytest.mark.parametrize("arch", ["relu", "gated", "jumprelu"])
