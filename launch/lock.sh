@@ -5,6 +5,7 @@
 # Each lock pins every package of its environment (all transitive dependencies) for CPython 3.11 on
 # x86_64 Linux, the machines README and CI run on. Resolved by uv (pinned below, in .venv-lock) with
 # the local torch CPU wheel folder ($TORCH_WHEELS, default /opt/wheels) beside PyPI.
+# Existing pins are kept unless an input needs another version (UPGRADE=1: newest of everything).
 # After a refresh: bash launch/test.sh (rebuilds .venv and .venv-peers from the new locks), then commit
 # the locks. To see what the newest releases would change first: bash launch/canary.sh
 set -euo pipefail
@@ -18,6 +19,9 @@ if [ ! -x "$TOOLS/bin/uv" ] || [ "$("$TOOLS/bin/uv" --version | cut -d' ' -f2)" 
 fi
 compile() {  # compile OUT INPUT...
   local out=$1; shift
+  # uv keeps the pins of an existing output file unless an input needs another version: a refresh
+  # after adding a dependency moves nothing else. UPGRADE=1 bash launch/lock.sh takes the newest.
+  if [ -f "$out" ] && [ "${UPGRADE:-0}" != 1 ]; then cp "$out" "$out.tmp"; else rm -f "$out.tmp"; fi
   "$TOOLS/bin/uv" pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
     --find-links "${TORCH_WHEELS:-/opt/wheels}" --custom-compile-command "bash launch/lock.sh" \
     --no-header "$@" -o "$out.tmp"

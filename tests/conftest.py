@@ -42,7 +42,7 @@ def harvest_mlps():
     cross-layer transcoder trains on) of ``model`` over the text file ``docs``, into ``out``."""
     def harvest(model, docs, out):
         from sae.buffer.fill import harvest_to_buffer
-        from sae.config import compose_harvest_config
+        from sae.runners.config import compose_harvest_config
 
         h = compose_harvest_config([f"model.name={model}", f"text.name={docs}", "text.context_length=32",
                                     "harvest.progress=false", f"writer.out_dir={out}", "writer.shard_tokens=1024",

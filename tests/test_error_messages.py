@@ -77,8 +77,8 @@ def test_negative_steps():
 
 def test_eval_on_a_saelens_folder(tmp_path):
     from sae.eval.config import EvalConfig
-    from sae.eval.run import run_eval
     from sae.export import ExportItem, export_items
+    from sae.runners.evaluate import run_eval
 
     sae = build_sae(SAEConfig(num_latents=32, k=4), 8, seed=0)
     export_items([ExportItem("topk", sae, {}, "layers.1")], tmp_path / "hf", "saelens")
@@ -169,8 +169,9 @@ def test_export_into_its_own_source(tmp_path, out):
 @pytest.mark.parametrize("debug", [False, True])
 def test_cli_prints_one_line_without_traceback(tmp_path, debug):
     env = {**os.environ, "SAE_DEBUG": "1" if debug else "0"}
-    proc = subprocess.run([sys.executable, "-c", "from sae.cli import train_main; train_main()", "data=synthetic",
-                           "train.steps=-5", f"train.out_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path}"],
+    proc = subprocess.run([sys.executable, "-c", "from sae.runners.cli import train_main; train_main()",
+                           "data=synthetic", "train.steps=-5", f"train.out_dir={tmp_path / 'run'}",
+                           f"hydra.run.dir={tmp_path}"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 1
     if debug:

@@ -182,7 +182,7 @@ def live_vs_buffer(device: torch.device, root: Path, s: dict[str, int], hookpoin
     live = LiveConfig(model=ModelConfig(name=str(root / "model"), device=str(device), dtype=dtype),
                       text=TextConfig(context_length=128), harvest=HarvestConfig(batch_size=64, progress=False))
     data = DataConfig(source="live", hookpoint=hookpoint, live=live, normalize="none")
-    from sae.train.run import build_source
+    from sae.runners.train import build_source
 
     steps, d = s["steps"], s["hidden"]
 

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .prefetch import prefetched
+from sae.prefetch import prefetched
+
 from .source import Batch
 
 log = logging.getLogger(__name__)

@@ -24,11 +24,11 @@ from sae.harvest.config import validate_harvest
 from sae.harvest.harvester import Chunk, Harvester
 from sae.harvest.model import load_model
 from sae.harvest.text import load_text_dataset
+from sae.prefetch import prefetched
 
 from .config import DataConfig, LiveConfig
 from .mixing import Alloc, Block, Position, assemble, plan_batches, seeded_perm
 from .normalize import Normalizer, activation_sums
-from .prefetch import prefetched
 from .source import Batch
 
 

@@ -43,7 +43,7 @@ class Normalizer:
         Raises:
             ValueError: unknown mode, or missing/degenerate statistics for a mode that needs them.
         """
-        if mode in ("none", "auto"):  # auto is resolved per run by the trainer (sae.train.run); unresolved: none
+        if mode in ("none", "auto"):  # auto is resolved per run by the trainer (sae.runners.train); unresolved: none
             return cls("none")
         if mode not in ("scale", "center_scale"):
             raise ValueError(f"data.normalize={mode!r} must be none, scale or center_scale")

@@ -27,12 +27,12 @@ import xxhash
 from torch import Tensor
 
 from sae.paths import inside
+from sae.prefetch import prefetched
 
 from .config import DataConfig
 from .manifest import CHECKSUM, MANIFEST, activation_slot, read_manifest
 from .mixing import Alloc, Block, Position, assemble, plan_batches, seeded_perm
 from .normalize import Normalizer
-from .prefetch import prefetched
 from .source import Batch
 
 log = logging.getLogger(__name__)

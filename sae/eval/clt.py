@@ -30,6 +30,7 @@ from sae.harvest.text import load_text_dataset
 
 from .config import EvalConfig
 from .data import EvalSet, RowBatch, buffer_rows, first_contexts, splice_batches
+from .inputs import EvalInputs, data_config
 from .metrics import ReconstructionStats, SparsityStats, sampled_rows
 from .splice import clt_splice_eval, resolve_site
 
@@ -46,13 +47,11 @@ def raw_clt(clt: Any, meta: dict[str, Any]) -> Any:
 
 
 def clt_inputs(cfg: EvalConfig, meta: dict[str, Any]):
-    """The CLT's eval rows (and, for splicing or examples, the model) as ``sae.eval.run.EvalInputs``.
+    """The CLT's eval rows (and, for splicing or examples, the model) as :class:`~sae.eval.inputs.EvalInputs`.
 
     Raises:
         ValueError: a source other than the buffer, or a cfg.json without the CLT's layers.
     """
-    from .run import EvalInputs, data_config
-
     data = data_config(meta, cfg.trust_remote_code)
     if (cfg.source or data.source) != "buffer" or "clt" not in meta:
         raise ValueError(f"eval.source={cfg.source or data.source!r}: a CLT is evaluated on the buffer it was trained "

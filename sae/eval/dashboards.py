@@ -120,11 +120,23 @@ def logit_effects(directions: Tensor, W_U: Tensor, k: int, tokenizer: Any = None
     return [(effects(ui, uv), effects(di, dv)) for ui, uv, di, dv in zip(up_i, up_v, down_i, down_v)]
 
 
+def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token as it reads in running text: WordPiece pieces glued (``##``), others spaced as
+    the tokenizer's own decoder does (byte-level BPE keeps its leading spaces)."""
+    toks = tokenizer.convert_ids_to_tokens(ids)
+    wordpiece = type(getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)).__name__ == "WordPiece"
+    out = []
+    for t in toks:
+        if wordpiece:
+            out.append(t[2:] if t.startswith("##") else " " + t)
+        else:
+            out.append(tokenizer.convert_tokens_to_string([t]))
+    return out
+
+
 def _token_names(tokenizer: Any, ids: list[int]) -> list[str]:
     if tokenizer is None:
         return [str(i) for i in ids]
-    from .examples import token_strings
-
     # A byte-level token that is part of a multi-byte character decodes to U+FFFD: show its raw form.
     raw = tokenizer.convert_ids_to_tokens(ids)
     return [r if "\ufffd" in t else t for t, r in zip(token_strings(tokenizer, ids), raw)]

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from sae.models import Codes, SparseCoder, SparseCodes
 
-from .dashboards import Dashboard, activation_histogram
+from .dashboards import Dashboard, activation_histogram, token_strings
 from .data import EvalSet
 
 
@@ -66,20 +66,6 @@ def latent_values(codes: Codes, latents: Tensor) -> Tensor:
         hit = codes.idx[:, :, None] == latents.to(codes.idx.device)[None, None, :]
         return (codes.vals[:, :, None] * hit).sum(1)
     return codes[:, latents.to(codes.device)]
-
-
-def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
-    """Each token as it reads in running text: WordPiece pieces glued (``##``), others spaced as
-    the tokenizer's own decoder does (byte-level BPE keeps its leading spaces)."""
-    toks = tokenizer.convert_ids_to_tokens(ids)
-    wordpiece = type(getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)).__name__ == "WordPiece"
-    out = []
-    for t in toks:
-        if wordpiece:
-            out.append(t[2:] if t.startswith("##") else " " + t)
-        else:
-            out.append(tokenizer.convert_tokens_to_string([t]))
-    return out
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Reconstruction and sparsity metrics of an SAE over a stream of held-out batches.
 
 Used by the trainer (the periodic held-out evaluation, :class:`PeriodicEval`, and the final
-summary) and the tests; the full evaluator (``sae.eval.run``: spliced model, plots, report) uses
+summary) and the tests; the full evaluator (``sae.runners.evaluate``: spliced model, plots, report) uses
 the same accumulators and metric names.
 """
 

@@ -9,8 +9,9 @@ classes (:mod:`.load`).
 
 from .export import ExportResult, export_checkpoint, export_items
 from .hub import MissingTokenError, push_to_hub
+from .item import ExportItem
 from .load import FORMATS, Pretrained, detect_format, load_pretrained, load_pretrained_with_info
-from .source import ExportItem, collect
+from .source import collect
 
 __all__ = [
     "FORMATS", "ExportItem", "ExportResult", "MissingTokenError", "Pretrained", "collect", "detect_format",

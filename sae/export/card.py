@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .source import ExportItem
+from .item import ExportItem
 
 LIBRARY = {"ours": "sae-forge", "saelens": "saelens", "sparsify": "sparsify"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")

@@ -54,7 +54,7 @@ from sae.models import SAEConfig, SparseCoder, build_sae
 from sae.train.artifact import save_weights
 
 from .fold import fold_normalization, is_identity
-from .source import ExportItem
+from .item import ExportItem
 
 CONFIG = "config.yaml"
 #: The circuit-tracer release whose loaders this format was checked against (tests/export/test_circuit_tracer.py).

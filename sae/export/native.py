@@ -17,7 +17,7 @@ import torch
 from sae.models import SparseCoder
 from sae.train.artifact import CFG, WEIGHTS, load_sae, read_sae_cfg, save_sae
 
-from .source import ExportItem
+from .item import ExportItem
 
 FILES = (WEIGHTS, CFG)
 _BASE_KEYS = ("architecture", "d_in", "d_out", "num_latents", "sae", "shard")

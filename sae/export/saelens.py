@@ -55,7 +55,7 @@ from sae.models.weights import check_shapes
 from sae.train.artifact import save_weights
 
 from .fold import fold_normalization, is_identity
-from .source import ExportItem
+from .item import ExportItem
 
 WEIGHTS = "sae_weights.safetensors"
 CFG = "cfg.json"

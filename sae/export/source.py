@@ -18,45 +18,23 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sae.models import SparseCoder
 from sae.train.artifact import CFG, WEIGHTS, read_sae_cfg
 from sae.train.checkpoint import MANIFEST, state_file
-from sae.train.reshard import consolidate_sae
+from sae.train.shards import consolidate_sae
+
+from .item import ExportItem
+from .load import load_pretrained_with_info
 
 log = logging.getLogger(__name__)
 
 #: Metrics copied from an evaluation report or the training summary into model cards.
 CARD_METRICS = ("fvu", "explained_variance", "mse", "cosine", "l0", "dead_fraction", "dense_fraction",
                 "feature_recovery")
-
-
-@dataclass
-class ExportItem:
-    """One SAE to export, with its provenance."""
-
-    name: str
-    """The SAE's name in its run (``topk``, a variant name) or its folder name."""
-    sae: SparseCoder
-    meta: dict[str, Any] = field(default_factory=dict)
-    """Its cfg.json as training wrote it (data section, normalisation); {} when imported."""
-    hookpoint: str = ""
-    """Input hook point ("" when unknown, e.g. synthetic data)."""
-    target_hookpoint: str = ""
-    model_name: str = ""
-    tokens: int | None = None
-    steps: int | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    """Final held-out metrics (eval report, else the training summary)."""
-    metrics_source: str = ""
-    frequencies: torch.Tensor | None = None
-    """[L] firing frequency per latent from the evaluation (``eval/latents.safetensors``), if any."""
-    source: Path | str = ""
 
 
 def _is_sae_dir(p: Path) -> bool:
@@ -199,8 +177,6 @@ def collect(path: str | Path, hookpoint: str | None = None) -> list[ExportItem]:
 
 
 def _foreign(path: str | Path, hookpoint: str | None) -> list[ExportItem]:
-    from .load import load_pretrained_with_info
-
     loaded = load_pretrained_with_info(path, hookpoint)
     return [ExportItem(loaded.name, loaded.sae, {}, loaded.hookpoint, loaded.target_hookpoint, loaded.model_name,
                        source=str(path))]

@@ -25,8 +25,8 @@ from sae.models.weights import check_shapes
 from sae.train.artifact import save_weights
 
 from .fold import fold_normalization
+from .item import ExportItem
 from .saelens import saelens_architecture
-from .source import ExportItem
 
 WEIGHTS = "sae.safetensors"
 CFG = "cfg.json"

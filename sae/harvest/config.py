@@ -2,7 +2,7 @@
 
 Each dataclass is a Hydra schema node (``conf/sae_conf/model/*.yaml`` fills :class:`ModelConfig`);
 :func:`validate_harvest` checks them in one place so bad values fail before a model loads.
-Used by ``sae-harvest`` (through :class:`sae.config.HarvestRunConfig`) and by the live source.
+Used by ``sae-harvest`` (through :class:`sae.runners.config.HarvestRunConfig`) and by the live source.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from sae.buffer.prefetch import prefetched
+from sae.prefetch import prefetched
 
 from .config import HarvestConfig, TextConfig
 from .hookpoints import HookPoint, resolve_hookpoints

@@ -15,7 +15,8 @@ from .base import (
 from .config import SAEConfig
 from .registry import architectures, build_sae, sae_class
 
-architectures()  # import every family so the registry is complete
+# Every family, so the registry is complete before anything is built (registration side effect).
+from . import batchtopk, clt, gated, jumprelu, matryoshka, relu, topk  # noqa: E402, F401, I001  isort: skip
 
 __all__ = [
     "Codes", "ForwardOutput", "SparseCodes", "SparseCoder", "SAEConfig", "architectures", "build_sae",

@@ -109,7 +109,7 @@ class SparseCoder(nn.Module):
     #: Whether the family's codes are SparseCodes.
     sparse_codes: bool = True
     #: Whether a transcoder of this family trains on normalised input and target by default
-    #: (``data.normalize=auto``); see :func:`sae.train.run.resolve_normalize`.
+    #: (``data.normalize=auto``); see :func:`sae.runners.train.resolve_normalize`.
     normalize_transcoder_data: bool = True
     #: Whether the family's loss has a sparsity penalty (L1 or L0) whose coefficient sets its L0.
     sparsity_penalty: bool = False

@@ -1,4 +1,7 @@
-"""Architectures by name: ``register("topk")`` on the class, ``build_sae(cfg, d_in)`` to make one."""
+"""Architectures by name: ``register("topk")`` on the class, ``build_sae(cfg, d_in)`` to make one.
+
+The registry imports no family (each family imports it to register): the package
+(:mod:`sae.models`, always imported before any of its modules) imports every family once."""
 
 from __future__ import annotations
 
@@ -23,8 +26,6 @@ def register(name: str) -> Callable[[type], type]:
 
 
 def architectures() -> list[str]:
-    from . import batchtopk, clt, gated, jumprelu, matryoshka, relu, topk  # noqa: F401  (registration side effect)
-
     return sorted(_REGISTRY)
 
 

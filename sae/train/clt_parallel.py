@@ -21,19 +21,15 @@ again (weights, Adam moments, per-layer dead counters) for another world size.
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
 from sae.models.clt import CrossLayerTranscoder, LocalLatents
 
 from . import dist
-from .strategy import Shard
+from .shards import Shard
 
 #: CLT parameters split along the latent axis: name -> that axis (``W_dec.i`` are split on dim 0).
-LATENT_AXIS = {"W_enc": 1, "b_enc": 1, "log_threshold": 1}
 
 
 class ShardedLatents(LocalLatents):
@@ -75,51 +71,3 @@ def sharded_params(sae: CrossLayerTranscoder) -> list[Tensor]:
     return out + ([sae.log_threshold] if hasattr(sae, "log_threshold") else [])
 
 
-def shard_clt(full: CrossLayerTranscoder, rank: int, world_size: int) -> CrossLayerTranscoder:
-    """Latents [rank L/W, (rank + 1) L/W) of every group of ``full`` as a CLT of width L/W per layer."""
-    L = full.latents_per_layer
-    if L % world_size:
-        raise ValueError(f"a CLT's latents per layer ({L}: sae.num_latents, or sae.expansion_factor x d_model) "
-                         f"must divide evenly over the {world_size} latent-parallel ranks; choose a multiple of "
-                         f"{world_size}")
-    Lr = L // world_size
-    # The slice may hold fewer latents than k (the global selection takes k over all ranks): build it
-    # with a k it accepts, then give it the model's own.
-    local = CrossLayerTranscoder(dataclasses.replace(full.cfg, num_latents=Lr, k=max(1, min(full.k, Lr - 1))),
-                                 full.d_in, full.d_out)
-    local.cfg, local.k = dataclasses.replace(full.cfg, num_latents=Lr), full.k
-    local.full_latents_per_layer, local.k_aux = L, full.k_aux
-    if hasattr(full, "num_candidates"):
-        local.num_candidates = full.num_candidates
-    sl = slice(rank * Lr, (rank + 1) * Lr)
-    state = {k: v[:, sl] if k in LATENT_AXIS else v[sl] if k.startswith("W_dec.") else v
-             for k, v in full.state_dict().items()}
-    local.load_state_dict(state)
-    local._mark_normalized()  # decoder rows are whole on each rank: unit norm as in ``full``
-    local.shard = Shard(rank, world_size, rank * Lr, full.num_latents)
-    return local
-
-
-def consolidate(folder: str | Path):
-    """The full model from a folder of latent-parallel shards: a CLT joined here, others by
-    :func:`sae.train.reshard.consolidate_sae` (a plain SAE folder loads as is)."""
-    from .artifact import load_sae, read_sae_cfg
-    from .reshard import consolidate_sae, shard_folders
-
-    folder = Path(folder)
-    if (folder / "sae.safetensors").is_file():
-        return load_sae(folder)
-    shards = shard_folders(folder)
-    meta = read_sae_cfg(shards[0])
-    if meta["architecture"] != "clt":
-        return consolidate_sae(folder)
-    parts = [load_sae(p) for p in shards]
-    n = meta["sae"]["clt_layers"]
-    L = meta["shard"]["full_num_latents"] // n
-    full = CrossLayerTranscoder(dataclasses.replace(parts[0].cfg, num_latents=L), meta["d_in"], meta["d_out"])
-    states = [p.state_dict() for p in parts]
-    full.load_state_dict({k: torch.cat([s[k] for s in states], LATENT_AXIS[k]) if k in LATENT_AXIS
-                          else torch.cat([s[k] for s in states]) if k.startswith("W_dec.") else v
-                          for k, v in states[0].items()})
-    full._mark_normalized()
-    return full

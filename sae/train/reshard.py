@@ -3,18 +3,15 @@
     python -m sae.train.reshard consolidate runs/x/final/topk runs/x/final_full/topk
     python -m sae.train.reshard checkpoint runs/x/checkpoints/step_00000100 runs/y --world-size 1
 
-A latent-parallel SAE of width L on W ranks is stored as W folders ``shard_RR_of_WW`` holding
-rows [r L/W, (r+1) L/W) of W_enc, b_enc, W_dec (b_dec and W_skip replicated); a cross-layer
-transcoder's shards hold that slice of every layer's latents (:mod:`.clt_parallel`).
-Consolidation concatenates the slices; resharding splits them again for another world size,
-together with the Adam moments and dead-latent counters, so training resumes exactly on the new
-world size (world size 1 resumes as a plain single-process run).
+The shards' layout, and the slicing and joining of a model, are in :mod:`.shards`. Resharding
+splits a checkpoint's shards again for another world size, together with the Adam moments and
+dead-latent counters, so training resumes exactly on the new world size (world size 1 resumes as a
+plain single-process run).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -24,73 +21,11 @@ from typing import Any
 import torch
 
 from sae.buffer.atomic import write_json_atomic
-from sae.models import SAEConfig, SparseCoder, build_sae
 
 from .artifact import read_sae_cfg, save_sae
 from .checkpoint import LATEST, MANIFEST, load_trainer_state, read_manifest, shard_dir, state_file
 from .run_dir import IDENTITY, identity_diff
-
-SHARDED = ("W_enc", "b_enc", "W_dec")
-
-
-def shard_folders(folder: Path) -> list[Path]:
-    shards = sorted(folder.glob("shard_*_of_*"))
-    if not shards:
-        raise FileNotFoundError(f"{folder} holds no shard_RR_of_WW folders: not a latent-parallel SAE")
-    world = int(shards[0].name.rsplit("_", 1)[1])
-    if len(shards) != world:
-        raise ValueError(f"{folder} has {len(shards)} shard folders but they say world size {world}")
-    return shards
-
-
-def _full_config(meta: dict[str, Any]) -> tuple[SAEConfig, int]:
-    full_L = meta["shard"]["full_num_latents"]
-    cfg = SAEConfig(**{**meta["sae"], "num_latents": full_L})
-    return cfg, full_L
-
-
-def consolidate_sae(folder: str | Path) -> SparseCoder:
-    """The full SAE from a folder of latent-parallel shards (or a plain SAE folder)."""
-    from .artifact import load_sae
-
-    folder = Path(folder)
-    if (folder / "sae.safetensors").is_file():
-        return load_sae(folder)
-    meta = read_sae_cfg(shard_folders(folder)[0])
-    if meta["architecture"] == "clt":  # every layer's latents sliced: joined by its own code
-        from .clt_parallel import consolidate
-
-        return consolidate(folder)
-    parts = [load_sae(p) for p in shard_folders(folder)]
-    cfg, _ = _full_config(meta)
-    full = build_sae(cfg, meta["d_in"], meta["d_out"])
-    state = {k: torch.cat([p.state_dict()[k] for p in parts]) if k in SHARDED else parts[0].state_dict()[k]
-             for k in parts[0].state_dict()}
-    full.load_state_dict(state)
-    return full
-
-
-def _latent_axes(full: SparseCoder) -> dict[str, int | None]:
-    """Parameter name -> the axis latent-parallel ranks split it along (None: replicated)."""
-    from sae.models.clt import CrossLayerTranscoder
-
-    from .clt_parallel import LATENT_AXIS
-
-    names = [n for n, _ in full.named_parameters()]
-    if isinstance(full, CrossLayerTranscoder):  # every layer's group sliced alike; W_dec.i on its rows
-        return {n: LATENT_AXIS.get(n, 0 if n.startswith("W_dec.") else None) for n in names}
-    return {n: 0 if n in SHARDED else None for n in names}
-
-
-def _shard(full: SparseCoder, rank: int, world_size: int) -> tuple[SparseCoder, dict[str, Any]]:
-    """Rank ``rank``'s slice of ``full`` and the ``shard`` metadata its folder records."""
-    from sae.models.clt import CrossLayerTranscoder
-
-    from .clt_parallel import shard_clt
-    from .strategy import shard_topk
-
-    part = (shard_clt if isinstance(full, CrossLayerTranscoder) else shard_topk)(full, rank, world_size)
-    return part, {"shard": dataclasses.asdict(part.shard)}
+from .shards import consolidate_sae, latent_axes, shard_folders, shard_part
 
 
 def reshard_checkpoint(ckpt: str | Path, out_dir: str | Path, world_size: int) -> Path:
@@ -129,7 +64,7 @@ def reshard_checkpoint(ckpt: str | Path, out_dir: str | Path, world_size: int) -
         meta = read_sae_cfg(shard_folders(ckpt / name)[0])
         extra = {k: v for k, v in meta.items() if k not in ("architecture", "d_in", "d_out", "num_latents", "sae",
                                                              "shard")}
-        axes = _latent_axes(full)
+        axes = latent_axes(full)
         param_names = list(axes)
         # Adam state per parameter index, consolidated over the old shards.
         opt_states = [s["optimizers"][name] for s in states]
@@ -148,7 +83,7 @@ def reshard_checkpoint(ckpt: str | Path, out_dir: str | Path, world_size: int) -
             if world_size == 1:
                 part, folder, shard_meta = full, tmp / name, {}
             else:
-                part, shard_meta = _shard(full, r, world_size)
+                part, shard_meta = shard_part(full, r, world_size)
                 folder = tmp / name / shard_dir(r, world_size)
             save_sae(part, folder, **extra, **shard_meta)
             opt = {"state": {}, "param_groups": opt_states[0]["param_groups"]}

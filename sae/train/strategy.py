@@ -32,6 +32,8 @@ from sae.models.clt import CrossLayerTranscoder
 from sae.models.topk import TopKSAE
 
 from . import dist
+from .clt_parallel import latents_of, sharded_params
+from .shards import Shard, shard_clt, shard_topk
 
 STRATEGIES = ("none", "data", "latent", "sae")
 
@@ -164,41 +166,10 @@ class DataParallel(SingleProcess):
         return dist.all_reduce_(t, "avg").item()
 
 
-@dataclasses.dataclass(frozen=True)
-class Shard:
-    rank: int
-    world_size: int
-    offset: int
-    full_num_latents: int
-
-
-def shard_topk(full: TopKSAE, rank: int, world_size: int) -> TopKSAE:
-    """The rows [rank * L/W, (rank + 1) * L/W) of ``full`` as a TopK SAE of width L/W."""
-    L = full.num_latents
-    if L % world_size:
-        raise ValueError(f"num_latents={L} is not divisible by the latent-parallel world size {world_size}")
-    Lr = L // world_size
-    cfg = dataclasses.replace(full.cfg, num_latents=Lr)
-    local = type(full)(cfg, full.d_in, full.d_out)
-    local.k_aux = full.k_aux
-    sl = slice(rank * Lr, (rank + 1) * Lr)
-    with torch.no_grad():
-        local.W_enc.copy_(full.W_enc[sl])
-        local.b_enc.copy_(full.b_enc[sl])
-        local.W_dec.copy_(full.W_dec[sl])
-        local.b_dec.copy_(full.b_dec)
-        if full.W_skip is not None:
-            local.W_skip.copy_(full.W_skip)
-    local.shard = Shard(rank, world_size, rank * Lr, L)
-    return local
-
-
 class LatentParallel(SingleProcess):
     name = "latent"
 
     def prepare(self, saes: dict[str, SparseCoder]) -> dict[str, SparseCoder]:
-        from .clt_parallel import shard_clt
-
         out = {}
         for name, sae in saes.items():
             if isinstance(sae, CrossLayerTranscoder):
@@ -215,8 +186,6 @@ class LatentParallel(SingleProcess):
         # Every rank holds the same batch: b_dec is the same everywhere; the encoder scale is fitted
         # to the global reconstruction, as the unsharded SAE does.
         if isinstance(sae, CrossLayerTranscoder):
-            from .clt_parallel import latents_of
-
             sae.init_from_data(x, y, latents=latents_of(sae))
             return
         if not isinstance(sae, TopKSAE) or not sae.cfg.fit_encoder_scale:
@@ -240,8 +209,6 @@ class LatentParallel(SingleProcess):
     def forward(self, sae: TopKSAE, x: Tensor, y: Tensor | None, *, dead_mask: Tensor | None = None,
                 sparsity_scale: float = 1.0, variance_fn: VarianceFn | None = None) -> ForwardOutput:
         if isinstance(sae, CrossLayerTranscoder):
-            from .clt_parallel import latents_of
-
             return sae.forward_with(latents_of(sae), x, y, dead_mask=dead_mask, sparsity_scale=sparsity_scale,
                                     variance_fn=variance_fn)
         y = sae.check_input(x, y)
@@ -272,8 +239,6 @@ class LatentParallel(SingleProcess):
     def sharded_params(sae: SparseCoder) -> list[Tensor]:
         """The parameters each rank holds a slice of."""
         if isinstance(sae, CrossLayerTranscoder):
-            from .clt_parallel import sharded_params
-
             return sharded_params(sae)
         return [sae.W_enc, sae.b_enc, sae.W_dec]
 

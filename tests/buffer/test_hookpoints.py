@@ -13,9 +13,9 @@ import torch
 
 from sae.buffer.fill import harvest_to_buffer
 from sae.buffer.live import LiveSource
-from sae.config import compose_harvest_config, compose_train_config
+from sae.runners.config import compose_harvest_config, compose_train_config
+from sae.runners.train import run_training
 from sae.train.hookpoints import LiveHookpoints
-from sae.train.run import run_training
 
 
 @pytest.fixture(scope="module")

@@ -160,7 +160,7 @@ def test_cli_reports_a_poisoned_manifest_in_one_line(tiny_gpt2, tmp_path):
     buf = fake_buffer(tmp_path / "buf")
     edit_manifest(buf, lambda m: m["hookpoint_order"].append("../victim"))
     env = {**os.environ, "SAE_DEBUG": "0"}
-    proc = subprocess.run([sys.executable, "-c", "from sae.cli import harvest_main; harvest_main()",
+    proc = subprocess.run([sys.executable, "-c", "from sae.runners.cli import harvest_main; harvest_main()",
                            f"model.name={tiny_gpt2}", "model.device=cpu", "hookpoints=[layers.1]",
                            "harvest.max_tokens=100", "harvest.progress=false",
                            f"writer.out_dir={buf}", "writer.overwrite=true"],

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from sae.buffer.fill import harvest_to_buffer
-from sae.config import compose_harvest_config, compose_train_config
-from sae.train.run import run_training
+from sae.runners.config import compose_harvest_config, compose_train_config
+from sae.runners.train import run_training
 
 
 @pytest.fixture(scope="module")

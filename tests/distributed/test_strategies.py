@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from sae.buffer.synthetic import SyntheticSource
 from sae.train.config import TrainConfig
-from sae.train.reshard import consolidate_sae, reshard_checkpoint
+from sae.train.reshard import reshard_checkpoint
+from sae.train.shards import consolidate_sae
 from sae.train.trainer import Trainer
 
 pytestmark = pytest.mark.distributed
@@ -206,9 +207,9 @@ def test_hookpoint_parallel_from_a_buffer_equals_one_process(tmp_path, tiny_gpt2
     """Each rank opens only its hook point's shards and trains that SAE exactly as one process
     training every hook point's SAE does."""
     from sae.buffer.fill import harvest_to_buffer
-    from sae.config import compose_harvest_config, compose_train_config
+    from sae.runners.config import compose_harvest_config, compose_train_config
+    from sae.runners.train import run_training
     from sae.train.artifact import load_sae
-    from sae.train.run import run_training
 
     model = tiny_gpt2
     docs = tmp_path / "docs.txt"

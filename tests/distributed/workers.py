@@ -164,8 +164,8 @@ def live_exchange_check(rank: int, world: int, port: int, out: str, model: str, 
 
 def hookpoint_parallel_run(rank: int, world: int, port: int, out: str, overrides: list) -> None:
     """``sae-train``'s run with train.parallel=sae on 2 ranks (each rank trains its hook points' SAEs)."""
-    from sae.config import compose_train_config
-    from sae.train.run import run_training
+    from sae.runners.config import compose_train_config
+    from sae.runners.train import run_training
 
     _init(rank, world, port)
     try:

@@ -100,9 +100,9 @@ def trained(tmp_path_factory, harvest_mlps):
     """A 3-layer tiny GPT-2 whose MLPs matter (init range 0.3), one harvest of its MLPs, a CLT trained on it."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from sae.config import compose_train_config
     from sae.harvest.tiny import save_tiny_model
-    from sae.train.run import run_training
+    from sae.runners.config import compose_train_config
+    from sae.runners.train import run_training
 
     root = tmp_path_factory.mktemp("clt_eval")
     model = save_tiny_model(root / "model", "gpt2", layers=LAYERS, hidden=32)
@@ -121,8 +121,8 @@ def trained(tmp_path_factory, harvest_mlps):
 
 @pytest.mark.slow
 def test_sae_eval_reports_per_layer_fvu_and_the_spliced_replacement_model(trained):
-    from sae.config import compose_eval_config
-    from sae.eval.run import run_eval, summary_line
+    from sae.runners.config import compose_eval_config
+    from sae.runners.evaluate import run_eval, summary_line
 
     root, res = trained
     result = run_eval(compose_eval_config([f"sae_path={root / 'run'}", f"out_dir={root / 'ev'}", "device=cpu",

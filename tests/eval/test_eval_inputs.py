@@ -11,10 +11,10 @@ import torch
 from sae.buffer.config import DataConfig
 from sae.eval.config import EvalConfig, SpliceConfig, validate_eval
 from sae.eval.data import EvalSet, RowBatch, first_contexts, splice_batches
-from sae.eval.run import find_sae_dir, run_eval, summary_line
 from sae.harvest.config import HarvestConfig, TextConfig
 from sae.harvest.text import iter_contexts
 from sae.models import SAEConfig, build_sae
+from sae.runners.evaluate import find_sae_dir, run_eval, summary_line
 from sae.train.artifact import save_sae
 
 
@@ -108,7 +108,7 @@ def test_synthetic_eval_skips_model_parts_and_says_why(tmp_path):
 
 
 def test_latent_parallel_shards_are_joined_for_evaluation(tmp_path):
-    from sae.train.strategy import shard_topk
+    from sae.train.shards import shard_topk
 
     full = build_sae(SAEConfig(k=4, num_latents=64), 16, seed=0)
     data = DataConfig()

@@ -16,10 +16,10 @@ import torch
 
 from sae.buffer.config import DataConfig, LiveConfig
 from sae.eval.config import EvalConfig, ExamplesConfig, SpliceConfig
-from sae.eval.run import run_eval, summary_line
 from sae.harvest.config import ModelConfig, TextConfig
 from sae.harvest.tiny import save_tiny_model
 from sae.models import SAEConfig, build_sae
+from sae.runners.evaluate import run_eval, summary_line
 from sae.train.artifact import save_sae
 
 

@@ -1,4 +1,4 @@
-"""The ``sae-eval`` output folder and report (sae/eval/run.py, sae/eval/report.py) trust nothing.
+"""The ``sae-eval`` output folder and report (sae/runners/evaluate.py, sae/eval/report.py) trust nothing.
 
 On a small SAE over synthetic rows: a failed evaluation creates no folder (a path that does not
 exist, a bad setting); a failure while writing (a plot that raises) leaves the previous report
@@ -23,8 +23,8 @@ from sae.eval.config import EvalConfig
 from sae.eval.dashboards import Dashboard, TokenEffect
 from sae.eval.examples import Example, LatentExamples
 from sae.eval.report import render_html
-from sae.eval.run import check_finite_metrics, run_eval
 from sae.models import SAEConfig, build_sae
+from sae.runners.evaluate import check_finite_metrics, run_eval
 from sae.train.artifact import save_sae
 
 SMALL = dict(max_tokens=1024, batch_size=512, device="cpu")
@@ -58,7 +58,7 @@ def test_a_failed_eval_creates_no_folder(tmp_path):
 
 
 def test_the_command_on_a_missing_path_leaves_nothing_behind(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", "from sae.cli import eval_main; eval_main()",
+    proc = subprocess.run([sys.executable, "-c", "from sae.runners.cli import eval_main; eval_main()",
                            "sae_path=nonexist/x", "device=cpu"], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "SAE_DEBUG": "0"})
     assert proc.returncode == 1 and "sae-eval: error: eval.sae_path='nonexist/x' does not exist" in proc.stderr

@@ -17,10 +17,10 @@ import pytest
 
 from sae.buffer.config import WriterConfig
 from sae.buffer.fill import harvest_to_buffer
-from sae.config import compose_train_config
 from sae.eval.screenshot import check_report, find_browser, page_marks
 from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
-from sae.train.run import format_summary, run_training
+from sae.runners.config import compose_train_config
+from sae.runners.train import format_summary, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_sae_eval_command_writes_a_complete_report(trained, tmp_path):
     root, _ = trained
     out = tmp_path / "ev"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", "from sae.cli import eval_main; eval_main()",
+    proc = subprocess.run([sys.executable, "-c", "from sae.runners.cli import eval_main; eval_main()",
                            f"sae_path={root / 'run'}", f"out_dir={out}", "device=cpu", "splice.contexts=4",
                            "examples.num_latents=4", "examples.per_latent=3"],
                           capture_output=True, text=True, env=env, timeout=600)

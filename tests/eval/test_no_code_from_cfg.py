@@ -15,9 +15,9 @@ import json
 import pytest
 
 from sae.eval.config import EvalConfig
-from sae.eval.run import run_eval
 from sae.export import export_checkpoint
 from sae.models import SAEConfig, build_sae
+from sae.runners.evaluate import run_eval
 from sae.train.artifact import save_sae
 
 EVIL = """

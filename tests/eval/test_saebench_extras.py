@@ -44,8 +44,8 @@ def test_kl_score_by_hand():
 
 
 def test_report_carries_the_extras(tmp_path, tiny_gpt2):
-    from sae.config import compose_train_config
-    from sae.train.run import run_training
+    from sae.runners.config import compose_train_config
+    from sae.runners.train import run_training
 
     result = run_training(compose_train_config([
         "data=live", f"data.live.model.name={tiny_gpt2}", "data.live.text.context_length=32",

@@ -15,8 +15,8 @@ from safetensors import safe_open
 
 from sae.export import ExportItem, export_checkpoint, export_items, load_pretrained, load_pretrained_with_info
 from sae.export import circuit_tracer as ct
-from sae.export.command import main as export_main
 from sae.models import SAEConfig, build_sae
+from sae.runners.export import main as export_main
 from sae.train.artifact import save_sae
 
 N_LAYERS, M, LP = 3, 8, 16  # CLT: layers, d_model, latents per layer

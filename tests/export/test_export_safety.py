@@ -15,7 +15,7 @@ from test_circuit_tracer import clt_item, layer_items, make_clt
 
 from sae.export import ExportItem, export_checkpoint, export_items, load_pretrained
 from sae.export import export as export_mod
-from sae.export.command import main as export_main
+from sae.runners.export import main as export_main
 from sae.train.artifact import save_sae
 
 

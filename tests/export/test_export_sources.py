@@ -10,14 +10,14 @@ import torch
 from saes import activations, make_sae, outputs
 from safetensors.torch import save_file
 
-from sae.config import compose_train_config
 from sae.export import collect, export_checkpoint, export_items, load_pretrained, load_pretrained_with_info
-from sae.export.command import main as export_main
-from sae.export.source import ExportItem
+from sae.export.item import ExportItem
+from sae.runners.config import compose_train_config
+from sae.runners.export import main as export_main
+from sae.runners.train import run_training
 from sae.train.artifact import load_sae, save_sae
 from sae.train.checkpoint import shard_dir
-from sae.train.run import run_training
-from sae.train.strategy import Shard, shard_topk
+from sae.train.shards import Shard, shard_topk
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_a_foreign_folder_converts_to_our_format(tmp_path):
     assert folder == tmp_path / "ours" / "layers.2"
     loaded = load_pretrained_with_info(folder)
     assert loaded.format == "ours" and loaded.hookpoint == "layers.2" and loaded.model_name == "m"
-    from sae.eval.run import data_config
+    from sae.eval.inputs import data_config
 
     data = data_config(loaded.cfg)  # what sae-eval reads: evaluate it on a buffer of that hook point
     assert (data.source, data.hookpoint) == ("buffer", "layers.2")

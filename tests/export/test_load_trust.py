@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae.export import export_items, load_pretrained
-from sae.export.source import ExportItem
+from sae.export.item import ExportItem
 from sae.models import SAEConfig, build_sae
 from sae.train.artifact import load_sae, save_sae
 

@@ -108,8 +108,8 @@ def test_a_run_with_auto_meaning_bf16_trains_and_evaluates(hardware, tmp_path, m
     """The default path of a machine with bf16 units, end to end (the rest of the suite pins auto to
     fp32): live training on a tiny GPT-2, held-out scoring, and the full sae-eval report (spliced
     model, top contexts) that runs the SAE under torch.inference_mode."""
-    from sae.config import compose_train_config
-    from sae.train.run import run_training
+    from sae.runners.config import compose_train_config
+    from sae.runners.train import run_training
 
     monkeypatch.setenv(precision.AUTO_ENV_VAR, "bfloat16")
     result = run_training(compose_train_config([

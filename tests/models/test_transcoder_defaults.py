@@ -19,8 +19,8 @@ from __future__ import annotations
 import pytest
 
 from sae.buffer.fill import harvest_to_buffer
-from sae.config import compose_harvest_config, compose_train_config
-from sae.train.run import run_training
+from sae.runners.config import compose_harvest_config, compose_train_config
+from sae.runners.train import run_training
 
 TOPK_FAMILY = ["topk", "batchtopk", "matryoshka_topk", "matryoshka_batchtopk"]
 HELDOUT_BATCHES = 16  # of 256 tokens
@@ -98,7 +98,7 @@ def test_a_cross_layer_transcoder_trains_with_the_defaults(act, relu, mlp_buffer
 
 
 def test_a_diverged_run_is_named_with_the_fix():
-    from sae.train.run import divergence
+    from sae.runners.train import divergence
 
     assert divergence({"fvu": 0.2, "relative_norm": 0.9}) is None
     said = divergence({"fvu": 484.0, "relative_norm": 19.0})

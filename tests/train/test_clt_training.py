@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from sae.config import compose_train_config
 from sae.models import SAEConfig, build_sae
+from sae.runners.config import compose_train_config
+from sae.runners.train import run_training
 from sae.train.clt_source import build_clt_source, clt_hookpoints
 from sae.train.config import TrainConfig
-from sae.train.run import run_training
 from sae.train.trainer import Trainer
 
 F, M = 24, 16  # true features per layer, d_model

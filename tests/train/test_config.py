@@ -6,7 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from sae.config import TrainRunConfig, compose_train_config, sae_configs
+from sae.runners.config import TrainRunConfig, compose_train_config, sae_configs
 
 
 def test_default_composes_to_dataclasses():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae.config import compose_train_config
+from sae.runners.config import compose_train_config
+from sae.runners.train import run_training
 from sae.train.artifact import load_sae
-from sae.train.run import run_training
 
 BASE = ["train=smoke", "train.batch_size=128", "train.progress=false", "train.final_report=false",
         "train.eval_every=0", "data.synthetic.d=16", "data.synthetic.num_features=32", "sae.expansion_factor=4",

@@ -23,11 +23,11 @@ import torch
 from sae.buffer.manifest import MANIFEST
 from sae.buffer.synthetic import SyntheticConfig, SyntheticSource
 from sae.buffer.writer import ShardWriter
-from sae.config import compose_train_config
 from sae.harvest.harvester import Chunk
 from sae.models import SAEConfig, build_sae
+from sae.runners.config import compose_train_config
+from sae.runners.train import run_training
 from sae.train.config import TrainConfig
-from sae.train.run import run_training
 from sae.train.run_dir import IDENTITY, RunFolder, identity_diff
 from sae.train.trainer import Trainer
 

@@ -103,7 +103,7 @@ def test_training_lands_near_the_target(arch, tmp_path):
 
 def test_the_model_card_names_the_target_not_only_the_starting_coefficient():
     from sae.export.card import _sparsity_rule
-    from sae.export.source import ExportItem
+    from sae.export.item import ExportItem
 
     def rule(**kw):
         return _sparsity_rule(ExportItem("relu", build_sae(SAEConfig(architecture="relu", num_latents=64, k=6, **kw),

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 
-from sae.config import CONF_MODULE, compose_train_config, register_configs
+from sae.runners.config import CONF_MODULE, compose_train_config, register_configs
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEP_FILES = sorted((ROOT / "launch" / "sweeps").glob("*.yaml"))

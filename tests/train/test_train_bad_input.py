@@ -7,10 +7,10 @@ import torch
 
 from sae.buffer.source import Batch
 from sae.buffer.synthetic import SyntheticConfig, SyntheticSource
-from sae.config import compose_train_config
 from sae.models import SAEConfig, build_sae
+from sae.runners.config import compose_train_config
+from sae.runners.train import run_training
 from sae.train.config import TrainConfig
-from sae.train.run import run_training
 from sae.train.trainer import Trainer
 
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from sae.buffer.tensor_source import TensorSource
-from sae.config import compose_train_config
+from sae.runners.config import compose_train_config
+from sae.runners.train import run_training
 from sae.train.checkpoint import latest_checkpoint, load_trainer_state, state_file
-from sae.train.run import run_training
 from sae.train.trainer import Trainer
 
 SAE_TRAIN = str(Path(sys.executable).parent / "sae-train")

@@ -13,8 +13,8 @@ from omegaconf.errors import ConfigKeyError
 from wandb_records import read_offline_run
 from wandb_workers import run_data_parallel
 
-from sae.config import compose_train_config
-from sae.train.run import run_training
+from sae.runners.config import compose_train_config
+from sae.runners.train import run_training
 from sae.train.wandb_logger import WandbConfig, validate_wandb
 
 TINY = ["train=smoke", "train.steps=4", "train.batch_size=64", "train.log_every=1", "train.progress=false",

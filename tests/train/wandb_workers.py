@@ -14,8 +14,8 @@ def run_data_parallel(rank: int, world: int, port: int, out: str, overrides: lis
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), WANDB_MODE="offline")
     torch.set_num_threads(1)
-    import sae.train.run as run_mod
-    from sae.config import compose_train_config
+    import sae.runners.train as run_mod
+    from sae.runners.config import compose_train_config
     from sae.train import dist
 
     built = []
@@ -28,7 +28,7 @@ def run_data_parallel(rank: int, world: int, port: int, out: str, overrides: lis
     run_mod.WandbLogger = counting
     try:
         run_mod.run_training(compose_train_config(overrides), heldout=1)
-        # Leave together, as sae-train does (sae/cli.py): rank 0 evaluates and finishes W&B alone
+        # Leave together, as sae-train does (sae/runners/cli.py): rank 0 evaluates and finishes W&B alone
         # after training, and a gloo group torn down on one rank meanwhile can abort its peer.
         dist.barrier()
     finally:

@@ -7,11 +7,11 @@ import pytest
 
 @pytest.fixture(scope="module")
 def steered_setup(tmp_path_factory, tiny_gpt2):
-    from sae.config import compose_train_config
     from sae.eval.lm import load_eval_model
     from sae.export import load_pretrained
     from sae.harvest.config import ModelConfig
-    from sae.train.run import run_training
+    from sae.runners.config import compose_train_config
+    from sae.runners.train import run_training
 
     out = tmp_path_factory.mktemp("use")
     res = run_training(compose_train_config([

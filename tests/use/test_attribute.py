@@ -51,7 +51,7 @@ def test_targets_and_command(steered_setup, tmp_path, capsys):
         attribute(model, tok, sae, "layers.0", "x", " yield")
     with pytest.raises(ValueError, match="outside the vocabulary"):
         attribute(model, tok, sae, "layers.0", "x", 10**6)
-    from sae.use.command import attribute_main
+    from sae.runners.use import attribute_main
 
     attribute_main(["--sae", str(folder), "--prompt", CASES[1][0], "--target", f"#{CASES[1][1]}", "--check", "5",
                     "--out", str(tmp_path / "a.json"), "--device", "cpu"])

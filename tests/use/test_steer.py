@@ -103,7 +103,7 @@ def test_generation_outputs_and_command(steered_setup, tmp_path, capsys):
     text = page.read_text()
     assert "add 40 x latent 3" in text and all(r["baseline"].strip()[:5] in text for r in rows if r["baseline"].strip())
 
-    from sae.use.command import steer_main
+    from sae.runners.use import steer_main
 
     steer_main(["--sae", str(folder), "--prompt", PROMPT, "--intervene", "add:3:40", "--max-new-tokens", "6",
                 "--out", str(tmp_path / "cli"), "--device", "cpu"])
@@ -116,7 +116,7 @@ def test_generation_outputs_and_command(steered_setup, tmp_path, capsys):
 @pytest.mark.parametrize("fmt", ["saelens", "sparsify"])
 def test_steering_a_saelens_or_sparsify_export_matches_our_folder(steered_setup, tmp_path, capsys, fmt):
     from sae.export import export_checkpoint
-    from sae.use.command import steer_main
+    from sae.runners.use import steer_main
 
     model, tok, sae, folder = steered_setup
     export_checkpoint(folder, tmp_path / fmt, fmt, hookpoint="layers.0")

@@ -16,8 +16,8 @@ import json
 import pytest
 import torch
 
+from sae.runners.use import attribute_main, reports_errors, steer_main
 from sae.use.attribute import attribute
-from sae.use.command import attribute_main, reports_errors, steer_main
 from sae.use.steer import Intervention, Steering, generate, steer_prompts, write_outputs
 
 PROMPT = "Return the value of the object"

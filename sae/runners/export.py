@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .export import DTYPES, export_checkpoint
-from .hub import MissingTokenError
-from .load import FORMATS
+from sae.export.export import DTYPES, export_checkpoint
+from sae.export.hub import MissingTokenError
+from sae.export.load import FORMATS
 
 DESCRIPTION = """Write trained SAEs as Hugging Face folders (one per hook point: weights, cfg.json, README.md
 model card) in our format, SAELens' or sparsify's, and optionally upload them to the Hub. With

@@ -17,8 +17,8 @@ from collections.abc import Callable
 import hydra
 from omegaconf import DictConfig
 
-from sae.config import HarvestRunConfig, TrainRunConfig, per_job_out_dir, register_configs, to_object
 from sae.eval.config import EvalConfig
+from sae.runners.config import HarvestRunConfig, TrainRunConfig, per_job_out_dir, register_configs, to_object
 
 register_configs()
 
@@ -85,8 +85,8 @@ def reports_errors(prog: str) -> Callable:
 @hydra.main(version_base=None, config_path="pkg://sae_conf", config_name="train")
 @reports_errors("sae-train")
 def _train(cfg: DictConfig) -> None:
+    from sae.runners.train import format_summary, run_training
     from sae.train import dist
-    from sae.train.run import format_summary, run_training
 
     logging.getLogger("sae").setLevel(logging.INFO)
     per_job_out_dir(cfg)
@@ -125,7 +125,7 @@ def harvest_main() -> None:
 @hydra.main(version_base=None, config_path="pkg://sae_conf", config_name="eval")
 @reports_errors("sae-eval")
 def _eval(cfg: DictConfig) -> None:
-    from sae.eval.run import run_eval, summary_line
+    from sae.runners.evaluate import run_eval, summary_line
 
     logging.getLogger("sae").setLevel(logging.INFO)
     result = run_eval(to_object(cfg, EvalConfig))
@@ -138,7 +138,7 @@ def eval_main() -> None:
 
 
 def export_main(argv: list[str] | None = None) -> None:
-    """``sae-export`` (argparse; see ``sae-export --help`` and :mod:`sae.export.command`)."""
-    from sae.export.command import main
+    """``sae-export`` (argparse; see ``sae-export --help`` and :mod:`sae.runners.export`)."""
+    from sae.runners.export import main
 
     main(argv)

@@ -4,7 +4,7 @@ Both load the SAE with :func:`sae.export.load_pretrained` (our, SAELens or spars
 folder or a Hub repo; raw-activation space) and the causal LM it was trained on (recorded in the
 SAE's folder, or ``--model``), at the hook point it was trained on (or ``--hook``). An error prints
 as one line, ``sae-steer: error: ...``, and exits with status 1, as the Hydra commands do
-(``sae.cli``); ``SAE_DEBUG=1`` shows the traceback instead. Flags are checked before anything loads,
+(``sae.runners.cli``); ``SAE_DEBUG=1`` shows the traceback instead. Flags are checked before anything loads,
 prompts and positions before the model runs.
 """
 
@@ -97,7 +97,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def steer_main(argv: list[str] | None = None) -> None:
-    from .steer import Intervention, describe, steer_prompts, write_outputs
+    from sae.use.steer import Intervention, describe, steer_prompts, write_outputs
 
     p = argparse.ArgumentParser(prog="sae-steer", description=STEER_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,7 +123,7 @@ def steer_main(argv: list[str] | None = None) -> None:
 
 
 def attribute_main(argv: list[str] | None = None) -> None:
-    from .attribute import attribute
+    from sae.use.attribute import attribute
 
     p = argparse.ArgumentParser(prog="sae-attribute", description=ATTRIBUTE_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,7 +148,7 @@ def attribute_main(argv: list[str] | None = None) -> None:
 
 
 def _report_attribution(a: argparse.Namespace, result, model, tok, sae, hook: str) -> None:
-    from .attribute import ablation_effects, spearman
+    from sae.use.attribute import ablation_effects, spearman
 
     print(f"target {result.target!r} (id {result.target_id}) after position {result.position}: logit "
           f"{result.logit:.4f}\n latent   attribution")

@@ -1,4 +1,4 @@
-"""Build and run a training job from a composed :class:`sae.config.TrainRunConfig`.
+"""Build and run a training job from a composed :class:`sae.runners.config.TrainRunConfig`.
 
 This is what ``sae-train`` calls after Hydra composes the config: it builds the activation
 source, the SAEs (base + variants), the loggers and the trainer, trains, scores each SAE on
@@ -20,18 +20,17 @@ from omegaconf import OmegaConf
 from sae.buffer.config import DataConfig, validate_data
 from sae.buffer.source import ActivationSource, Batch
 from sae.buffer.synthetic import SyntheticSource, feature_recovery
-from sae.config import TrainRunConfig, sae_configs
 from sae.eval.quick import PeriodicEval, batches_of, evaluate_batches
 from sae.models import build_sae
 from sae.models.registry import sae_class
-
-from . import dist
-from .checkpoint import latest_checkpoint
-from .clt_parallel import consolidate
-from .logger import JsonlLogger, MultiLogger, StdoutLogger
-from .strategy import build_strategy
-from .trainer import Trainer, validate_train_config
-from .wandb_logger import WandbLogger, all_frequencies, density_hook, validate_wandb
+from sae.runners.config import TrainRunConfig, sae_configs
+from sae.train import dist
+from sae.train.checkpoint import latest_checkpoint
+from sae.train.logger import JsonlLogger, MultiLogger, StdoutLogger
+from sae.train.shards import consolidate_sae
+from sae.train.strategy import build_strategy
+from sae.train.trainer import Trainer, validate_train_config
+from sae.train.wandb_logger import WandbLogger, all_frequencies, density_hook, validate_wandb
 
 log = logging.getLogger(__name__)
 LOG_FILE = "sae-train.log"  # rank 0's log lines (module "sae" and below), beside metrics.jsonl
@@ -44,7 +43,7 @@ class RunResult:
     train_metrics: dict[str, float]
     eval_metrics: dict[str, dict[str, float]]
     reports: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """SAE name -> ``sae.eval.run.EvalResult`` of the full evaluation (``train.final_report``)."""
+    """SAE name -> ``sae.runners.evaluate.EvalResult`` of the full evaluation (``train.final_report``)."""
 
 
 def build_source(data: DataConfig, batch_size: int, *, rank: int = 0, world_size: int = 1) -> ActivationSource:
@@ -81,7 +80,7 @@ def build_hookpoint_source(run: TrainRunConfig, strategy, cfg_names: list[str]):
     """Source of ``{hook point: Batch}`` for ``data.hookpoints`` and the SAEs it feeds, as
     (source, {SAE name: (config name, hook point)}). Under ``train.parallel=sae`` a rank reads
     (buffer) or receives (live, after an all-to-all) only the hook points of its own SAEs."""
-    from .hookpoints import LiveHookpoints, ZippedSource
+    from sae.train.hookpoints import LiveHookpoints, ZippedSource
 
     data, B = run.data, run.train.batch_size
     validate_data(data)
@@ -188,7 +187,7 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
     hp_of: dict[str, str] | None = None  # data.hookpoints: SAE name -> its hook point
     clt_meta: dict[str, Any] = {}
     if any(c.architecture == "clt" for c in cfgs.values()):  # every layer's MLP in/out, side by side
-        from .clt_source import build_clt_source, clt_configs
+        from sae.train.clt_source import build_clt_source, clt_configs
 
         source = build_clt_source(run.data, run.train.batch_size, rank=rank, world_size=world)
         cfgs, clt_meta = clt_configs(cfgs, source), {"clt": source.meta()}
@@ -279,7 +278,7 @@ def _train_claimed(run: TrainRunConfig, trainer: Trainer, source, strategy, out_
     final_dirs = trainer.final_dirs
     if strategy.name == "latent":  # join the shards once; rank 0 scores the full SAE
         final_dirs = {n: out_dir / "final" / n for n in trainer.saes} if dist.is_main() else {}
-        full = {n: consolidate(out_dir / "final" / n) for n in final_dirs}  # CLTs or TopK SAEs
+        full = {n: consolidate_sae(out_dir / "final" / n) for n in final_dirs}  # CLTs or TopK SAEs
     else:
         full = trainer.saes
     batches = held(heldout, full)
@@ -326,7 +325,7 @@ def load_init_sae(run: TrainRunConfig):
 def final_reports(final_dirs: dict[str, Path], device: str) -> dict[str, Any]:
     """Full evaluation (``sae-eval`` defaults) of each final SAE: report.json/html in final/<name>/eval/."""
     from sae.eval.config import EvalConfig
-    from sae.eval.run import run_eval
+    from sae.runners.evaluate import run_eval
 
     return {name: run_eval(EvalConfig(sae_path=str(d), device=device)) for name, d in final_dirs.items()}
 
@@ -351,7 +350,7 @@ def format_summary(result: RunResult) -> str:
             lines.append(f"  WARNING {name}: {problem}")
         report = result.reports.get(name)
         if report is not None:  # the full evaluation: FVU, L0, dead %, spliced-model figure, report path
-            from sae.eval.run import summary_line
+            from sae.runners.evaluate import summary_line
 
             extra = [f"{k}={v:.3f}" for k, v in report.report["metrics"].items() if k == "feature_recovery"]
             lines.append(f"  {name}: {summary_line(report)}" + "".join(f" {e}" for e in extra)
