@@ -4,7 +4,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 export SAE_KERNEL_BACKEND="${SAE_KERNEL_BACKEND:-eager}" WANDB_MODE=offline HF_HUB_OFFLINE=1
-ruff check sae kernels tests launch
+ruff check sae kernels peers tests launch
 lint-imports  # the one-way layers and no import cycles (pyproject.toml [tool.importlinter])
 # SAELens and sparsify for the interop tests (pytest -m peers), in their own venv (.venv-peers, created
 # once; a few minutes). If it cannot be built, those tests skip and say why; everything else still runs.

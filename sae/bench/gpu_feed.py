@@ -117,7 +117,7 @@ def rows_vs_reference(model_cfg: ModelConfig, hookpoint: str, n_batches: int = 8
     equal, rows = True, 0
     for _, batch in zip(range(n_batches), iter_batches(contexts, 16, harvester.pad_id)):
         chunk = harvester.harvest(batch)
-        full = harvester._capture(batch.input_ids, batch.attention_mask)[harvester.names[0]].cpu()
+        full = harvester.capture(batch.input_ids, batch.attention_mask)[harvester.names[0]].cpu()
         where = {int(c): i for i, c in enumerate(batch.index)}
         ref = full[torch.tensor([where[int(c)] for c in chunk.contexts]), chunk.positions.long()]
         got = chunk.acts[harvester.names[0]]

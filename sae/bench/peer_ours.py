@@ -6,7 +6,7 @@ Builds the SAE with :func:`sae.models.build_sae` and trains it with :class:`sae.
 (``fit``: data-dependent init, fused Adam, the decoder-gradient projection, clipping, decoder
 renormalisation, AuxK with dead-latent tracking) on the batches of the train split in file order,
 then leaves the trained SAE in our folder format under ``<out_dir>/train/final/<arch>`` and writes
-``result.json`` (see :mod:`sae.bench.peer_runtime`).
+``result.json`` (see :mod:`sae_peers.runtime`).
 
 ``selection_dtype`` in the job (``ours-fp32``) sets ``sae.selection_dtype``; without it the default
 ``auto`` applies, and the result's notes say what it resolved to on this machine.
@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sae.bench import peer_runtime as rt
+from sae_peers import runtime as rt
+
 from sae.buffer.source import Batch
 from sae.models import SAEConfig, build_sae
 from sae.models.precision import resolve_selection_dtype
@@ -27,7 +28,7 @@ from sae.train.trainer import Trainer
 
 
 class _FileSource:
-    """An ActivationSource over :class:`~sae.bench.peer_runtime.TimedBatches` (no resume: one run, start to end)."""
+    """An ActivationSource over :class:`~sae_peers.runtime.TimedBatches` (no resume: one run, start to end)."""
 
     def __init__(self, batches: rt.TimedBatches):
         self.batches, self.d_in, self.d_out = batches, batches.d, batches.d

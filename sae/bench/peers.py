@@ -11,7 +11,7 @@ with a message.
    corpus, harvested once by our harvester into ``<out>/activations.safetensors`` (train split
    shuffled once, held-out split of other contexts); reused when it matches the request.
 2. Training: every system trains in its own process (so peak RSS is its own) with its own
-   training classes (runners :mod:`.peer_ours`, ``peer_saelens.py``, ``peer_sparsify.py``) on the
+   training classes (runners :mod:`.peer_ours`, ``sae_peers.saelens``, ``sae_peers.sparsify``) on the
    same batches in the same order: same width, k, batch, token budget, Adam, lr and schedule
    (linear warm-up, linear decay to 0), AuxK weight, dead-latent window and thread count.
    TopK for all three; BatchTopK and JumpReLU for ours and SAELens. ``ours`` is our trainer with
@@ -45,11 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sae_peers.runtime import ActivationFile
 
 from sae.bench import peer_report
 from sae.bench.common import median_time
 from sae.bench.peer_data import harvest_split, write_activation_file
-from sae.bench.peer_runtime import ActivationFile
 from sae.buffer.source import Batch
 from sae.eval.quick import evaluate_batches
 from sae.export.load import load_pretrained_with_info
@@ -58,7 +58,21 @@ from sae.models import token_variance
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-PEER_SCRIPTS = {"saelens": HERE / "peer_saelens.py", "sparsify": HERE / "peer_sparsify.py"}
+#: Where the package ``sae_peers`` (the peers' runners, outside this package) lies.
+PEERS_PATH = ROOT / "peers"
+
+
+def peer_command(python: str, runner: str, job: Path) -> list[str]:
+    """The peers venv's command for ``runner`` (``saelens`` or ``sparsify``) on ``job``; run it with
+    :func:`peer_env` (``-P``: the working directory, the repo root, stays off ``sys.path``)."""
+    return [python, "-P", "-m", f"sae_peers.{runner}", str(job)]
+
+
+def peer_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with ``peers/`` (the folder of ``sae_peers``) as the only addition to ``PYTHONPATH``."""
+    return {**env, "PYTHONPATH": str(PEERS_PATH)}
+
+
 # system -> (runner, extra job settings, architectures it trains)
 SYSTEMS = {
     "ours": ("ours", {}, ("topk", "batchtopk", "jumprelu")),
@@ -118,10 +132,12 @@ def run_system(setup: Setup, system: str, arch: str, num_latents: int, steps: in
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "result.json").unlink(missing_ok=True)
     (run_dir / "job.json").write_text(json.dumps(job, indent=2))
-    cmd = ([sys.executable, "-m", "sae.bench.peer_ours"] if runner == "ours"
-           else [peers_python, str(PEER_SCRIPTS[runner])]) + [str(run_dir / "job.json")]
+    cmd = ([sys.executable, "-m", "sae.bench.peer_ours", str(run_dir / "job.json")] if runner == "ours"
+           else peer_command(peers_python, runner, run_dir / "job.json"))
     env = {**os.environ, "OMP_NUM_THREADS": str(setup.threads), "MKL_NUM_THREADS": str(setup.threads),
            "TQDM_DISABLE": "1", "WANDB_MODE": "disabled", "SPARSIFY_DISABLE_TRITON": "1", "HF_HUB_OFFLINE": "1"}
+    if runner != "ours":
+        env = peer_env(env)
     t0 = time.perf_counter()
     with open(run_dir / "log.txt", "w") as fh:
         rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode

@@ -11,7 +11,7 @@ transcoder, on the same rows and batches.
    is trained by our :class:`~sae.train.trainer.Trainer` on the train split in file order, on data
    normalised as ``data.normalize=auto`` does for that family; the normalisation is then folded into
    the weights (:func:`sae.export.fold.fold_normalization`), as an export would.
-3. sparsify: its own ``Trainer`` (``peer_sparsify.py`` in ``.venv-peers``) on the same batches in the
+3. sparsify: its own ``Trainer`` (``sae_peers.sparsify`` in ``.venv-peers``) on the same batches in the
    same order; its saved coder is imported by our reader.
 4. One evaluator scores every system on the held-out split in the model's raw space: FVU, L0 and the
    fraction of latents that never fired. Benchmarks print figures; they are not tests.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae.bench.peer_data import harvest_splits
-from sae.bench.peers import PEER_SCRIPTS, find_peers_python
+from sae.bench.peers import find_peers_python, peer_command, peer_env
 from sae.buffer.normalize import Normalizer, activation_sums
 from sae.buffer.source import Batch
 from sae.buffer.tensor_source import TensorSource
@@ -113,8 +114,8 @@ def train_sparsify(info: dict[str, Any], data: dict[str, torch.Tensor], args: ar
            "timing_warmup": 2}
     (run_dir / "job.json").write_text(json.dumps(job, indent=1))
     with open(run_dir / "log.txt", "w") as log:
-        rc = subprocess.run([python, str(PEER_SCRIPTS["sparsify"]), str(run_dir / "job.json")], stdout=log,
-                            stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(peer_command(python, "sparsify", run_dir / "job.json"), env=peer_env(dict(os.environ)),
+                            stdout=log, stderr=subprocess.STDOUT).returncode
     result_path = run_dir / "result.json"
     if rc != 0 or not result_path.is_file():
         return {"system": "sparsify topk", "skipped": f"exit {rc}; see {run_dir / 'log.txt'}"}

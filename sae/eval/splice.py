@@ -74,11 +74,13 @@ def resolve_site(model: nn.Module, name: str) -> HookPoint:
     return hits[0]
 
 
-def _first(value: Any) -> Tensor:
+def first_tensor(value: Any) -> Tensor:
+    """The activation tensor of a module's input or output (a tuple's or list's first element)."""
     return value[0] if isinstance(value, (tuple, list)) else value
 
 
-def _with_first(value: Any, t: Tensor) -> Any:
+def with_first(value: Any, t: Tensor) -> Any:
+    """``value`` with its activation tensor (see :func:`first_tensor`) replaced by ``t``."""
     if isinstance(value, tuple):
         return (t, *value[1:])
     if isinstance(value, list):
@@ -119,8 +121,8 @@ class Splicer:
             return module.register_forward_pre_hook(pre, with_kwargs=True)
 
         def post(mod, args, output):
-            new = fn(_first(output))
-            return None if new is None else _with_first(output, new)
+            new = fn(first_tensor(output))
+            return None if new is None else with_first(output, new)
         return module.register_forward_hook(post)
 
     def prepare(self, mode: str, keep: Tensor) -> None:

@@ -103,7 +103,7 @@ class Harvester:
         self._forward_kwargs = {}
         if "use_cache" in inspect.signature(lm.model.forward).parameters:
             self._forward_kwargs["use_cache"] = False
-        probe = self._capture(torch.tensor([[bos if bos is not None else self.pad_id] * 2]),
+        probe = self.capture(torch.tensor([[bos if bos is not None else self.pad_id] * 2]),
                               torch.ones(1, 2, dtype=torch.long))
         self.dims = {name: int(t.shape[-1]) for name, t in probe.items()}
 
@@ -134,7 +134,7 @@ class Harvester:
             return lambda module, args, kwargs: save(args[0] if args else kwargs["hidden_states"])
         return lambda module, args, output: save(output)
 
-    def _capture(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+    def capture(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         """Forward until every hook point has fired; return name -> [B, T, D] on the model device."""
         with self._lock:
             return self._capture_locked(input_ids, attention_mask)
@@ -175,7 +175,7 @@ class Harvester:
         return self.checked(chunk) if wait else chunk
 
     def _harvest(self, batch: ContextBatch) -> Chunk:
-        acts = self._capture(batch.input_ids, batch.attention_mask)
+        acts = self.capture(batch.input_ids, batch.attention_mask)
         ids = batch.input_ids
         keep = batch.attention_mask.bool()
         if self.cfg.drop_special and self.special_ids.numel():

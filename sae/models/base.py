@@ -175,6 +175,11 @@ class SparseCoder(nn.Module):
         latent counts as dead, or None for the fixed 10M (sae.train.dead.resolve_dead_threshold)."""
         return None
 
+    @property
+    def default_lr_scale(self) -> float:
+        """The factor on Gao et al.'s learning-rate rule when ``train.lr`` is null (1 by default)."""
+        return 1.0
+
     def optimizer_groups(self, lr: float) -> list[dict]:
         """Adam's parameter groups (each with its ``lr``): one for every parameter by default."""
         return [{"params": list(self.parameters()), "lr": lr}]

@@ -161,7 +161,7 @@ class CrossLayerTranscoder(SparseCoder):
             self.num_candidates = min(L, cfg.batch_topk_cap * cfg.k)  # per token and layer
             self.register_buffer("threshold", torch.full((n,), -1.0))  # < 0: not estimated yet
             self.last_cap_hit, self._cap_hits = 0.0, []
-        self._mark_normalized()
+        self.mark_normalized()
 
     # --- layout ----------------------------------------------------------------------------
     def encoder_input(self, x_BD: Tensor) -> Tensor:
@@ -453,7 +453,9 @@ class CrossLayerTranscoder(SparseCoder):
         return min(n_dead / (self.n_layers * self.k_aux), 1.0) * rec
 
     # --- decoder norm ------------------------------------------------------------------------
-    def _mark_normalized(self) -> None:
+    def mark_normalized(self) -> None:
+        """Record the decoder as normalised as it stands (after a change made on purpose: a load, a
+        slice, a fold), so a training forward does not renormalise it."""
         self.__dict__["_dec_versions"] = [p._version for p in self.W_dec]
 
     @torch.no_grad()
@@ -464,7 +466,7 @@ class CrossLayerTranscoder(SparseCoder):
             return
         if any(float((self.dec_rows(i).norm(dim=1) - 1).abs().max()) > 1e-5 for i in range(self.n_layers)):
             self.normalize_decoder_()
-        self._mark_normalized()
+        self.mark_normalized()
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
@@ -473,7 +475,7 @@ class CrossLayerTranscoder(SparseCoder):
             for i in range(self.n_layers):
                 rows = self.dec_rows(i)
                 rows /= rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).eps)
-        self._mark_normalized()
+        self.mark_normalized()
 
     @torch.no_grad()
     def remove_parallel_grad_(self) -> None:
@@ -520,7 +522,7 @@ class CrossLayerTranscoder(SparseCoder):
                 self.W_dec[i][:, j - self.first_out(i)].copy_(self.W_dec[i][:, j - self.first_out(i)].double() / s)
         for j, (s, mu) in enumerate(y_maps):
             self.b_dec[j].copy_(self.b_dec[j].double() / s + mu.double().to(self.b_dec.device))
-        self._mark_normalized()
+        self.mark_normalized()
 
     # --- data-dependent init -----------------------------------------------------------------
     @torch.no_grad()
@@ -542,7 +544,7 @@ class CrossLayerTranscoder(SparseCoder):
         if self.activation == "jumprelu":
             self._init_thresholds(y, xs)
         if self.zero_decoder_init or (self.activation != "jumprelu" and not self.cfg.fit_encoder_scale):
-            self._mark_normalized()  # a zero decoder: no reconstruction to fit the encoder's scale to
+            self.mark_normalized()  # a zero decoder: no reconstruction to fit the encoder's scale to
             return
         codes = []
         for i in range(n):
@@ -558,7 +560,7 @@ class CrossLayerTranscoder(SparseCoder):
         self.b_enc.mul_(scale[:, None])
         if self.activation == "jumprelu":
             self.log_threshold.add_(scale.log()[:, None])
-        self._mark_normalized()
+        self.mark_normalized()
 
     def _init_thresholds(self, y_ND: Tensor, xs: list[Tensor]) -> None:
         """JumpReLU: each layer's bandwidth unit from its target, thresholds at the (1 - k/L) quantile."""

@@ -107,3 +107,11 @@ class MatryoshkaBatchTopKSAE(_Matryoshka, BatchTopKSAE):
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         super().__init__(cfg, d_in, d_out, seed=seed)
         self._init_groups()
+
+    @property
+    def default_lr_scale(self) -> float:
+        """2 for a transcoder. Its decoder grows from zero, and the latents of the wide groups, chosen
+        rarely in the batch-wide selection, got too few steps to grow: on SmolLM2's MLP (4608
+        latents, 300 steps) 13.1% stayed dead, 22% of the widest group, each with half the decoder
+        norm of a live one; at twice the rule's rate 1.6% dead and FVU 0.152 instead of 0.198."""
+        return 2.0 if self.cfg.transcode else 1.0

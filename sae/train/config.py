@@ -12,7 +12,8 @@ class TrainConfig:
     # Budget: ``steps`` wins when > 0, otherwise ``max_tokens // batch_size``.
     max_tokens: int = 2_000_000
     steps: int = 0
-    # Adam. lr null picks Gao et al.'s scaling rule: 2e-4 / sqrt(num_latents / 2**14).
+    # Adam. lr null picks Gao et al.'s scaling rule: 2e-4 / sqrt(num_latents / 2**14), times the family's
+    # default_lr_scale (2 for Matryoshka BatchTopK transcoders, sae/models/matryoshka.py; else 1).
     lr: Optional[float] = None  # noqa: UP045  (OmegaConf needs typing.Optional)
     beta1: float = 0.9
     beta2: float = 0.999

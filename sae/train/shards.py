@@ -75,7 +75,7 @@ def shard_clt(full: CrossLayerTranscoder, rank: int, world_size: int) -> CrossLa
     state = {k: v[:, sl] if k in LATENT_AXIS else v[sl] if k.startswith("W_dec.") else v
              for k, v in full.state_dict().items()}
     local.load_state_dict(state)
-    local._mark_normalized()  # decoder rows are whole on each rank: unit norm as in ``full``
+    local.mark_normalized()  # decoder rows are whole on each rank: unit norm as in ``full``
     local.shard = Shard(rank, world_size, rank * Lr, full.num_latents)
     return local
 
@@ -119,7 +119,7 @@ def consolidate_sae(folder: str | Path) -> SparseCoder:
     full.load_state_dict({k: v if axes.get(k) is None else torch.cat([s[k] for s in states], axes[k])
                           for k, v in states[0].items()})
     if isinstance(full, CrossLayerTranscoder):
-        full._mark_normalized()
+        full.mark_normalized()
     return full
 
 

@@ -185,7 +185,8 @@ class Trainer:
         run_tokens = self.total_steps * self.strategy.tokens_per_step(cfg.batch_size)
         self.sparsity: dict[str, SparsityController] = {}  # the sparsity penalty's coefficient over steps
         for name, sae in self.saes.items():
-            lr = cfg.lr if cfg.lr is not None else default_lr(self.strategy.full_num_latents(sae))
+            lr = cfg.lr if cfg.lr is not None else \
+                default_lr(self.strategy.full_num_latents(sae)) * sae.default_lr_scale
             self.optimizers[name] = build_optimizer(sae, lr, cfg, fused_step=self.fused_step,
                                                     grad_sq_total=self.strategy.grad_sq_total(sae))
             self.schedulers[name] = build_scheduler(self.optimizers[name], self.total_steps, cfg)

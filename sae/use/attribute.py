@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sae.eval.splice import _first, _with_first, resolve_site
+from sae.eval.splice import first_tensor, resolve_site, with_first
 from sae.models import SparseCoder, SparseCodes
 
 from .steer import latent_activation, prompt_ids
@@ -84,7 +84,7 @@ def _site_hook(model, hookpoint: str, edit):
             return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
         handle = module.register_forward_pre_hook(pre, with_kwargs=True)
     else:
-        handle = module.register_forward_hook(lambda mod, args, out: _with_first(out, edit(_first(out))))
+        handle = module.register_forward_hook(lambda mod, args, out: with_first(out, edit(first_tensor(out))))
     try:
         yield
     finally:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from sae.eval.report import escape
-from sae.eval.splice import _first, _with_first, resolve_site
+from sae.eval.splice import first_tensor, resolve_site, with_first
 from sae.models import SparseCoder, SparseCodes
 
 MODES = ("add", "clamp")
@@ -158,7 +158,7 @@ class Steering:
                 return args, {**kwargs, "hidden_states": self._edit(kwargs["hidden_states"])}
             handle = module.register_forward_pre_hook(pre, with_kwargs=True)
         else:
-            handle = module.register_forward_hook(lambda mod, args, out: _with_first(out, self._edit(_first(out))))
+            handle = module.register_forward_hook(lambda mod, args, out: with_first(out, self._edit(first_tensor(out))))
         try:
             yield self
         finally:

@@ -79,11 +79,11 @@ def _kl_zero_by_hand(model, batches) -> float:
     total, n = 0.0, 0
     for b in batches:
         def zero(module, args, out, keep=b.keep):
-            from sae.eval.splice import _first, _with_first
+            from sae.eval.splice import first_tensor, with_first
 
-            h = _first(out).clone()
+            h = first_tensor(out).clone()
             h[keep] = 0
-            return _with_first(out, h)
+            return with_first(out, h)
 
         with torch.no_grad():
             clean = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.double().log_softmax(-1)

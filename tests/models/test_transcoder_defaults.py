@@ -104,3 +104,25 @@ def test_a_diverged_run_is_named_with_the_fix():
     said = divergence({"fvu": 484.0, "relative_norm": 19.0})
     assert said.startswith("diverged: held-out FVU 484") and "19x the target's" in said and "data.normalize" in said
     assert divergence({"fvu": 0.9, "relative_norm": 0.2}) is not None  # a collapsed reconstruction
+
+
+def test_a_matryoshka_batchtopk_transcoder_trains_at_twice_the_lr_rule(tmp_path):
+    """Its rarely chosen wide-group latents grow from a zero decoder too slowly at the rule's rate
+    (SmolLM2: 13.1% dead; twice the rate: 1.6%); SAEs and other families keep the rule."""
+    import torch
+
+    from sae.buffer.tensor_source import TensorSource
+    from sae.models import SAEConfig, build_sae
+    from sae.train.config import TrainConfig
+    from sae.train.schedule import default_lr
+    from sae.train.trainer import Trainer
+
+    def make(arch, transcode):
+        return build_sae(SAEConfig(architecture=arch, transcode=transcode, num_latents=64, k=4), 8, 8)
+
+    assert make("matryoshka_batchtopk", True).default_lr_scale == 2
+    assert make("matryoshka_batchtopk", False).default_lr_scale == make("batchtopk", True).default_lr_scale == 1
+    x = torch.randn(64, 8)
+    cfg = TrainConfig(batch_size=16, steps=1, out_dir=str(tmp_path), progress=False, eval_every=0, final_report=False)
+    trainer = Trainer(cfg, {"t": make("matryoshka_batchtopk", True)}, TensorSource(x, x.flip(1), 16, shuffle=False))
+    assert trainer.optimizers["t"].param_groups[0]["lr"] == pytest.approx(2 * default_lr(64))

@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from sae.eval.splice import _first
+from sae.eval.splice import first_tensor
 from sae.use.steer import Intervention, Steering, latent_activation, steer_prompts, write_outputs
 
 PROMPT = "Return the value of the object"
@@ -37,7 +37,7 @@ def hook_output(model, tok, steering=None) -> torch.Tensor:
     site = dict(model.named_modules())[resolve_site(model, "layers.0").module]
     with steering.applied() if steering is not None else contextlib.nullcontext():
         # Registered after the steering hook, so it sees the output the next block receives.
-        handle = site.register_forward_hook(lambda m, a, o: seen.update(x=_first(o).detach().clone()))
+        handle = site.register_forward_hook(lambda m, a, o: seen.update(x=first_tensor(o).detach().clone()))
         try:
             logits(model, tok)
         finally:

@@ -1,9 +1,9 @@
 """Runner of the peer benchmark for SAELens: its own training SAE classes and its ``SAETrainer``.
 
-    <peers venv>/bin/python sae/bench/peer_saelens.py JOB.json   (started by ``python -m sae.bench.peers``)
+    <peers venv>/bin/python -P -m sae_peers.saelens JOB.json   (started by ``python -m sae.bench.peers``)
 
-Runs in the SAELens virtual environment and never imports sae-forge (only its sibling
-``peer_runtime.py``). ``SAETrainer.fit`` consumes any iterator of activation batches (its
+Runs in the SAELens virtual environment and never imports sae-forge (only
+:mod:`sae_peers.runtime`). ``SAETrainer.fit`` consumes any iterator of activation batches (its
 ``DataProvider``), so SAELens trains exactly as it does from its own activation store: the
 training SAE's ``training_forward_pass`` (TopK: dense pre-activations, TopK, decoder-norm
 rescaling of the selection, AuxK; BatchTopK; JumpReLU with its straight-through estimators),
@@ -27,9 +27,7 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-import peer_runtime as rt  # noqa: E402  (the sibling file: this script's folder is first on sys.path)
-
-rt.leave_script_folder(__file__)
+from sae_peers import runtime as rt  # noqa: E402
 
 
 def build(job: dict, d: int):

@@ -1,10 +1,9 @@
 """What every runner of the peer benchmark shares: reading activations, timing steps, measuring memory.
 
 Part of ``python -m sae.bench.peers`` (bench stage). Each system (ours, SAELens, sparsify) trains
-in its own process; the peer runners run in another virtual environment and must not import this
-package, so this module depends on the standard library and torch only and is imported as the
-runner scripts' sibling (their folder is first on ``sys.path``; see :func:`leave_script_folder`) as
-well as ``sae.bench.peer_runtime``.
+in its own process; the peer runners run in another virtual environment and must not import
+sae-forge, so this module depends on the standard library and torch only. The runners import it
+as ``sae_peers.runtime``, and so does sae-forge's own runner (:mod:`sae.bench.peer_ours`).
 
 The activation file is a safetensors file with fp32 tensors ``train`` [N, D] and ``heldout``
 [M, D] and a ``__metadata__`` entry ``info`` (JSON). It is read with ``os.pread`` rather than
@@ -33,15 +32,6 @@ from typing import Any
 import torch
 
 _DTYPES = {"F32": (torch.float32, 4)}
-
-
-def leave_script_folder(script: str) -> None:
-    """For a runner run as a file (``python sae/bench/peer_saelens.py``), which imports this module
-    as its sibling: take the script's folder off ``sys.path`` before the peer library is imported.
-    The folder's other modules (``kernels.py``, ``harvest.py``) would shadow packages of the same
-    name that transformers looks for."""
-    here = Path(script).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
 
 
 class ActivationFile:

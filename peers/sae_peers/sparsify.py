@@ -1,9 +1,9 @@
 """Runner of the peer benchmark for EleutherAI sparsify: its own ``Trainer.fit`` and ``SparseCoder``.
 
-    <peers venv>/bin/python sae/bench/peer_sparsify.py JOB.json   (started by ``python -m sae.bench.peers``)
+    <peers venv>/bin/python -P -m sae_peers.sparsify JOB.json   (started by ``python -m sae.bench.peers``)
 
-Runs in the sparsify virtual environment and never imports sae-forge (only its sibling
-``peer_runtime.py``). sparsify's ``Trainer`` reads activations only from forward hooks on a
+Runs in the sparsify virtual environment and never imports sae-forge (only
+:mod:`sae_peers.runtime`). sparsify's ``Trainer`` reads activations only from forward hooks on a
 language model it runs itself; it cannot take precomputed activations. Instead of
 re-implementing its step, this runner hands it a stand-in model (:class:`ActivationModel`)
 whose ``layers.0`` outputs the next rows of the shared activation file, and a dataset of row
@@ -31,12 +31,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
-import peer_runtime as rt  # noqa: E402  (the sibling file: this script's folder is first on sys.path)
-
-rt.leave_script_folder(__file__)
-
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+from sae_peers import runtime as rt  # noqa: E402
 
 CONTEXT = 128
 
