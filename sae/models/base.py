@@ -10,6 +10,7 @@ Shape legend: B tokens, D d_in, E d_out (= D for SAEs), L latents, K k.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -97,6 +98,17 @@ def geometric_median(points_ND: Tensor, max_iter: int = 100, tol: float = 1e-6) 
     return guess
 
 
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """The slice of a latent-parallel model one rank holds: latents [offset, offset + L / world_size)
+    of every group (see :meth:`SparseCoder.latent_shard`)."""
+
+    rank: int
+    world_size: int
+    offset: int
+    full_num_latents: int
+
+
 class SparseCoder(nn.Module):
     """Parameters and shared behaviour of every family.
 
@@ -113,6 +125,8 @@ class SparseCoder(nn.Module):
     normalize_transcoder_data: bool = True
     #: Whether the family's loss has a sparsity penalty (L1 or L0) whose coefficient sets its L0.
     sparsity_penalty: bool = False
+    #: Whether ``train.parallel=latent`` can split this family's latents over ranks.
+    latent_parallel: bool = False
 
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         super().__init__()
@@ -174,6 +188,36 @@ class SparseCoder(nn.Module):
         """``train.dead_tokens_threshold=null``: the fraction of the run's tokens after which a silent
         latent counts as dead, or None for the fixed 10M (sae.train.dead.resolve_dead_threshold)."""
         return None
+
+    # --- latent parallelism: how the family's latents split over ranks ---------------------------
+    def latent_axes(self) -> dict[str, int | None]:
+        """Parameter name -> the axis latent-parallel ranks split it along (None: replicated)."""
+        return {n: 0 if n in ("W_enc", "b_enc", "W_dec") else None for n, _ in self.named_parameters()}
+
+    def _split_latents(self, rank: int, world_size: int, width: int) -> tuple[slice, int]:
+        if width % world_size:
+            raise ValueError(f"num_latents={width} is not divisible by the latent-parallel world size {world_size}")
+        n = width // world_size
+        return slice(rank * n, (rank + 1) * n), n
+
+    def latent_shard(self, rank: int, world_size: int) -> SparseCoder:
+        """Latents [rank L/W, (rank + 1) L/W) as a model of width L/W; its ``shard`` says which."""
+        sl, n = self._split_latents(rank, world_size, self.num_latents)
+        local = type(self)(dataclasses.replace(self.cfg, num_latents=n), self.d_in, self.d_out)
+        if hasattr(self, "k_aux"):
+            local.k_aux = self.k_aux
+        axes = self.latent_axes()
+        local.load_state_dict({k: v if axes.get(k) is None else v[sl] for k, v in self.state_dict().items()})
+        local.shard = Shard(rank, world_size, sl.start, self.num_latents)
+        return local
+
+    def join_latent_shards(self, parts: list[SparseCoder], full_num_latents: int) -> SparseCoder:
+        """The whole model from every rank's :meth:`latent_shard` (``self`` is one of them), in rank order."""
+        full = type(self)(dataclasses.replace(self.cfg, num_latents=full_num_latents), self.d_in, self.d_out)
+        axes, states = full.latent_axes(), [p.state_dict() for p in parts]
+        full.load_state_dict({k: v if axes.get(k) is None else torch.cat([s[k] for s in states], axes[k])
+                              for k, v in states[0].items()})
+        return full
 
     @property
     def default_lr_scale(self) -> float:

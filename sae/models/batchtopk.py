@@ -34,6 +34,8 @@ def batch_cut(cand_BC: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
 
 @register("batchtopk")
 class BatchTopKSAE(TopKSAE):
+    latent_parallel = False  # the batch-wide cut is not implemented across ranks
+
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         super().__init__(cfg, d_in, d_out, seed=seed)
         if cfg.batch_topk_cap < 1:

@@ -57,6 +57,7 @@ Shape legend: B tokens, N layers, M d_model, L latents per layer, K slots per to
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -64,7 +65,7 @@ from sae_kernels import gather_encode, sparse_decode
 from sae_kernels.topk_select import topk
 from torch import Tensor, nn
 
-from .base import Codes, ForwardOutput, SparseCoder, SparseCodes, VarianceFn, fvu_from_error, geometric_median
+from .base import Codes, ForwardOutput, Shard, SparseCoder, SparseCodes, VarianceFn, fvu_from_error, geometric_median
 from .batchtopk import batch_cut
 from .config import SAEConfig
 from .dense import activation_scale
@@ -486,6 +487,42 @@ class CrossLayerTranscoder(SparseCoder):
             if p.grad is not None:
                 g, W = p.grad.view(p.shape[0], -1), self.dec_rows(i)
                 g.addcmul_(torch.einsum("ld,ld->l", g, W).unsqueeze(1), W, value=-1)
+
+    # --- latent parallelism (sae.train.clt_parallel runs the sharded forward) ------------------
+    latent_parallel = True
+
+    def latent_axes(self) -> dict[str, int | None]:
+        """Every layer's group sliced alike: W_enc, b_enc, log_threshold along dim 1, W_dec.i along its rows."""
+        along_1 = ("W_enc", "b_enc", "log_threshold")
+        return {n: 1 if n in along_1 else 0 if n.startswith("W_dec.") else None for n, _ in self.named_parameters()}
+
+    def latent_shard(self, rank: int, world_size: int) -> CrossLayerTranscoder:
+        """Latents [rank L/W, (rank + 1) L/W) of every group as a CLT of width L/W per layer."""
+        L = self.latents_per_layer
+        if L % world_size:
+            raise ValueError(f"a CLT's latents per layer ({L}: sae.num_latents, or sae.expansion_factor x d_model) "
+                             f"must divide evenly over the {world_size} latent-parallel ranks; choose a multiple of "
+                             f"{world_size}")
+        sl, Lr = self._split_latents(rank, world_size, L)
+        # The slice may hold fewer latents than k (the global selection takes k over all ranks): build it
+        # with a k it accepts, then give it the model's own.
+        local = CrossLayerTranscoder(dataclasses.replace(self.cfg, num_latents=Lr, k=max(1, min(self.k, Lr - 1))),
+                                     self.d_in, self.d_out)
+        local.cfg, local.k = dataclasses.replace(self.cfg, num_latents=Lr), self.k
+        local.full_latents_per_layer, local.k_aux = L, self.k_aux
+        if hasattr(self, "num_candidates"):
+            local.num_candidates = self.num_candidates
+        axes = self.latent_axes()
+        local.load_state_dict({k: v if axes.get(k) is None else v.narrow(axes[k], sl.start, Lr)
+                               for k, v in self.state_dict().items()})
+        local.mark_normalized()  # decoder rows are whole on each rank: unit norm as in ``self``
+        local.shard = Shard(rank, world_size, sl.start, self.num_latents)
+        return local
+
+    def join_latent_shards(self, parts: list[SparseCoder], full_num_latents: int) -> CrossLayerTranscoder:
+        full = super().join_latent_shards(parts, full_num_latents // self.n_layers)  # the config counts per layer
+        full.mark_normalized()
+        return full
 
     # --- normalisation ----------------------------------------------------------------------
     @torch.no_grad()

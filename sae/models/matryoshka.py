@@ -97,6 +97,8 @@ class _Matryoshka:
 
 @register("matryoshka_topk")
 class MatryoshkaTopKSAE(_Matryoshka, TopKSAE):
+    latent_parallel = False  # the prefix losses are not implemented across ranks
+
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         super().__init__(cfg, d_in, d_out, seed=seed)
         self._init_groups()

@@ -31,6 +31,8 @@ from .registry import register
 
 @register("topk")
 class TopKSAE(SparseCoder):
+    latent_parallel = True  # the exact global top-k over ranks (sae.train.strategy.LatentParallel)
+
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         super().__init__(cfg, d_in, d_out, seed=seed)
         if not 0 < cfg.k < self.num_latents:

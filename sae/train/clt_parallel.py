@@ -24,10 +24,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sae.models.base import Shard
 from sae.models.clt import CrossLayerTranscoder, LocalLatents
 
 from . import dist
-from .shards import Shard
 
 #: CLT parameters split along the latent axis: name -> that axis (``W_dec.i`` are split on dim 0).
 

@@ -25,7 +25,7 @@ from sae.buffer.atomic import write_json_atomic
 from .artifact import read_sae_cfg, save_sae
 from .checkpoint import LATEST, MANIFEST, load_trainer_state, read_manifest, shard_dir, state_file
 from .run_dir import IDENTITY, identity_diff
-from .shards import consolidate_sae, latent_axes, shard_folders, shard_part
+from .shards import consolidate_sae, shard_folders, shard_part
 
 
 def reshard_checkpoint(ckpt: str | Path, out_dir: str | Path, world_size: int) -> Path:
@@ -64,7 +64,7 @@ def reshard_checkpoint(ckpt: str | Path, out_dir: str | Path, world_size: int) -
         meta = read_sae_cfg(shard_folders(ckpt / name)[0])
         extra = {k: v for k, v in meta.items() if k not in ("architecture", "d_in", "d_out", "num_latents", "sae",
                                                              "shard")}
-        axes = latent_axes(full)
+        axes = full.latent_axes()
         param_names = list(axes)
         # Adam state per parameter index, consolidated over the old shards.
         opt_states = [s["optimizers"][name] for s in states]

@@ -28,12 +28,12 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from sae.models import ForwardOutput, SparseCoder, SparseCodes, VarianceFn, fired_counts, fvu, l0_per_token
+from sae.models.base import Shard
 from sae.models.clt import CrossLayerTranscoder
 from sae.models.topk import TopKSAE
 
 from . import dist
 from .clt_parallel import latents_of, sharded_params
-from .shards import Shard, shard_clt, shard_topk
 
 STRATEGIES = ("none", "data", "latent", "sae")
 
@@ -172,13 +172,10 @@ class LatentParallel(SingleProcess):
     def prepare(self, saes: dict[str, SparseCoder]) -> dict[str, SparseCoder]:
         out = {}
         for name, sae in saes.items():
-            if isinstance(sae, CrossLayerTranscoder):
-                out[name] = shard_clt(sae, dist.rank(), dist.world_size())
-                continue
-            if type(sae) is not TopKSAE:
+            if not sae.latent_parallel:
                 raise ValueError(f"latent parallelism supports the topk and clt architectures, not "
                                  f"{sae.architecture!r}")
-            out[name] = shard_topk(sae, dist.rank(), dist.world_size())
+            out[name] = sae.latent_shard(dist.rank(), dist.world_size())
         return out
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ from workers import train_cfg
 
 from sae.models import SAEConfig, build_sae
 from sae.train.reshard import reshard_checkpoint
-from sae.train.shards import consolidate_sae, shard_clt
+from sae.train.shards import consolidate_sae
 from sae.train.trainer import Trainer
 
 pytestmark = pytest.mark.distributed
@@ -120,8 +120,8 @@ def _reshard_and_resume(tmp_path, steps, x, y):
 
 def test_a_shard_may_hold_fewer_latents_than_k_and_uneven_splits_name_the_fix():
     full = build_sae(SAEConfig(architecture="clt", clt_layers=2, num_latents=16, k=8, transcode=True), 8, 8, seed=0)
-    part = shard_clt(full, 1, 2)  # 8 latents per layer on this rank, k = 8 over both ranks
+    part = full.latent_shard(1, 2)  # 8 latents per layer on this rank, k = 8 over both ranks
     assert part.latents_per_layer == 8 and part.k == 8 and part.full_latents_per_layer == 16
     torch.testing.assert_close(part.W_enc, full.W_enc[:, 8:])
     with pytest.raises(ValueError, match=r"latents per layer \(16: sae.num_latents.*choose a multiple of 3"):
-        shard_clt(full, 0, 3)
+        full.latent_shard(0, 3)

@@ -108,14 +108,13 @@ def test_synthetic_eval_skips_model_parts_and_says_why(tmp_path):
 
 
 def test_latent_parallel_shards_are_joined_for_evaluation(tmp_path):
-    from sae.train.shards import shard_topk
 
     full = build_sae(SAEConfig(k=4, num_latents=64), 16, seed=0)
     data = DataConfig()
     data.synthetic.d = 16
     meta = {"data": dataclasses.asdict(data)}
     for r in range(2):
-        part = shard_topk(full, r, 2)
+        part = full.latent_shard(r, 2)
         save_sae(part, tmp_path / "run" / "final" / "topk" / f"shard_{r:02d}_of_02", **meta,
                  shard=dataclasses.asdict(part.shard))
     save_sae(full, tmp_path / "plain", **meta)

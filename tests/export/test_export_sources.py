@@ -12,12 +12,12 @@ from safetensors.torch import save_file
 
 from sae.export import collect, export_checkpoint, export_items, load_pretrained, load_pretrained_with_info
 from sae.export.item import ExportItem
+from sae.models.base import Shard
 from sae.runners.config import compose_train_config
 from sae.runners.export import main as export_main
 from sae.runners.train import run_training
 from sae.train.artifact import load_sae, save_sae
 from sae.train.checkpoint import shard_dir
-from sae.train.shards import Shard, shard_topk
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_eval_report_metrics_and_densities_are_used_when_present(tmp_path):
 def test_latent_parallel_shards_are_joined(tmp_path):
     full = make_sae("topk")
     for r in range(2):
-        part = shard_topk(full, r, 2)
+        part = full.latent_shard(r, 2)
         save_sae(part, tmp_path / "final" / "topk" / shard_dir(r, 2), data={"hookpoint": "layers.0"},
                  shard=dataclasses.asdict(Shard(r, 2, r * full.num_latents // 2, full.num_latents)))
     result = export_checkpoint(tmp_path / "final" / "topk", tmp_path / "out", "sparsify")
