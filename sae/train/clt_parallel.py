@@ -15,7 +15,7 @@ forward (:meth:`sae.models.clt.CrossLayerTranscoder.forward_with`) with :class:`
 
 So codes, losses and each slice's gradients equal those of one process holding all latents
 (tests/distributed/test_clt_parallel.py). Shards are written per rank (``shard_RR_of_WW``);
-:func:`consolidate` joins them; :func:`sae.train.reshard.reshard_checkpoint` splits a checkpoint
+:func:`sae.train.shards.consolidate_sae` joins them; :func:`sae.train.reshard.reshard_checkpoint` splits a checkpoint
 again (weights, Adam moments, per-layer dead counters) for another world size.
 """
 
@@ -63,11 +63,3 @@ class ShardedLatents(LocalLatents):
 
 def latents_of(sae: CrossLayerTranscoder) -> ShardedLatents:
     return ShardedLatents(sae.shard, sae.latents_per_layer, sae.b_enc.device)
-
-
-def sharded_params(sae: CrossLayerTranscoder) -> list[Tensor]:
-    """The parameters each rank holds a slice of (their gradients' norms add over ranks)."""
-    out = [sae.W_enc, sae.b_enc, *sae.W_dec]
-    return out + ([sae.log_threshold] if hasattr(sae, "log_threshold") else [])
-
-

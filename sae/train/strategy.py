@@ -33,7 +33,7 @@ from sae.models.clt import CrossLayerTranscoder
 from sae.models.topk import TopKSAE
 
 from . import dist
-from .clt_parallel import latents_of, sharded_params
+from .clt_parallel import latents_of
 
 STRATEGIES = ("none", "data", "latent", "sae")
 
@@ -234,10 +234,9 @@ class LatentParallel(SingleProcess):
 
     @staticmethod
     def sharded_params(sae: SparseCoder) -> list[Tensor]:
-        """The parameters each rank holds a slice of."""
-        if isinstance(sae, CrossLayerTranscoder):
-            return sharded_params(sae)
-        return [sae.W_enc, sae.b_enc, sae.W_dec]
+        """The parameters each rank holds a slice of (their gradients' norms add over ranks)."""
+        axes = sae.latent_axes()
+        return [p for n, p in sae.named_parameters() if axes.get(n) is not None]
 
     def grad_sq_total(self, sae: SparseCoder):
         sharded = self.sharded_params(sae)
