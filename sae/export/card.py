@@ -48,29 +48,6 @@ def header(fmt: str, items: Sequence[ExportItem]) -> str:
     return out + "---\n"
 
 
-def _sparsity_rule(item: ExportItem) -> str:
-    sae = item.sae
-    groups = getattr(sae, "groups", None)
-    nested = f"; Matryoshka groups {groups} (loss summed over nested prefixes)" if groups else ""
-    if sae.architecture == "clt":
-        return f"{sae.activation} activation; {sae.n_layers} layers of {sae.latents_per_layer} latents"
-    if sae.architecture in ("topk", "matryoshka_topk"):
-        return f"k = {sae.k} latents per token" + nested
-    if sae.architecture in ("batchtopk", "matryoshka_batchtopk"):
-        return (f"k = {sae.k} on average per batch in training; at inference a global threshold "
-                f"{float(sae.threshold):.4g}" + nested)
-    if sae.architecture == "jumprelu":
-        t = sae.threshold.detach()
-        return (f"per-latent thresholds (median {t.median().item():.4g}, "
-                f"range {t.min().item():.4g}..{t.max().item():.4g})")
-    coef = f"coefficient {sae.l1_coefficient:g}"
-    if sae.target_l0 > 0:
-        coef = f"starting {coef}, steered in training to L0 {sae.target_l0:g}"
-    if sae.architecture == "gated":
-        return f"gate with an L1 penalty ({coef}), magnitudes unpenalised"
-    return f"L1 penalty ({coef})"
-
-
 def _load_snippet(fmt: str, repo: str, folder: str) -> str:
     if fmt == "saelens":
         return (f'from sae_lens import SAE\nsae = SAE.from_pretrained("{repo}", "{folder}")   # or '
@@ -96,7 +73,7 @@ def sae_card(fmt: str, entry: CardEntry, repo_id: str = "") -> str:
             ("model", item.model_name or "unknown"),
             ("hook point", item.hookpoint or "unknown"),
             ("d_in", str(sae.d_in)), ("num_latents (d_sae)", str(sae.num_latents)),
-            ("sparsity", _sparsity_rule(item)),
+            ("sparsity", item.sae.sparsity_rule()),
             ("tokens trained", f"{item.tokens:,}" if item.tokens else "unknown"),
             ("steps", str(item.steps) if item.steps else "unknown")]
     if sae.cfg.transcode:
@@ -116,7 +93,7 @@ def sae_card(fmt: str, entry: CardEntry, repo_id: str = "") -> str:
 def repo_card(fmt: str, entries: Sequence[CardEntry], repo_id: str = "") -> str:
     """The README.md at the export root: one line per SAE and how to load them."""
     def k_of(sae) -> str:
-        return "-" if sae.architecture in ("relu", "gated") else str(getattr(sae, "k", "-"))
+        return str(getattr(sae, "k", "-"))  # the TopK family's and the CLT's
 
     lines = "".join(
         f"| `{e.folder}` | {e.item.sae.architecture} | {e.item.hookpoint or '-'} | {e.item.sae.d_in} | "

@@ -64,7 +64,6 @@ INPUT_HOOK, OUTPUT_HOOK = "mlp.hook_in", "mlp.hook_out"
 THRESHOLD = "activation_function.threshold"
 #: circuit-tracer hooks (TransformerLens names inside block N) that are exactly one of our aliases.
 _HOOK_ALIAS = {"mlp.hook_in": "mlp_in", "ln2.hook_normalized": "mlp_in", "mlp.hook_out": "mlp"}
-_THRESHOLD_FAMILY = ("jumprelu", "batchtopk", "matryoshka_batchtopk")
 _IN, _OUT = re.compile(r"layers\.(\d+)\.mlp_in"), re.compile(r"layers\.(\d+)\.mlp")
 
 
@@ -77,14 +76,15 @@ def clt_files(i: int) -> tuple[str, str]:
 
 
 # --- what can be exported ----------------------------------------------------------------------
-def _refuse_activation(name: str, arch: str) -> None:
-    if arch in ("topk", "matryoshka_topk"):
+def _refuse_activation(name: str, sae: SparseCoder) -> None:
+    form = sae.export_form
+    if form == "topk":
         raise ValueError(f"{name}: circuit-tracer's transcoders are ReLU or JumpReLU (its loaders build no TopK), and "
                          "this one is TopK; train sae=batchtopk or sae=jumprelu (BatchTopK exports as JumpReLU), or "
                          "export with --format ours")
-    if arch not in ("relu", *_THRESHOLD_FAMILY):
-        raise ValueError(f"{name}: circuit-tracer has no {arch!r} activation (ReLU or JumpReLU only); export it with "
-                         "--format ours")
+    if form not in ("relu", "jumprelu", "batchtopk"):
+        raise ValueError(f"{name}: circuit-tracer has no {sae.architecture!r} activation (ReLU or JumpReLU only); "
+                         "export it with --format ours")
 
 
 def _layer_of(item: ExportItem) -> int:
@@ -93,7 +93,7 @@ def _layer_of(item: ExportItem) -> int:
     if not sae.cfg.transcode:
         raise ValueError(f"{name}: circuit-tracer loads transcoders (MLP input -> MLP output), and this is an SAE "
                          "(sae.transcode=false); export it with --format saelens or --format ours")
-    _refuse_activation(name, sae.architecture)
+    _refuse_activation(name, sae)
     if sae.d_in != sae.d_out:
         raise ValueError(f"{name}: circuit-tracer transcoders map the residual width to itself, and this one maps "
                          f"d_in={sae.d_in} to d_out={sae.d_out}; export it with --format saelens or --format ours")
@@ -108,15 +108,10 @@ def _layer_of(item: ExportItem) -> int:
 
 def _layer_threshold(sae: SparseCoder, name: str) -> Tensor | None:
     """[L] JumpReLU thresholds of a per-layer transcoder (None for ReLU)."""
-    if sae.architecture == "jumprelu":
-        return sae.threshold.detach()
-    if sae.architecture in _THRESHOLD_FAMILY:
-        thr = float(sae.threshold)
-        if thr < 0:
-            raise ValueError(f"{name}: this BatchTopK transcoder has no inference threshold yet (it is estimated "
-                             "during training); train it for at least one step before exporting")
-        return torch.full((sae.num_latents,), thr)
-    return None
+    try:
+        return sae.jumprelu_thresholds()
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def plan_set(items: list[ExportItem]) -> list[ExportItem]:

@@ -50,7 +50,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 import sae as sae_pkg
-from sae.models import SAEConfig, SparseCoder, build_sae
+from sae.models import SAEConfig, SparseCoder, build_sae, sae_class
 from sae.models.weights import check_shapes
 from sae.train.artifact import save_weights
 
@@ -80,7 +80,6 @@ _IMPORT = {
 
 
 # Families that differ from their base only in the training loss.
-_BASE = {"matryoshka_topk": "topk", "matryoshka_batchtopk": "batchtopk"}
 
 
 def saelens_architecture(sae: SparseCoder) -> str:
@@ -89,7 +88,7 @@ def saelens_architecture(sae: SparseCoder) -> str:
     Raises:
         ValueError: no SAELens equivalent (TopK and Gated transcoders, cross-layer transcoders).
     """
-    arch = _BASE.get(sae.architecture, sae.architecture)
+    arch = sae.export_form
     if arch == "clt":
         raise ValueError("SAELens has no cross-layer transcoder; export this one with --format circuit-tracer "
                          "(a causal ReLU/JumpReLU/BatchTopK CLT over layers 0..N-1) or --format ours")
@@ -110,18 +109,6 @@ def saelens_architecture(sae: SparseCoder) -> str:
     return "skip_transcoder" if arch == "relu" else "jumprelu_skip_transcoder"
 
 
-def _thresholds(sae: SparseCoder) -> Tensor | None:
-    if sae.architecture == "jumprelu":
-        return sae.threshold.detach()
-    if _BASE.get(sae.architecture, sae.architecture) == "batchtopk":
-        thr = float(sae.threshold)
-        if thr < 0:
-            raise ValueError("this BatchTopK SAE has no inference threshold yet (it is estimated during training); "
-                             "train it for at least one step before exporting")
-        return torch.full((sae.num_latents,), thr)
-    return None
-
-
 def write_saelens(item: ExportItem, folder: Path, dtype: torch.dtype = torch.float32) -> None:
     """Write ``item`` in the SAELens format into ``folder`` (created).
 
@@ -134,7 +121,7 @@ def write_saelens(item: ExportItem, folder: Path, dtype: torch.dtype = torch.flo
     if arch == "gated":
         tensors = {"W_enc": sae.W_enc.T, "b_gate": sae.b_enc, "b_mag": sae.b_mag, "r_mag": sae.r_mag,
                    "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    thr = _thresholds(sae)
+    thr = sae.jumprelu_thresholds()
     if thr is not None:
         tensors["threshold"] = thr
     if sae.W_skip is not None:
@@ -227,7 +214,7 @@ def read_saelens(folder: Path) -> tuple[SparseCoder, dict[str, Any]]:
         state["b_enc"] = state.pop("b_gate")
     W_enc, b_enc, W_dec, b_dec = (state.pop(k) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
     W_enc = W_enc.T.contiguous()  # ours: [L, D]
-    if _BASE.get(ours, ours) in ("topk", "batchtopk") and cfg.get("rescale_acts_by_decoder_norm"):
+    if sae_class(ours).export_form in ("topk", "batchtopk") and cfg.get("rescale_acts_by_decoder_norm"):
         norms = W_dec.norm(dim=1).clamp_min(1e-8)  # SAELens' own fold (TopKSAE._fold_norm_topk)
         W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
     if not transcode and not cfg.get("apply_b_dec_to_input", True):

@@ -127,6 +127,10 @@ class SparseCoder(nn.Module):
     sparsity_penalty: bool = False
     #: Whether ``train.parallel=latent`` can split this family's latents over ranks.
     latent_parallel: bool = False
+    #: The plain family this one is at inference (codes and parameters), which the export formats
+    #: map to theirs; set by :func:`sae.models.registry.register` (the architecture's own name
+    #: unless the class body names another).
+    export_form: str = ""
 
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         super().__init__()
@@ -218,6 +222,19 @@ class SparseCoder(nn.Module):
         full.load_state_dict({k: v if axes.get(k) is None else torch.cat([s[k] for s in states], axes[k])
                               for k, v in states[0].items()})
         return full
+
+    # --- what exports and model cards need from the family -----------------------------------
+    def jumprelu_thresholds(self) -> Tensor | None:
+        """Per-latent thresholds [L] of this model written as a JumpReLU (what SAELens and
+        circuit-tracer load), or None when it is not one.
+
+        Raises:
+            ValueError: thresholds not estimated yet (naming the fix)."""
+        return None
+
+    def sparsity_rule(self) -> str:
+        """How this model chooses its active latents, in one line for its model card."""
+        return f"{self.architecture} activation"
 
     @property
     def default_lr_scale(self) -> float:

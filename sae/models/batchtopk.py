@@ -36,6 +36,18 @@ def batch_cut(cand_BC: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
 class BatchTopKSAE(TopKSAE):
     latent_parallel = False  # the batch-wide cut is not implemented across ranks
 
+    def jumprelu_thresholds(self) -> Tensor:
+        """The global inference threshold for every latent."""
+        thr = float(self.threshold)
+        if thr < 0:
+            raise ValueError("this BatchTopK SAE has no inference threshold yet (it is estimated during training); "
+                             "train it for at least one step before exporting")
+        return torch.full((self.num_latents,), thr)
+
+    def sparsity_rule(self) -> str:
+        return (f"k = {self.k} on average per batch in training; at inference a global threshold "
+                f"{float(self.threshold):.4g}")
+
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         super().__init__(cfg, d_in, d_out, seed=seed)
         if cfg.batch_topk_cap < 1:

@@ -488,6 +488,9 @@ class CrossLayerTranscoder(SparseCoder):
                 g, W = p.grad.view(p.shape[0], -1), self.dec_rows(i)
                 g.addcmul_(torch.einsum("ld,ld->l", g, W).unsqueeze(1), W, value=-1)
 
+    def sparsity_rule(self) -> str:
+        return f"{self.activation} activation; {self.n_layers} layers of {self.latents_per_layer} latents"
+
     # --- latent parallelism (sae.train.clt_parallel runs the sharded forward) ------------------
     latent_parallel = True
 

@@ -42,6 +42,11 @@ class DenseCodeSAE(SparseCoder):
             raise ValueError(f"sae.l1_coefficient={value} must be >= 0")
         return value
 
+    def penalty_rule(self) -> str:
+        """The L1 coefficient as a model card states it (starting value, and the target L0 it is steered to)."""
+        coef = f"coefficient {self.l1_coefficient:g}"
+        return f"starting {coef}, steered in training to L0 {self.target_l0:g}" if self.target_l0 > 0 else coef
+
     def default_l1_coefficient(self) -> float:
         """The L1 coefficient of ``sae.l1_coefficient=null`` (families with an L1 penalty)."""
         raise NotImplementedError(f"{type(self).__name__} has no L1 penalty")

@@ -44,6 +44,9 @@ class GatedSAE(DenseCodeSAE):
     # FVU 0.09 at L0 25 raw vs 0.47 normalised; on SmolLM2's layer-10 MLP 0.39 at L0 63 raw vs 0.25 at 58.
     normalize_transcoder_data = False
 
+    def sparsity_rule(self) -> str:
+        return f"gate with an L1 penalty ({self.penalty_rule()}), magnitudes unpenalised"
+
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         super().__init__(cfg, d_in, d_out, seed=seed)
         self.l1_coefficient  # noqa: B018 (validates sae.l1_coefficient)

@@ -120,6 +120,14 @@ class JumpReLUSAE(DenseCodeSAE):
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
 
+    def jumprelu_thresholds(self) -> Tensor:
+        return self.threshold.detach()
+
+    def sparsity_rule(self) -> str:
+        t = self.threshold.detach()
+        return (f"per-latent thresholds (median {t.median().item():.4g}, "
+                f"range {t.min().item():.4g}..{t.max().item():.4g})")
+
     def optimizer_groups(self, lr: float) -> list[dict]:
         return threshold_groups(self, lr, self.d_in)
 

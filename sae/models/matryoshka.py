@@ -64,6 +64,9 @@ def resolve_groups(cfg: SAEConfig, num_latents: int) -> list[int]:
 class _Matryoshka:
     """The nested-prefix loss, mixed into TopK and BatchTopK."""
 
+    def sparsity_rule(self) -> str:
+        return super().sparsity_rule() + f"; Matryoshka groups {self.groups} (loss summed over nested prefixes)"
+
     def _init_groups(self) -> None:
         self.groups = resolve_groups(self.cfg, self.num_latents)
         #: Prefix widths w_0 < w_1 < ... < w_last = L (computed on the host: builds on the meta device too).
@@ -98,6 +101,7 @@ class _Matryoshka:
 @register("matryoshka_topk")
 class MatryoshkaTopKSAE(_Matryoshka, TopKSAE):
     latent_parallel = False  # the prefix losses are not implemented across ranks
+    export_form = "topk"
 
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         super().__init__(cfg, d_in, d_out, seed=seed)
@@ -106,6 +110,8 @@ class MatryoshkaTopKSAE(_Matryoshka, TopKSAE):
 
 @register("matryoshka_batchtopk")
 class MatryoshkaBatchTopKSAE(_Matryoshka, BatchTopKSAE):
+    export_form = "batchtopk"
+
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         super().__init__(cfg, d_in, d_out, seed=seed)
         self._init_groups()

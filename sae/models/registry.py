@@ -20,6 +20,9 @@ def register(name: str) -> Callable[[type], type]:
             raise ValueError(f"architecture {name!r} registered twice")
         _REGISTRY[name] = cls
         cls.architecture = name
+        # The plain family it is at inference, which export formats map: its own name unless the
+        # class body says otherwise (Matryoshka TopK / BatchTopK are TopK / BatchTopK there).
+        cls.export_form = cls.__dict__.get("export_form", name)
         return cls
 
     return deco

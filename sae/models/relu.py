@@ -32,6 +32,9 @@ class ReLUSAE(DenseCodeSAE):
     normalize_transcoder_data = False
     unit_norm_decoder = False
 
+    def sparsity_rule(self) -> str:
+        return f"L1 penalty ({self.penalty_rule()})"
+
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         super().__init__(cfg, d_in, d_out, seed=seed)
         self.l1_coefficient  # noqa: B018 (validates sae.l1_coefficient)

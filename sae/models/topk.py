@@ -33,6 +33,9 @@ from .registry import register
 class TopKSAE(SparseCoder):
     latent_parallel = True  # the exact global top-k over ranks (sae.train.strategy.LatentParallel)
 
+    def sparsity_rule(self) -> str:
+        return f"k = {self.k} latents per token"
+
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         super().__init__(cfg, d_in, d_out, seed=seed)
         if not 0 < cfg.k < self.num_latents:
