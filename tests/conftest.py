@@ -41,8 +41,8 @@ def harvest_mlps():
     """``harvest_mlps(model, docs, out)``: one harvest of every layer's MLP input and output (what a
     cross-layer transcoder trains on) of ``model`` over the text file ``docs``, into ``out``."""
     def harvest(model, docs, out):
-        from sae.buffer.fill import harvest_to_buffer
         from sae.runners.config import compose_harvest_config
+        from sae.runners.harvest import harvest_to_buffer
 
         h = compose_harvest_config([f"model.name={model}", f"text.name={docs}", "text.context_length=32",
                                     "harvest.progress=false", f"writer.out_dir={out}", "writer.shard_tokens=1024",

@@ -140,8 +140,8 @@ def test_unpicklable_trainer_state_names_the_file(tmp_path):
 
 def test_harvest_resumed_below_what_it_wrote(tmp_path):
     from sae.buffer.config import WriterConfig
-    from sae.buffer.fill import harvest_to_buffer
     from sae.harvest.config import HarvestConfig
+    from sae.runners.harvest import harvest_to_buffer
 
     folder = buffer(tmp_path / "buf")
     manifest = json.loads((folder / MANIFEST).read_text())

@@ -27,7 +27,6 @@ import torch
 
 from sae.buffer.config import DataConfig, LiveConfig, WriterConfig
 from sae.buffer.device_feed import DeviceFeed
-from sae.buffer.fill import harvest_to_buffer
 from sae.buffer.reader import ShardReader
 from sae.buffer.tensor_source import TensorSource
 from sae.buffer.writer import ShardWriter
@@ -37,6 +36,7 @@ from sae.harvest.model import load_model
 from sae.harvest.text import iter_batches, iter_contexts, load_text_dataset
 from sae.harvest.tiny import save_tiny_model
 from sae.models import SAEConfig, build_sae
+from sae.runners.harvest import harvest_to_buffer
 from sae.train.config import TrainConfig
 from sae.train.trainer import Trainer
 

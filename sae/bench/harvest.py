@@ -35,12 +35,12 @@ import torch
 
 from sae.bench.common import markdown_table
 from sae.buffer.config import WriterConfig
-from sae.buffer.fill import harvest_to_buffer
 from sae.buffer.reader import ShardReader
 from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
 from sae.harvest.hookpoints import resolve_hookpoints
 from sae.harvest.model import load_model
 from sae.harvest.text import iter_batches, iter_contexts, load_text_dataset
+from sae.runners.harvest import harvest_to_buffer
 
 
 def bench_harvest(hookpoint: str, contexts: int, batch_size: int, repeats: int) -> dict[str, float]:

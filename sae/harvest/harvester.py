@@ -4,7 +4,7 @@ Hooks store each hook point's tensor; the hook that completes the set raises a p
 exception, so the forward stops right after the deepest hook point (later layers never run).
 All under ``torch.inference_mode``. Rows are then filtered (padding always, special tokens and
 position 0 by config) and returned as a :class:`Chunk` with the token id, position and context
-index of every row. Consumers: ``sae.buffer.fill`` (to disk) and ``sae.buffer.live`` (no disk).
+index of every row. Consumers: ``sae.runners.harvest`` (to disk) and ``sae.buffer.live`` (no disk).
 """
 
 from __future__ import annotations

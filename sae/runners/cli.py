@@ -109,7 +109,7 @@ def train_main() -> None:
 @hydra.main(version_base=None, config_path="pkg://sae_conf", config_name="harvest")
 @reports_errors("sae-harvest")
 def _harvest(cfg: DictConfig) -> None:
-    from sae.buffer.fill import format_harvest_summary, harvest_to_buffer
+    from sae.runners.harvest import format_harvest_summary, harvest_to_buffer
 
     logging.getLogger("sae").setLevel(logging.INFO)
     run = to_object(cfg, HarvestRunConfig)

@@ -7,16 +7,16 @@ import json
 import pytest
 import torch
 
-from sae.buffer import fill
 from sae.buffer.config import WriterConfig
-from sae.buffer.fill import harvest_to_buffer
 from sae.buffer.reader import ShardReader
 from sae.buffer.writer import ShardWriter
 from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
 from sae.harvest.harvester import Chunk
 from sae.harvest.tiny import save_tiny_model
 from sae.models import SAEConfig, build_sae
+from sae.runners import harvest as fill
 from sae.runners.config import compose_train_config
+from sae.runners.harvest import harvest_to_buffer
 from sae.runners.train import run_training
 from sae.train.config import TrainConfig
 from sae.train.trainer import Trainer

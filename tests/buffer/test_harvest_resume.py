@@ -15,9 +15,9 @@ import pytest
 
 from sae.buffer import writer as writer_module
 from sae.buffer.config import WriterConfig
-from sae.buffer.fill import harvest_to_buffer
 from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
 from sae.harvest.tiny import save_tiny_model
+from sae.runners.harvest import harvest_to_buffer
 
 HOOKS = ["layers.1", "layers.0.mlp"]
 
@@ -74,7 +74,7 @@ DRIVER = textwrap.dedent("""
     torch.set_num_threads(1)
     from sae.buffer import writer
     from sae.buffer.config import WriterConfig
-    from sae.buffer.fill import harvest_to_buffer
+    from sae.runners.harvest import harvest_to_buffer
     from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
     model, docs, out, slow, depth = sys.argv[1:6]
     if slow == "1":  # widen the window between renaming a shard and listing it in the manifest

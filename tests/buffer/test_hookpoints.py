@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 
-from sae.buffer.fill import harvest_to_buffer
 from sae.buffer.live import LiveSource
 from sae.runners.config import compose_harvest_config, compose_train_config
+from sae.runners.harvest import harvest_to_buffer
 from sae.runners.train import run_training
 from sae.train.hookpoints import LiveHookpoints
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from sae.buffer.config import WriterConfig
-from sae.buffer.fill import harvest_to_buffer
 from sae.buffer.manifest import MANIFEST, read_manifest
 from sae.buffer.reader import ShardReader
 from sae.buffer.writer import ShardWriter
 from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
 from sae.harvest.harvester import Chunk
 from sae.paths import UnsafePathError
+from sae.runners.harvest import harvest_to_buffer
 
 
 def fake_buffer(folder):

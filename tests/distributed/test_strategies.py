@@ -206,8 +206,8 @@ def test_hookpoint_parallel_live_harvest_scatters_each_ranks_hookpoints(tmp_path
 def test_hookpoint_parallel_from_a_buffer_equals_one_process(tmp_path, tiny_gpt2):
     """Each rank opens only its hook point's shards and trains that SAE exactly as one process
     training every hook point's SAE does."""
-    from sae.buffer.fill import harvest_to_buffer
     from sae.runners.config import compose_harvest_config, compose_train_config
+    from sae.runners.harvest import harvest_to_buffer
     from sae.runners.train import run_training
     from sae.train.artifact import load_sae
 

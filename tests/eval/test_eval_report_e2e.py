@@ -16,10 +16,10 @@ import sys
 import pytest
 
 from sae.buffer.config import WriterConfig
-from sae.buffer.fill import harvest_to_buffer
 from sae.eval.screenshot import check_report, find_browser, page_marks
 from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
 from sae.runners.config import compose_train_config
+from sae.runners.harvest import harvest_to_buffer
 from sae.runners.train import format_summary, run_training
 
 pytestmark = pytest.mark.slow

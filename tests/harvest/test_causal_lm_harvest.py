@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from sae.buffer.fill import harvest_to_buffer
 from sae.harvest.config import TextConfig
 from sae.harvest.text import iter_contexts, load_text_dataset
 from sae.harvest.tiny import save_tiny_model
 from sae.runners.config import compose_harvest_config
+from sae.runners.harvest import harvest_to_buffer
 
 # family -> (block list in the LM-head model, MLP module name inside a block)
 BLOCKS = {"gpt2": ("transformer.h", "mlp"), "llama": ("model.layers", "mlp")}

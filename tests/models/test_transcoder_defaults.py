@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import pytest
 
-from sae.buffer.fill import harvest_to_buffer
 from sae.runners.config import compose_harvest_config, compose_train_config
+from sae.runners.harvest import harvest_to_buffer
 from sae.runners.train import run_training
 
 TOPK_FAMILY = ["topk", "batchtopk", "matryoshka_topk", "matryoshka_batchtopk"]

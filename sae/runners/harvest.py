@@ -1,4 +1,4 @@
-"""Harvest to disk: model + text -> Harvester -> ShardWriter, resumable after any interruption.
+"""The harvest pipeline: model + text -> Harvester -> ShardWriter, resumable after any interruption.
 
 What ``sae-harvest`` runs. The harvest is deterministic (same contexts, same batches, same
 order), so after a kill the run restarts at the forward batch holding the last written row,
@@ -24,16 +24,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from sae.buffer.atomic import TMP_SUFFIX
+from sae.buffer.config import WriterConfig
+from sae.buffer.manifest import MANIFEST, identity_diff, read_manifest
+from sae.buffer.writer import ShardWriter
 from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig, validate_harvest
 from sae.harvest.harvester import Chunk, Harvester
 from sae.harvest.model import LoadedModel, load_model
 from sae.harvest.text import dataset_info, load_text_dataset, special_ids
 from sae.paths import inside
-
-from .atomic import TMP_SUFFIX
-from .config import WriterConfig
-from .manifest import MANIFEST, identity_diff, read_manifest
-from .writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
