@@ -14,7 +14,7 @@ from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
 from sae.harvest.harvester import Chunk
 from sae.harvest.tiny import save_tiny_model
 from sae.models import SAEConfig, build_sae
-from sae.runners import harvest as fill
+from sae.runners import harvest as pipeline
 from sae.runners.config import compose_train_config
 from sae.runners.harvest import harvest_to_buffer
 from sae.runners.train import run_training
@@ -60,7 +60,7 @@ def test_empty_dataset_and_missing_column_leave_nothing(model_dir, tmp_path):
 
 def test_nan_rows_stop_the_harvest_and_keep_only_complete_shards(model_dir, tmp_path, monkeypatch):
     docs = docs_file(tmp_path, [{"text": f"Row {i} of the table has a key and a value."} for i in range(200)])
-    real_load, calls = fill.load_model, {"n": 0}
+    real_load, calls = pipeline.load_model, {"n": 0}
 
     def load_nan_model(cfg):  # the model emits NaN in one row of its 6th forward pass
         lm = real_load(cfg)
@@ -72,7 +72,7 @@ def test_nan_rows_stop_the_harvest_and_keep_only_complete_shards(model_dir, tmp_
         lm.model.h[0].register_forward_hook(poison)
         return lm
 
-    monkeypatch.setattr(fill, "load_model", load_nan_model)
+    monkeypatch.setattr(pipeline, "load_model", load_nan_model)
     out = tmp_path / "out"
     # attention spreads the NaN over its context (0 * NaN = NaN): every kept row of context 21
     with pytest.raises(ValueError, match=r"NaN/Inf at hook point 'layers.1' in 15 row\(s\) \(first: context 21, "
@@ -82,7 +82,7 @@ def test_nan_rows_stop_the_harvest_and_keep_only_complete_shards(model_dir, tmp_
     assert not manifest["complete"] and manifest["tokens"] == 64 * len(manifest["shards"]) > 0
     reader = ShardReader(out, 32, heldout_shards=0, epochs=1, verify="open")
     assert all(bool(torch.isfinite(b.x).all()) for b in reader)
-    monkeypatch.setattr(fill, "load_model", real_load)
+    monkeypatch.setattr(pipeline, "load_model", real_load)
     assert harvest(model_dir, docs, out).manifest["complete"]  # the fixed model resumes the harvest
 
 
