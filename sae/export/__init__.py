@@ -7,11 +7,11 @@ folder (:mod:`.circuit_tracer`); :func:`load_pretrained` reads any of these form
 classes (:mod:`.load`).
 """
 
+from .collect import collect
 from .export import ExportResult, export_checkpoint, export_items
 from .hub import MissingTokenError, push_to_hub
 from .item import ExportItem
 from .load import FORMATS, Pretrained, detect_format, load_pretrained, load_pretrained_with_info
-from .source import collect
 
 __all__ = [
     "FORMATS", "ExportItem", "ExportResult", "MissingTokenError", "Pretrained", "collect", "detect_format",

@@ -35,9 +35,9 @@ from sae.paths import replacing_dir
 
 from . import circuit_tracer, native, saelens, sparsify
 from .card import CardEntry, repo_card, sae_card
+from .collect import collect
 from .item import ExportItem
 from .load import FORMATS
-from .source import collect
 
 log = logging.getLogger(__name__)
 

@@ -80,7 +80,7 @@ def build_hookpoint_source(run: TrainRunConfig, strategy, cfg_names: list[str]):
     """Source of ``{hook point: Batch}`` for ``data.hookpoints`` and the SAEs it feeds, as
     (source, {SAE name: (config name, hook point)}). Under ``train.parallel=sae`` a rank reads
     (buffer) or receives (live, after an all-to-all) only the hook points of its own SAEs."""
-    from sae.train.hookpoints import LiveHookpoints, ZippedSource
+    from sae.train.multi_source import LiveHookpoints, ZippedSource
 
     data, B = run.data, run.train.batch_size
     validate_data(data)

@@ -15,7 +15,7 @@ from sae.buffer.live import LiveSource
 from sae.runners.config import compose_harvest_config, compose_train_config
 from sae.runners.harvest import harvest_to_buffer
 from sae.runners.train import run_training
-from sae.train.hookpoints import LiveHookpoints
+from sae.train.multi_source import LiveHookpoints
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,7 @@ def live_exchange_check(rank: int, world: int, port: int, out: str, model: str, 
     after the all-to-all, rank r holds both ranks' rows of hook point ``layers.r``, in rank order."""
     from sae.buffer.config import LiveConfig
     from sae.buffer.live import LiveSource
-    from sae.train.hookpoints import LiveHookpoints
+    from sae.train.multi_source import LiveHookpoints
 
     _init(rank, world, port)
     try:
