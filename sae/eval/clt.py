@@ -1,7 +1,7 @@
 """What ``sae-eval`` does differently for a cross-layer transcoder (:mod:`sae.models.clt`).
 
 - Rows: every layer's MLP input and output from the held-out shards of the buffer it trained on,
-  side by side as in training (:mod:`sae.train.clt_source`), with the token ids of the first layer's
+  side by side as in training (:mod:`sae.buffer.clt_source`), with the token ids of the first layer's
   rows (all layers' rows are the same tokens, in harvest order), as harvested: the per-layer
   normalisers the CLT trained with are folded into a copy of its weights (:func:`raw_clt`).
 - Per-layer scores: FVU, MSE and cosine of each output layer's reconstruction, and the L0 and dead

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from sae.buffer.clt_source import build_clt_source, clt_hookpoints
 from sae.models import SAEConfig, build_sae
 from sae.runners.config import compose_train_config
 from sae.runners.train import run_training
-from sae.train.clt_source import build_clt_source, clt_hookpoints
 from sae.train.config import TrainConfig
 from sae.train.trainer import Trainer
 

@@ -102,12 +102,8 @@ def test_training_lands_near_the_target(arch, tmp_path):
 
 
 def test_the_model_card_names_the_target_not_only_the_starting_coefficient():
-    from sae.export.card import _sparsity_rule
-    from sae.export.item import ExportItem
-
-    def rule(**kw):
-        return _sparsity_rule(ExportItem("relu", build_sae(SAEConfig(architecture="relu", num_latents=64, k=6, **kw),
-                                                            8, 8)))
+    def rule(**kw):  # the card's sparsity line (sae.export.card) is the family's
+        return build_sae(SAEConfig(architecture="relu", num_latents=64, k=6, **kw), 8, 8).sparsity_rule()
 
     assert rule() == "L1 penalty (coefficient 5)"
     assert rule(transcode=True) == "L1 penalty (starting coefficient 1, steered in training to L0 6)"

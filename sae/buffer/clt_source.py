@@ -30,8 +30,10 @@ from typing import Any
 
 import torch
 
-from sae.buffer.config import DataConfig, validate_data
-from sae.buffer.source import Batch, source_identity
+from .config import DataConfig, validate_data
+from .manifest import read_manifest
+from .reader import ShardReader
+from .source import Batch, source_identity
 
 _HOOK = re.compile(r"^layers\.(\d+)(?:\.(mlp_in|mlp))?$")
 
@@ -149,9 +151,6 @@ def build_clt_source(data: DataConfig, batch_size: int, *, rank: int = 0, world_
     if data.target_hookpoint or data.hookpoint:
         raise ValueError("sae=clt picks its hook points per layer; leave data.hookpoint and data.target_hookpoint "
                          "empty (choose layers with data.hookpoints=[layers.0,layers.1,...])")
-    from sae.buffer.manifest import read_manifest
-    from sae.buffer.reader import ShardReader
-
     layers = clt_hookpoints(read_manifest(data.buffer.path)["hookpoint_order"], list(data.hookpoints))
     one = dataclasses.replace(data, hookpoints=[])
     readers = {i: ShardReader.from_config(dataclasses.replace(one, hookpoint=f"layers.{i}.mlp_in",
