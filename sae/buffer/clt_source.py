@@ -18,7 +18,7 @@ mean squared norm of about d_model. The loss (a sum of per-layer FVUs) does not 
 scales, but Adam's steps do: on raw rows, where an MLP's output is ~100x smaller than its input,
 a JumpReLU CLT on a toy GPT-2 ended with 92% dead latents and a TopK CLT at FVU 0.064; normalised,
 0% dead and 0.038. cfg.json records the per-layer normalisers (``normalization.per_layer``), and
-evaluation and export fold them into the weights (:meth:`CrossLayerTranscoder.fold_normalization`).
+evaluation and export fold them into the weights (:meth:`~sae.models.clt.CrossLayerTranscoder.fold_normalization_`).
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def _layer_of(item: ExportItem) -> int:
 
 
 def _layer_threshold(sae: SparseCoder, name: str) -> Tensor | None:
-    """[L] JumpReLU thresholds of a per-layer transcoder (None for ReLU)."""
+    """JumpReLU thresholds of a transcoder ([L]; a CLT's [N, L]), None for ReLU; errors name ``name``."""
     try:
         return sae.jumprelu_thresholds()
     except ValueError as e:
@@ -170,9 +170,7 @@ def check_clt(item: ExportItem) -> None:
     if sae.activation == "topk":
         raise ValueError(f"{name}: circuit-tracer's CLT is ReLU or JumpReLU (no TopK), and this one is TopK; train "
                          "sae.clt_activation=jumprelu or batchtopk (exported as JumpReLU), or use --format ours")
-    if sae.activation == "batchtopk" and bool((sae.threshold < 0).any()):
-        raise ValueError(f"{name}: this BatchTopK CLT has no inference threshold yet for some layers (estimated "
-                         "during training); train it for at least one step before exporting")
+    _layer_threshold(sae, name)  # a BatchTopK CLT's thresholds must be estimated
     _clt_hooks(item, sae.n_layers)
 
 
@@ -219,16 +217,10 @@ def _write_set(items: list[ExportItem], out: Path, dtype: torch.dtype) -> list[d
     return layers
 
 
-def _clt_thresholds(sae: SparseCoder) -> Tensor:
-    if sae.activation == "jumprelu":
-        return sae.threshold_values.detach()
-    return sae.threshold.detach().clamp_min(0)[:, None].expand(sae.n_layers, sae.latents_per_layer)
-
-
 def _write_clt(item: ExportItem, out: Path, dtype: torch.dtype) -> list[dict[str, Any]]:
     check_clt(item)
     sae = fold_normalization(item.sae, item.meta.get("normalization"))  # its per-layer normalisers
-    thr = _clt_thresholds(sae)
+    thr = sae.jumprelu_thresholds()
     for i in range(sae.n_layers):
         enc, dec = clt_files(i)
         _save({f"W_enc_{i}": sae.W_enc[i], f"b_enc_{i}": sae.b_enc[i], f"b_dec_{i}": sae.b_dec[i],

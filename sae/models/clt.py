@@ -491,6 +491,18 @@ class CrossLayerTranscoder(SparseCoder):
     def sparsity_rule(self) -> str:
         return f"{self.activation} activation; {self.n_layers} layers of {self.latents_per_layer} latents"
 
+    def jumprelu_thresholds(self) -> Tensor | None:
+        """[N, L]: each group's JumpReLU thresholds, or its BatchTopK inference threshold for every
+        latent of the group; None for TopK."""
+        if self.activation == "jumprelu":
+            return self.threshold_values.detach()
+        if self.activation != "batchtopk":
+            return None
+        if bool((self.threshold < 0).any()):
+            raise ValueError("this BatchTopK CLT has no inference threshold yet for some layers (estimated during "
+                             "training); train it for at least one step before exporting")
+        return self.threshold.detach()[:, None].expand(self.n_layers, self.latents_per_layer)
+
     # --- latent parallelism (sae.train.clt_parallel runs the sharded forward) ------------------
     latent_parallel = True
 
