@@ -196,8 +196,8 @@ def check_graph_vs_eager(device: torch.device, steps: int = 8) -> dict[str, floa
             for _ in range(steps):
                 tr.train_step(Batch(x))
             params[graphs] = {n: p.detach().clone() for n, p in tr.saes["topk"].named_parameters()}
-            used[graphs] = "topk" in tr.graphs and tr.graphs["topk"].captured
-            why = tr.graphs_off.get("topk")
+            used[graphs] = "topk" in tr.graphed.graphs and tr.graphed.graphs["topk"].captured
+            why = tr.graphed.off.get("topk")
     out = {f"graph vs eager {n}": rel(params[True][n], params[False][n]) for n in params[True]}
     out["graph used"] = 1.0 if used[True] else 0.0
     if why:

@@ -117,8 +117,8 @@ def measure_ours(name: str, x: torch.Tensor, L: int, k: int, device: torch.devic
         with torch.no_grad():
             fvu = float(trainer.saes["topk"](x).losses["fvu"])
         fused = trainer.fused_step
-        graphed = {n: g.captured for n, g in trainer.graphs.items()}
-        off = dict(trainer.graphs_off)
+        graphed = {n: g.captured for n, g in trainer.graphed.graphs.items()}
+        off = dict(trainer.graphed.off)
     return {"ms": ms, "peak_gib": peak, "fvu_after": fvu, "fused_step": fused, "cuda_graph": graphed,
             "eager_because": off}
 

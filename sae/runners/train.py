@@ -26,10 +26,11 @@ from sae.models.registry import sae_class
 from sae.runners.config import TrainRunConfig, sae_configs
 from sae.train import dist
 from sae.train.checkpoint import latest_checkpoint
+from sae.train.checkpointing import Checkpointing
 from sae.train.logger import JsonlLogger, MultiLogger, StdoutLogger
 from sae.train.shards import consolidate_sae
 from sae.train.strategy import build_strategy
-from sae.train.trainer import Trainer, validate_train_config
+from sae.train.trainer import Trainer, check_sizes, planned_steps, run_identity, validate_train_config
 from sae.train.wandb_logger import WandbLogger, all_frequencies, density_hook, validate_wandb
 
 log = logging.getLogger(__name__)
@@ -220,31 +221,35 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
                         for n, hp in hp_of.items() if hp in source.dims}
     elif hasattr(source, "normalization"):
         meta["normalization"] = source.normalization
-    trainer = Trainer(run.train, saes, source, sae_meta=meta, strategy=strategy, device=device,
-                      data_init=not run.train.init_from, hookpoints=hp_of, sae_meta_by_name=meta_by_name)
+    checkpointing = Checkpointing(out_dir, keep=run.train.keep_checkpoints, sae_meta=meta,
+                                  sae_meta_by_name=meta_by_name)
+    check_sizes(saes, source, hp_of)  # nothing written yet
     # The folder is locked and checked (same run, or none) before anything in it is written.
-    trainer.claim_out_dir()
+    checkpointing.claim(run_identity(run.train, saes, source, strategy, hp_of), resume=run.train.resume,
+                        total_steps=planned_steps(run.train))
     log_file = None
     if dist.is_main():  # the run's log, in the folder it now holds (Hydra writes nothing there)
         log_file = logging.FileHandler(out_dir / LOG_FILE)
         log_file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         logging.getLogger("sae").addHandler(log_file)
     try:
-        return _train_claimed(run, trainer, source, strategy, out_dir, hp_of, heldout)
+        return _train_claimed(run, saes, source, strategy, device, checkpointing, hp_of, heldout)
     except BaseException:
-        if dist.is_main() and trainer.folder.discard_unused():
+        if checkpointing.discard_unused():
             log.warning("the run failed before its first checkpoint: removed what it wrote in %s", out_dir)
         raise
     finally:
-        trainer.close()
+        checkpointing.release()
         if log_file is not None:
             logging.getLogger("sae").removeHandler(log_file)
             log_file.close()
 
 
-def _train_claimed(run: TrainRunConfig, trainer: Trainer, source, strategy, out_dir: Path,
-                   hp_of: dict[str, str] | None, heldout: int) -> RunResult:
-    wandb_logger = None
+def _train_claimed(run: TrainRunConfig, saes: dict[str, Any], source: ActivationSource, strategy, device,
+                   checkpointing: Checkpointing, hp_of: dict[str, str] | None, heldout: int) -> RunResult:
+    """Training, then the final evaluation, in a run folder ``checkpointing`` holds."""
+    out_dir = checkpointing.out_dir
+    wandb_logger, logger = None, None
     if dist.is_main():  # only rank 0 writes the config and logs
         write_resolved_config(run, out_dir)
         # The progress bar shows the live figures; log lines only when it is off.
@@ -252,26 +257,29 @@ def _train_claimed(run: TrainRunConfig, trainer: Trainer, source, strategy, out_
         if run.wandb.enabled:
             wandb_logger = WandbLogger(run.wandb, OmegaConf.to_container(OmegaConf.structured(run)), out_dir)
             loggers.append(wandb_logger)
-        trainer.logger = MultiLogger(*loggers)
+        logger = MultiLogger(*loggers)
 
     def held(n_batches: int, names) -> list[Batch] | dict[str, list[Batch]]:
-        """Held-out batches: one list, or per SAE name (data.hookpoints)."""
+        """Held-out batches: one list, or per SAE name (data.hookpoints; of the hook points this rank reads)."""
         b = heldout_batches(source, n_batches)
-        return {n: b[hp_of[n]] for n in names} if hp_of is not None else b
+        return {n: b[hp_of[n]] for n in names if hp_of[n] in b} if hp_of is not None else b
 
+    evaluator = None  # the held-out batches of every SAE; each rank scores those it trains
     if run.train.eval_every > 0 and strategy.name == "sae":  # every rank scores its own SAEs; rank 0 logs all
-        trainer.step_hooks.append(PeriodicEval(held(run.train.eval_batches, trainer.saes), run.train.eval_every,
-                                               gather=dist.all_gather_objects))
+        evaluator = PeriodicEval(held(run.train.eval_batches, saes), run.train.eval_every,
+                                 gather=dist.all_gather_objects)
     elif run.train.eval_every > 0 and dist.is_main():
         if strategy.name == "latent":  # each rank holds a slice of the latents: nothing whole to score
             log.info("train.parallel=latent: no periodic held-out evaluation (the final one still runs)")
         else:
-            trainer.step_hooks.append(PeriodicEval(held(run.train.eval_batches, trainer.saes), run.train.eval_every))
+            evaluator = PeriodicEval(held(run.train.eval_batches, saes), run.train.eval_every)
+    trainer = Trainer(run.train, saes, source, strategy=strategy, device=device, hookpoints=hp_of, logger=logger,
+                      checkpointing=checkpointing, evaluator=evaluator)
     histogram_every = run.wandb.histogram_every or run.train.eval_every
     spread = strategy.name == "sae" and dist.world_size() > 1  # every rank holds SAEs of its own
     local_hist = wandb_logger is not None and strategy.name != "latent"
     if run.wandb.enabled and histogram_every > 0 and (spread or local_hist):
-        hist_batches = held(run.train.eval_batches, trainer.saes)
+        hist_batches = held(run.train.eval_batches, saes)
         trainer.step_hooks.append(density_hook(wandb_logger, hist_batches, histogram_every,
                                                gather=dist.all_gather_objects if spread else None))
     train_metrics = trainer.fit()

@@ -96,7 +96,7 @@ class GraphedStep:
         hyper = self.table.index_select(0, self.t).reshape(2)
         self.opt.device_step(self.params, hyper)
         self.tracker.update_device(tr.strategy.fired_counts(self.sae, out), tr.strategy.tokens_per_step(x.shape[0]))
-        tr.flag_nonfinite(x, y)
+        tr.finite.flag_batch(x, y)
         return out
 
     def prepare(self, x: Tensor, y: Tensor | None) -> None:
@@ -108,7 +108,7 @@ class GraphedStep:
         self.t = torch.zeros(1, dtype=torch.long, device=device)
         self.x = x.clone()
         self.y = y.clone() if y is not None else None
-        self.trainer.flag_nonfinite(self.x, self.y)  # allocate the flag outside the graph
+        self.trainer.finite.flag_batch(self.x, self.y)  # allocate the flag outside the graph
         # The device step takes its learning rates from the table, not from optimizer.step(); tell
         # the LR scheduler so, or it warns that scheduler.step() came first and "skips" a value.
         self.opt._opt_called = True
@@ -181,47 +181,54 @@ class GraphedStep:
         return self.out
 
 
-def graphed_step(trainer, name: str, sae, x: Tensor, y: Tensor | None):
-    """This step through ``name``'s CUDA graph (its ForwardOutput), or None to run it eagerly.
+class GraphedSteps:
+    """Each SAE's :class:`GraphedStep`, or why its steps run eagerly (one per trainer)."""
 
-    The first :attr:`GraphedStep.WARMUP` calls in this process run the graph's code eagerly
-    (kernel compilation, loading and autotuning happen there, outside any capture); steps with
-    dead latents (AuxK) and batches of another shape (a short last batch) run eagerly; a capture
-    that fails turns graphs off for that SAE with a warning.
-    """
-    if name in trainer.graphs_off:
-        return None
-    graphed = trainer.graphs.get(name)
-    if graphed is None:
-        why = graphable(trainer, sae)
-        if why is not None:
-            trainer.graphs_off[name] = why
-            if trainer.device.type == "cuda":
-                log.info("SAE %r: steps run eagerly, not as a CUDA graph (%s)", name, why)
+    def __init__(self) -> None:
+        self.graphs: dict[str, GraphedStep] = {}
+        self.off: dict[str, str] = {}  # SAE name -> why its steps run eagerly
+
+    def step(self, trainer, name: str, sae, x: Tensor, y: Tensor | None):
+        """This step through ``name``'s CUDA graph (its ForwardOutput), or None to run it eagerly.
+
+        The first :attr:`GraphedStep.WARMUP` calls in this process run the graph's code eagerly
+        (kernel compilation, loading and autotuning happen there, outside any capture); steps with
+        dead latents (AuxK) and batches of another shape (a short last batch) run eagerly; a capture
+        that fails turns graphs off for that SAE with a warning.
+        """
+        if name in self.off:
             return None
-        graphed = trainer.graphs[name] = GraphedStep(trainer, name)
-    if trainer.strategy.step_dead_mask(trainer.trackers[name]) is not None:
-        return None
-    if not graphed.fits(x, y):
-        if graphed.captured:  # e.g. a short last batch: eagerly, the graph stays for full batches
-            if not graphed.misfit_logged:
-                graphed.misfit_logged = True
-                log.info("SAE %r: a batch of %d rows (the graph holds %d) runs eagerly", name, x.shape[0],
-                         graphed.x.shape[0])
+        graphed = self.graphs.get(name)
+        if graphed is None:
+            why = graphable(trainer, sae)
+            if why is not None:
+                self.off[name] = why
+                if trainer.device.type == "cuda":
+                    log.info("SAE %r: steps run eagerly, not as a CUDA graph (%s)", name, why)
+                return None
+            graphed = self.graphs[name] = GraphedStep(trainer, name)
+        if trainer.strategy.step_dead_mask(trainer.trackers[name]) is not None:
             return None
-        graphed.x = None  # still warming up on a batch of another shape (a short first one): start again
-        graphed.warm_calls = 0
-    if graphed.ready_to_capture:
-        try:
-            graphed.capture()
-        except Exception as e:  # noqa: BLE001 (fall back to eager steps, which are equivalent)
-            trainer.graphs_off[name] = f"capture failed: {type(e).__name__}: {e}"
-            del trainer.graphs[name]
-            for p in sae.parameters():
-                p.grad = None
-            if x.is_cuda:
-                torch.cuda.empty_cache()
-            log.warning("SAE %r: CUDA graph capture failed, steps run eagerly: %s", name, e)
-            return None
-        log.info("SAE %r: training step captured as a CUDA graph at step %d", name, trainer.step)
-    return graphed(x, y)
+        if not graphed.fits(x, y):
+            if graphed.captured:  # e.g. a short last batch: eagerly, the graph stays for full batches
+                if not graphed.misfit_logged:
+                    graphed.misfit_logged = True
+                    log.info("SAE %r: a batch of %d rows (the graph holds %d) runs eagerly", name, x.shape[0],
+                             graphed.x.shape[0])
+                return None
+            graphed.x = None  # still warming up on a batch of another shape (a short first one): start again
+            graphed.warm_calls = 0
+        if graphed.ready_to_capture:
+            try:
+                graphed.capture()
+            except Exception as e:  # noqa: BLE001 (fall back to eager steps, which are equivalent)
+                self.off[name] = f"capture failed: {type(e).__name__}: {e}"
+                del self.graphs[name]
+                for p in sae.parameters():
+                    p.grad = None
+                if x.is_cuda:
+                    torch.cuda.empty_cache()
+                log.warning("SAE %r: CUDA graph capture failed, steps run eagerly: %s", name, e)
+                return None
+            log.info("SAE %r: training step captured as a CUDA graph at step %d", name, trainer.step)
+        return graphed(x, y)

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +23,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae.buffer.device_feed import DeviceFeed
-from sae.buffer.source import ActivationSource, Batch, check_finite, source_identity
+from sae.buffer.source import ActivationSource, Batch, source_identity
 from sae.buffer.tensor_source import TensorSource
 from sae.models import SparseCoder, token_variance
 
 from . import dist
-from .artifact import load_sae, save_sae
-from .checkpoint import latest_checkpoint, load_trainer_state, read_manifest, save_checkpoint, shard_dir
+from .checkpointing import Checkpointing
 from .config import TrainConfig
 from .dead import DeadLatentTracker, resolve_dead_threshold
-from .graphed import GraphedStep, graphed_step
+from .finite import NonFiniteWatch
+from .graphed import GraphedSteps
 from .logger import MetricLogger, NullLogger
 from .optim import ADAM_STATE_DTYPES
-from .run_dir import RunFolder
 from .schedule import build_optimizer, build_scheduler, default_lr
 from .sparsity import SparsityController
 from .strategy import SingleProcess
@@ -124,60 +124,90 @@ def as_source(source: Any, batch_size: int, rank: int, world_size: int) -> Activ
     return source
 
 
+def check_sizes(saes: dict[str, SparseCoder], source: ActivationSource, hookpoints: dict[str, str] | None) -> None:
+    """Raise unless every SAE's input and output widths are those of the activations it reads."""
+    if hookpoints is not None:
+        missing = sorted(set(saes) - set(hookpoints))
+        if missing:
+            raise ValueError(f"no hook point given for SAE(s) {missing}")
+        dims = getattr(source, "all_dims", source.dims)  # every rank checks every SAE, owned or not
+    for name, sae in saes.items():
+        d_in, d_out = (dims[hookpoints[name]],) * 2 if hookpoints else (source.d_in, source.d_out)
+        if sae.d_in != d_in or sae.d_out != d_out:
+            where = f" at {hookpoints[name]}" if hookpoints else ""
+            raise ValueError(
+                f"SAE {name!r} expects d_in={sae.d_in}, d_out={sae.d_out} but the activations{where} have "
+                f"d_in={d_in}, d_out={d_out}"
+            )
+
+
+def planned_steps(cfg: TrainConfig) -> int:
+    """The run's length in steps: ``train.steps``, else ``train.max_tokens`` in batches."""
+    return cfg.steps if cfg.steps > 0 else cfg.max_tokens // cfg.batch_size
+
+
+def exact_sae_config(sae_cfg: Any, deterministic: bool) -> Any:
+    """``sae_cfg`` as trained: in exact mode (``train.deterministic``) auto precision means fp32
+    whatever the hardware."""
+    if deterministic and getattr(sae_cfg, "selection_dtype", None) == "auto":
+        return dataclasses.replace(sae_cfg, selection_dtype="float32")
+    return sae_cfg
+
+
+def run_identity(cfg: TrainConfig, saes: dict[str, SparseCoder], source: ActivationSource, strategy,
+                 hookpoints: dict[str, str] | None = None) -> dict[str, Any]:
+    """What a resume into ``cfg.out_dir`` must match (:mod:`sae.train.run_dir`): every SAE (of every
+    rank), hook points, batch size, processes, strategy and the data source's identity."""
+    return {
+        "saes": {name: {"architecture": sae.architecture, "d_in": sae.d_in, "d_out": sae.d_out,
+                        "num_latents": sae.num_latents,
+                        "sae": dataclasses.asdict(exact_sae_config(sae.cfg, cfg.deterministic))}
+                 for name, sae in saes.items()},
+        "hookpoints": hookpoints, "batch_size": cfg.batch_size, "world_size": dist.world_size(),
+        "strategy": strategy.name, "data": source_identity(source),
+    }
+
+
 class Trainer:
     """Trains ``saes`` on ``source`` (an ActivationSource, or a tensor / (x, y) pair of tensors).
 
-    ``fit()`` claims ``cfg.out_dir`` first (:mod:`sae.train.run_dir`): one run at a time, and a
-    resume only of the same run (a finished or different run there is an error; ``resume=False``
-    moves it aside). Note that ``fit()`` runs the data-dependent initialisation (b_dec, encoder
-    scale, thresholds) on the first batch; calling ``train_step`` directly skips it unless
-    ``init_from_data`` is called first.
+    It is handed its collaborators, each with a default: the ``strategy`` (what is communicated
+    between ranks; :mod:`sae.train.strategy`), the ``checkpointing`` (where checkpoints and final
+    weights go; :class:`~sae.train.checkpointing.Checkpointing` of ``cfg.out_dir``), the ``logger``
+    and an ``evaluator`` called as ``evaluator(trainer)`` after every step (e.g.
+    :class:`sae.eval.quick.PeriodicEval`). ``fit()`` asks the checkpointing to claim its folder first
+    (:mod:`sae.train.run_dir`) unless the caller already did: one run at a time, and a folder that
+    holds a different or a finished run is refused, not overwritten. ``step_hooks`` are called after
+    the evaluator (progress marks, fault-injection tests).
     """
 
     def __init__(self, cfg: TrainConfig, saes: dict[str, SparseCoder], source: ActivationSource, *,
-                 logger: MetricLogger | None = None, sae_meta: dict[str, Any] | None = None,
                  strategy: SingleProcess | None = None, device: torch.device | None = None,
-                 data_init: bool = True, hookpoints: dict[str, str] | None = None,
-                 sae_meta_by_name: dict[str, dict[str, Any]] | None = None):
+                 hookpoints: dict[str, str] | None = None, logger: MetricLogger | None = None,
+                 checkpointing: Checkpointing | None = None, evaluator: Callable[[Trainer], None] | None = None):
         """``hookpoints`` maps each SAE name to its hook point when ``source`` yields
         ``{hook point: Batch}`` (several hook points, one SAE each); without it every SAE trains on
-        the same ``Batch``."""
+        the same ``Batch``. SAEs fine-tuned from ``cfg.init_from`` keep their decoder bias and
+        thresholds; others get a data-dependent init from the first batch."""
         validate_train_config(cfg)
         if not saes:
             raise ValueError("no SAE to train")
         self.strategy = strategy or SingleProcess()
         source = as_source(source, cfg.batch_size, *self.strategy.data_split())
         self.cfg, self.source = cfg, source
-        self.data_init = data_init  # False for pretrained SAEs: keep their b_dec and thresholds
+        self.data_init = not cfg.init_from  # pretrained SAEs keep their b_dec and thresholds
         self.logger = logger if logger is not None and dist.is_main() else NullLogger()
-        self.sae_meta = sae_meta or {}
-        self.sae_meta_by_name = sae_meta_by_name or {}  # merged over sae_meta for that SAE's cfg.json
+        self.checkpointing = checkpointing or Checkpointing(cfg.out_dir, keep=cfg.keep_checkpoints)
+        self.evaluator = evaluator
         self.device = device or resolve_device(cfg.device)
-        self.out_dir = Path(cfg.out_dir)
         self.hookpoints = hookpoints
-        if hookpoints is not None:
-            missing = sorted(set(saes) - set(hookpoints))
-            if missing:
-                raise ValueError(f"no hook point given for SAE(s) {missing}")
-            dims = getattr(source, "all_dims", source.dims)  # every rank checks every SAE, owned or not
-        # Before the strategy drops other ranks' SAEs, so every rank fails alike on a bad size.
-        for name, sae in saes.items():
-            d_in, d_out = (dims[hookpoints[name]],) * 2 if hookpoints else (source.d_in, source.d_out)
-            if sae.d_in != d_in or sae.d_out != d_out:
-                where = f" at {hookpoints[name]}" if hookpoints else ""
-                raise ValueError(
-                    f"SAE {name!r} expects d_in={sae.d_in}, d_out={sae.d_out} but the activations{where} have "
-                    f"d_in={d_in}, d_out={d_out}"
-                )
-        if cfg.deterministic:  # exact mode: auto precision means fp32 whatever the hardware
-            for sae in saes.values():
-                if getattr(sae.cfg, "selection_dtype", None) == "auto":
-                    sae.cfg = dataclasses.replace(sae.cfg, selection_dtype="float32")
-        self.identity = self.run_identity(saes)  # of every SAE, before the strategy keeps this rank's own
-        self.folder = RunFolder(cfg.out_dir)
-        self._claimed = self._release_after_fit = False
+        check_sizes(saes, source, hookpoints)  # before the strategy drops other ranks' SAEs: all fail alike
+        for sae in saes.values():
+            sae.cfg = exact_sae_config(sae.cfg, cfg.deterministic)
+        # Of every SAE, before the strategy keeps this rank's own.
+        self.identity = run_identity(cfg, saes, source, self.strategy, hookpoints)
         self.saes = self.strategy.prepare({name: sae.to(self.device) for name, sae in saes.items()})
-        self.total_steps = cfg.steps if cfg.steps > 0 else cfg.max_tokens // cfg.batch_size
+        self.total_steps = planned_steps(cfg)
         # The fused optimiser step runs where the Triton kernels do (CUDA), unless exact mode.
         self.fused_step = not cfg.deterministic and resolve_backend(self.device) is Backend.TRITON
         self.optimizers, self.schedulers, self.trackers = {}, {}, {}
@@ -199,66 +229,29 @@ class Trainer:
         self._checkpoint_step: int | None = None  # the step of the last checkpoint written or resumed from
         self.last_metrics: dict[str, float] = {}
         self.final_dirs: dict[str, Path] = {}
-        self.step_hooks: list = []  # called as hook(trainer) after each step (evaluation, fault tests)
-        # NaN/Inf in device batches, checked on the device and read at log steps (no host sync per step).
-        self._nonfinite: Tensor | None = None
-        self._nonfinite_since = 0
+        self.step_hooks: list = []  # called as hook(trainer) after each step and the evaluator
+        self.finite = NonFiniteWatch()  # NaN/Inf in batches: at once on a CPU, at log steps on a GPU
         # The source's position after the last batch trained on, when a DeviceFeed reads ahead.
         self._source_state: dict[str, Any] | None = None
         self.feed_threaded: bool | None = None  # DeviceFeed's thread: None = on CUDA only
-        self.graphs: dict[str, GraphedStep] = {}
-        self.graphs_off: dict[str, str] = {}  # SAE name -> why its steps run eagerly
+        self.graphed = GraphedSteps()  # each SAE's CUDA graph, or why its steps run eagerly
 
     # --- public ---------------------------------------------------------------------------
-    def run_identity(self, saes: dict[str, SparseCoder]) -> dict[str, Any]:
-        """What a resume into ``out_dir`` must match (:mod:`sae.train.run_dir`)."""
-        return {
-            "saes": {name: {"architecture": sae.architecture, "d_in": sae.d_in, "d_out": sae.d_out,
-                            "num_latents": sae.num_latents, "sae": dataclasses.asdict(sae.cfg)}
-                     for name, sae in saes.items()},
-            "hookpoints": self.hookpoints, "batch_size": self.cfg.batch_size, "world_size": dist.world_size(),
-            "strategy": self.strategy.name, "data": source_identity(self.source),
-        }
-
-    def claim_out_dir(self) -> None:
-        """Lock ``out_dir`` for this run and check it holds this run or nothing (rank 0 checks; every
-        rank raises the same error). Idempotent; :meth:`close` releases it.
-
-        Raises:
-            RuntimeError: another run is writing the folder.
-            ValueError: it holds a different or a finished run (the message names the differences).
-        """
-        if self._claimed:
-            return
-        error = None
-        if dist.is_main():
-            try:
-                moved = self.folder.claim(self.identity, resume=self.cfg.resume, total_steps=self.total_steps)
-                if moved is not None:
-                    self.moved_aside = moved
-            except (RuntimeError, ValueError, OSError) as e:
-                error = (type(e).__name__, str(e))
-        if dist.world_size() > 1:
-            error = dist.broadcast_object(error)
-        if error is not None:
-            raise {"RuntimeError": RuntimeError, "ValueError": ValueError}.get(error[0], OSError)(error[1])
-        self._claimed = True
-
-    def close(self) -> None:
-        """Release ``out_dir`` (the lock also goes when the process ends)."""
-        self.folder.release()
-        self._claimed = False
+    @property
+    def out_dir(self) -> Path:
+        return self.checkpointing.out_dir
 
     def fit(self) -> dict[str, float]:
-        """Train to the budget (resuming an interrupted run of the same identity); return the last metrics."""
-        if not self._claimed:
-            self._release_after_fit = True
-        self.claim_out_dir()
+        """Train to the budget (resuming an interrupted run of the same identity); return the last metrics.
+
+        Claims the run folder through the checkpointing unless the caller has, and then releases it."""
+        owner = not self.checkpointing.claimed
+        self.checkpointing.claim(self.identity, resume=self.cfg.resume, total_steps=self.total_steps)
         try:
             return self._fit()
         finally:
-            if self._release_after_fit:
-                self.close()
+            if owner:
+                self.checkpointing.release()
 
     def _fit(self) -> dict[str, float]:
         if self.cfg.resume:
@@ -281,6 +274,8 @@ class Trainer:
                 if metrics and len(self.saes) == 1:
                     bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items()
                                      if k.startswith(("train/fvu", "train/l0"))})
+                if self.evaluator is not None:
+                    self.evaluator(self)
                 for hook in self.step_hooks:
                     hook(self)
                 if self.cfg.checkpoint_every > 0 and self.step % self.cfg.checkpoint_every == 0:
@@ -319,29 +314,8 @@ class Trainer:
     def _device_batch(self, batch: Batch, where: str) -> tuple[Tensor, Tensor | None]:
         x = batch.x.to(self.device, non_blocking=True).float()
         y = batch.y.to(self.device, non_blocking=True).float() if batch.y is not None else None
-        if x.device.type == "cpu":
-            check_finite(x, f"activation batch{where} at step {self.step}")
-            if y is not None:
-                check_finite(y, f"target batch{where} at step {self.step}")
-        else:  # reading a flag every step would make the host wait for the GPU: read it at log steps
-            self.flag_nonfinite(x, y)
+        self.finite.check(x, y, where, self.step)
         return x, y
-
-    def flag_nonfinite(self, x: Tensor, y: Tensor | None) -> None:
-        """Record on the device (in place, no host sync) whether ``x`` or ``y`` holds NaN/Inf."""
-        if self._nonfinite is None:
-            self._nonfinite = torch.zeros((), dtype=torch.bool, device=x.device)
-        self._nonfinite.logical_or_(~torch.isfinite(x).all())
-        if y is not None:
-            self._nonfinite.logical_or_(~torch.isfinite(y).all())
-
-    def check_deferred_finite(self) -> None:
-        """Raise if a device batch since the last check held NaN/Inf (a host sync)."""
-        if self._nonfinite is not None and bool(self._nonfinite):
-            raise ValueError(
-                f"an activation batch between steps {self._nonfinite_since} and {self.step} contains NaN/Inf; "
-                "check the model dtype (fp16 overflow?) and the data")
-        self._nonfinite_since = self.step
 
     def train_step(self, batch: Batch | dict[str, Batch]) -> dict[str, float]:
         log_now = self.step % self.cfg.log_every == 0 or self.step == self.total_steps - 1
@@ -352,7 +326,7 @@ class Trainer:
             if id(b) not in on_device:
                 on_device[id(b)] = self._device_batch(b, f" at {self.hookpoints[name]}" if self.hookpoints else "")
             x, y = on_device[id(b)]
-            graphed = graphed_step(self, name, sae, x, y)
+            graphed = self.graphed.step(self, name, sae, x, y)
             if graphed is not None:
                 out = [graphed]
                 loss = graphed.losses["loss"].item() if log_now else math.nan
@@ -367,7 +341,7 @@ class Trainer:
         self.step += 1
         self.tokens += self.strategy.tokens_per_step(x.shape[0])
         if log_now:
-            self.check_deferred_finite()
+            self.finite.raise_if_seen(self.step)
             for tracker in self.trackers.values():
                 tracker.refresh_bound()
             metrics = self.strategy.gather_metrics(metrics)
@@ -447,43 +421,19 @@ class Trainer:
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
-    def _sae_dir(self, folder: Path, name: str, sae: SparseCoder) -> Path:
-        shard = getattr(sae, "shard", None)
-        return folder / name / shard_dir(shard.rank, shard.world_size) if shard else folder / name
-
-    def _meta(self, name: str) -> dict[str, Any]:
-        return {**self.sae_meta, **self.sae_meta_by_name.get(name, {})}
-
-    def _write_parts(self, folder: Path) -> None:
-        for name, sae in self.saes.items():
-            if self.strategy.writes_sae(name):
-                save_sae(sae, self._sae_dir(folder, name, sae), **self._meta(name), **self.strategy.shard_meta(sae))
-
     def save_checkpoint(self) -> Path:
-        self.check_deferred_finite()  # never checkpoint weights that saw a bad batch
-        meta = {"strategy": self.strategy.name, "saes": sorted(self.saes)}
-        path = save_checkpoint(self.out_dir, self.step, self._write_parts, self.state_dict(), meta,
-                               keep=self.cfg.keep_checkpoints)
+        self.finite.raise_if_seen(self.step)  # never checkpoint weights that saw a bad batch
+        path = self.checkpointing.save(self.step, self.saes, self.strategy, self.state_dict())
         self._checkpoint_step = self.step
         return path
 
     def maybe_resume(self) -> bool:
-        ckpt = latest_checkpoint(self.out_dir)
-        if ckpt is None:
+        """Continue from the newest checkpoint in the run folder, if any; True if there was one."""
+        found = self.checkpointing.resume(self.saes, self.strategy, self.device)
+        if found is None:
             return False
-        manifest = read_manifest(ckpt)
-        if manifest["world_size"] != dist.world_size() or manifest["strategy"] != self.strategy.name:
-            raise ValueError(
-                f"checkpoint {ckpt} was written by {manifest['world_size']} process(es) with strategy "
-                f"{manifest['strategy']!r}; this run has {dist.world_size()} with {self.strategy.name!r}. "
-                "Reshard it first (python -m sae.train.reshard) or use a fresh train.out_dir"
-            )
-        state = load_trainer_state(ckpt, dist.rank())
-        missing = set(self.saes) - set(state["optimizers"])
-        if missing:
-            raise ValueError(f"checkpoint {ckpt} lacks SAEs {sorted(missing)}; use a fresh train.out_dir")
-        for name, sae in self.saes.items():
-            sae.load_state_dict(load_sae(self._sae_dir(ckpt, name, sae), self.device).state_dict())
+        ckpt, state = found
+        for name in self.saes:
             self.optimizers[name].load_state_dict(state["optimizers"][name])
             self.schedulers[name].load_state_dict(state["schedulers"][name])
             self.trackers[name].load_state_dict(state["trackers"][name])
@@ -499,14 +449,5 @@ class Trainer:
         return True
 
     def save_final(self) -> dict[str, Path]:
-        """Portable weights under ``final/``; latent-parallel shards land in one folder per rank
-        (``python -m sae.train.reshard --consolidate`` joins them)."""
-        out = {}
-        for name, sae in self.saes.items():
-            if self.strategy.writes_sae(name):
-                out[name] = save_sae(sae, self._sae_dir(self.out_dir / "final", name, sae), **self._meta(name),
-                                     **self.strategy.shard_meta(sae))
-        dist.barrier()
-        if dist.is_main():
-            self.folder.mark_finished(self.step)
-        return out
+        """Portable weights under ``final/`` (:meth:`Checkpointing.save_final`)."""
+        return self.checkpointing.save_final(self.step, self.saes, self.strategy)

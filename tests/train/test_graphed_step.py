@@ -143,7 +143,7 @@ def test_short_batches_run_eagerly(replayed, tmp_path):
     graphed, params, replayed_steps = run(tmp_path / "graphed", True, 7, None, source=_Batches(x, sizes))
     # Step 0 (16 rows) warms up, steps 1-2 warm up again on full batches, 3-5 replay, 6 (16 rows) eager.
     assert eager.step == graphed.step == 7 and replayed_steps == list(range(3, 6))
-    assert graphed.graphs["topk"].x.shape[0] == 32
+    assert graphed.graphed.graphs["topk"].x.shape[0] == 32
     for name, p in eager_params.items():
         assert torch.equal(params[name], p), name
 
