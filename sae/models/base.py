@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from sae_kernels.topk_select import topk
 from torch import Tensor, nn
 
 from .config import SAEConfig
@@ -107,6 +108,35 @@ class Shard:
     world_size: int
     offset: int
     full_num_latents: int
+
+
+class LocalLatents:
+    """Where a model's latents live: here, all of them (one process).
+
+    A latent-parallel strategy hands a family's :meth:`SparseCoder.forward_with` another
+    implementation (:class:`sae.train.sharded_latents.ShardedLatents`: each rank holds a slice of
+    every group of latents): ``topk`` then returns the exact global selection with the slots other
+    ranks own marked, ``reduce`` sums partial reconstructions over ranks, ``copy_in`` marks an input
+    every rank reads (its gradient is summed), ``count`` sums counts. The families write their
+    latent-parallel forward once against this interface; they never talk to other ranks.
+    """
+
+    #: Whether every latent lives in this process.
+    local = True
+
+    def topk(self, scores_BL: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(values [B, k] fp32, local indices [B, k], own mask [B, k] or None when every slot is here)."""
+        vals, idx = topk(scores_BL, min(k, scores_BL.shape[1]))
+        return vals.float(), idx, None
+
+    def reduce(self, t: Tensor) -> Tensor:
+        return t
+
+    def copy_in(self, t: Tensor) -> Tensor:
+        return t
+
+    def count(self, n: int) -> int:
+        return n
 
 
 class SparseCoder(nn.Module):
@@ -214,6 +244,25 @@ class SparseCoder(nn.Module):
         local.load_state_dict({k: v if axes.get(k) is None else v[sl] for k, v in self.state_dict().items()})
         local.shard = Shard(rank, world_size, sl.start, self.num_latents)
         return local
+
+    def forward_with(self, latents: LocalLatents, x_BD: Tensor, y_BE: Tensor | None = None, *,
+                     dead_mask: Tensor | None = None, sparsity_scale: float = 1.0,
+                     variance_fn: VarianceFn | None = None) -> ForwardOutput:
+        """:meth:`forward` with the latents placed by ``latents`` (:class:`LocalLatents`, or a
+        latent-parallel strategy's slice of them). A family with ``latent_parallel`` overrides it;
+        the others only run with all their latents here."""
+        if not latents.local:
+            raise NotImplementedError(f"architecture {self.architecture!r} does not split its latents over ranks")
+        return self.forward(x_BD, y_BE, dead_mask=dead_mask, sparsity_scale=sparsity_scale, variance_fn=variance_fn)
+
+    def init_from_data_with(self, latents: LocalLatents, x_sample_ND: Tensor,
+                            y_sample_NE: Tensor | None = None) -> None:
+        """:meth:`init_from_data` with the latents placed by ``latents`` (see :meth:`forward_with`):
+        every rank holds the same sample, so what depends on all latents (an encoder scale fitted to
+        the reconstruction) comes out as for one process holding them all."""
+        if not latents.local:
+            raise NotImplementedError(f"architecture {self.architecture!r} does not split its latents over ranks")
+        self.init_from_data(x_sample_ND, y_sample_NE)
 
     def join_latent_shards(self, parts: list[SparseCoder], full_num_latents: int) -> SparseCoder:
         """The whole model from every rank's :meth:`latent_shard` (``self`` is one of them), in rank order."""

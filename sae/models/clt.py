@@ -62,10 +62,19 @@ import math
 
 import torch
 from sae_kernels import gather_encode, sparse_decode
-from sae_kernels.topk_select import topk
 from torch import Tensor, nn
 
-from .base import Codes, ForwardOutput, Shard, SparseCoder, SparseCodes, VarianceFn, fvu_from_error, geometric_median
+from .base import (
+    Codes,
+    ForwardOutput,
+    LocalLatents,
+    Shard,
+    SparseCoder,
+    SparseCodes,
+    VarianceFn,
+    fvu_from_error,
+    geometric_median,
+)
 from .batchtopk import batch_cut
 from .config import SAEConfig
 from .dense import activation_scale
@@ -73,29 +82,6 @@ from .jumprelu import _JumpReLU, _Step, threshold_groups
 from .registry import register
 
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
-
-
-class LocalLatents:
-    """Where a CLT's latents live: here, all of them (one process).
-
-    A latent-parallel strategy hands the model another implementation (each rank holds a slice
-    of every group): ``topk`` then returns the exact global selection with the slots other ranks
-    own marked, ``reduce`` sums partial reconstructions over ranks, ``count`` sums counts.
-    """
-
-    def topk(self, scores_BL: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(values [B, k] fp32, local indices [B, k], own mask [B, k] or None when every slot is here)."""
-        vals, idx = topk(scores_BL, min(k, scores_BL.shape[1]))
-        return vals.float(), idx, None
-
-    def reduce(self, t: Tensor) -> Tensor:
-        return t
-
-    def copy_in(self, t: Tensor) -> Tensor:
-        return t
-
-    def count(self, n: int) -> int:
-        return n
 
 
 @register("clt")
@@ -225,7 +211,7 @@ class CrossLayerTranscoder(SparseCoder):
     def forward_with(self, latents: LocalLatents, x_BD: Tensor, y_BE: Tensor | None = None, *,
                      dead_mask: Tensor | None = None, sparsity_scale: float = 1.0,
                      variance_fn: VarianceFn | None = None) -> ForwardOutput:
-        """:meth:`forward` with the latents placed by ``latents`` (a strategy's, or local)."""
+        """:meth:`forward` with the latents placed by ``latents`` (a strategy's, or all here)."""
         y_BE = self.check_input(x_BD, y_BE)
         if self.training and torch.is_grad_enabled():
             self._renormalize_if_stale()
@@ -503,7 +489,7 @@ class CrossLayerTranscoder(SparseCoder):
                              "training); train it for at least one step before exporting")
         return self.threshold.detach()[:, None].expand(self.n_layers, self.latents_per_layer)
 
-    # --- latent parallelism (sae.train.clt_parallel runs the sharded forward) ------------------
+    # --- latent parallelism (sae.train.sharded_latents places them) ------------------
     latent_parallel = True
 
     def latent_axes(self) -> dict[str, int | None]:
@@ -577,14 +563,16 @@ class CrossLayerTranscoder(SparseCoder):
         self.mark_normalized()
 
     # --- data-dependent init -----------------------------------------------------------------
+    def init_from_data(self, x_sample_ND: Tensor, y_sample_NE: Tensor | None = None) -> None:
+        self.init_from_data_with(LocalLatents(), x_sample_ND, y_sample_NE)
+
     @torch.no_grad()
-    def init_from_data(self, x_sample_ND: Tensor, y_sample_NE: Tensor | None = None, *,
-                       latents: LocalLatents | None = None) -> None:
+    def init_from_data_with(self, latents: LocalLatents, x_sample_ND: Tensor,
+                            y_sample_NE: Tensor | None = None) -> None:
         """b_dec per layer from the target sample; JumpReLU thresholds at each latent's (1 - k/L)
         quantile; then each group's encoder scaled by the least-squares factors that best fit the
         initial reconstruction to the sample (TopK family: when ``sae.fit_encoder_scale``).
-        ``latents``: where the latents live (a latent-parallel strategy's; default all here)."""
-        latents = latents or LocalLatents()
+        ``latents``: where the latents live (a latent-parallel strategy's, or all here)."""
         y = (x_sample_ND if y_sample_NE is None else y_sample_NE).float()
         n, M = self.n_layers, self.d_model
         for j in range(n):

@@ -18,12 +18,12 @@ from __future__ import annotations
 import math
 
 import torch
-from sae_kernels import gather_pre_activations, sparse_decode
+from sae_kernels import gather_encode, gather_pre_activations, sparse_decode
 from sae_kernels.autoencode import sparse_autoencode
 from sae_kernels.topk_select import topk
 from torch import Tensor
 
-from .base import Codes, ForwardOutput, SparseCoder, SparseCodes, VarianceFn, fvu_from_error
+from .base import Codes, ForwardOutput, LocalLatents, SparseCoder, SparseCodes, VarianceFn, fvu, fvu_from_error
 from .config import SAEConfig
 from .precision import WeightCopy, resolve_selection_dtype, reusable, validate_selection_dtype
 from .registry import register
@@ -31,7 +31,7 @@ from .registry import register
 
 @register("topk")
 class TopKSAE(SparseCoder):
-    latent_parallel = True  # the exact global top-k over ranks (sae.train.strategy.LatentParallel)
+    latent_parallel = True  # the exact global top-k over ranks (forward_with)
 
     def sparsity_rule(self) -> str:
         return f"k = {self.k} latents per token"
@@ -159,6 +159,68 @@ class TopKSAE(SparseCoder):
         losses["loss"] = loss
         return ForwardOutput(x_hat, codes, losses)
 
+    # --- latent parallelism: the exact global top-k over ranks (Gao et al. 2024, sec. 5) ------------
+    def forward_with(self, latents: LocalLatents, x_BD: Tensor, y_BE: Tensor | None = None, *,
+                     dead_mask: Tensor | None = None, sparsity_scale: float = 1.0,
+                     variance_fn: VarianceFn | None = None) -> ForwardOutput:
+        """:meth:`forward` with this process holding a slice of the latents (``train.parallel=latent``):
+        every rank proposes its local top-k of each token, ``latents.topk`` keeps the exact global
+        top-k of the gathered candidates (slots other ranks own add nothing here: index 0, value 0,
+        no gradient as relu'(0) = 0), and the partial reconstructions are summed over ranks. So codes,
+        losses and each slice's gradients equal one process's (tests/distributed)."""
+        if latents.local:
+            return self.forward(x_BD, y_BE, dead_mask=dead_mask, sparsity_scale=sparsity_scale,
+                                variance_fn=variance_fn)
+        y_BE = self.check_input(x_BD, y_BE)
+        x_in = latents.copy_in(self.encoder_input(x_BD))
+        pre = self.selection_scores(x_in)
+        idx, pre_vals = _owned(*latents.topk(pre, self.k))
+        pre_vals = self.exact_values(x_in, idx, pre_vals)
+        vals = gather_encode(x_in, self.W_enc, self.b_enc, idx, pre_vals).relu()
+        x_hat = latents.reduce(sparse_decode(idx, vals, self.W_dec)) + self.b_dec
+        skip = self.skip(x_BD)
+        if skip is not None:
+            x_hat = x_hat + skip
+        losses = {"fvu": fvu(x_hat, y_BE, variance_fn)}
+        loss = losses["fvu"]
+        if dead_mask is not None and self.cfg.auxk_alpha > 0:
+            auxk = self._auxk_with(latents, x_in, pre, dead_mask, (y_BE - x_hat).detach(), variance_fn)
+            if auxk is not None:
+                losses["auxk"] = auxk
+                loss = loss + self.cfg.auxk_alpha * auxk
+        losses["loss"] = loss
+        return ForwardOutput(x_hat, SparseCodes(vals, idx), losses)
+
+    def _auxk_with(self, latents: LocalLatents, x_in_BD: Tensor, pre_BL: Tensor, dead_mask_L: Tensor,
+                   residual_BE: Tensor, variance_fn: VarianceFn | None) -> Tensor | None:
+        """AuxK with the exact global top-k_aux among the dead latents of every rank."""
+        n_dead = latents.count(int(dead_mask_L.sum()))
+        if n_dead == 0:
+            return None
+        with torch.no_grad():
+            masked = pre_BL.masked_fill(~dead_mask_L, -math.inf)
+        idx, vals = _owned(*latents.topk(masked, min(self.k_aux, n_dead)))
+        vals = self.exact_values(x_in_BD, idx, torch.where(torch.isinf(vals), torch.zeros_like(vals), vals))
+        aux_vals = gather_encode(x_in_BD, self.W_enc, self.b_enc, idx, vals).relu()
+        e_hat = latents.reduce(sparse_decode(idx, aux_vals, self.W_dec))
+        return min(n_dead / self.k_aux, 1.0) * fvu(e_hat, residual_BE, variance_fn)
+
+    @torch.no_grad()
+    def init_from_data_with(self, latents: LocalLatents, x_sample_ND: Tensor,
+                            y_sample_NE: Tensor | None = None) -> None:
+        """:meth:`init_from_data` with a slice of the latents here: every rank holds the same sample,
+        so ``b_dec`` is the same everywhere and the encoder scale is fitted to the global
+        reconstruction, as with all latents in one process."""
+        if latents.local or not self.cfg.fit_encoder_scale:
+            self.init_from_data(x_sample_ND, y_sample_NE)
+            return
+        SparseCoder.init_from_data(self, x_sample_ND, y_sample_NE)  # b_dec (the scale is fitted below)
+        x_in = self.encoder_input(x_sample_ND.float())
+        idx, vals = _owned(*latents.topk(self.pre_activations(x_in), self.k))
+        decoded = latents.reduce(sparse_decode(idx, vals.relu(), self.W_dec))
+        target = x_sample_ND if y_sample_NE is None else y_sample_NE
+        self.scale_encoder_(decoded, target.float() - self.b_dec)
+
     def pre_encoder_bias(self) -> Tensor | None:
         """``b_dec`` when it is subtracted from the input before encoding (SAEs), else None."""
         return self.b_dec if self.apply_b_dec_to_input else None
@@ -180,3 +242,10 @@ class TopKSAE(SparseCoder):
                                          b_pre_D=self.pre_encoder_bias(), x_in_BD=x_in_BD, y_BE=residual_BE)
         scale = min(num_dead / self.k_aux, 1.0)
         return scale * fvu_from_error(err_sq, residual_BE, variance_fn)
+
+
+def _owned(vals_BK: Tensor, idx_BK: Tensor, own_BK: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(indices, values) of a selection with the slots another rank owns zeroed."""
+    if own_BK is None:
+        return idx_BK, vals_BK
+    return idx_BK, torch.where(own_BK, vals_BK, torch.zeros_like(vals_BK))

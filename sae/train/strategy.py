@@ -5,11 +5,11 @@
   with one bucketed all-reduce per SAE; the FVU denominator is the variance over the union of
   all ranks' batches, so the averaged gradient equals the single-process gradient on the union
   (not only in expectation); dead-latent counters see the firing counts of every rank.
-- :class:`LatentParallel` (Gao et al. 2024, sec. 5): W_enc/b_enc/W_dec rows sharded over ranks;
-  each rank computes its local pre-activations and local top-k, the W*k candidates are gathered
-  and the exact global top-k selected; partial reconstructions are summed across ranks. Every
-  rank reads the same batches. TopK SAEs, and cross-layer transcoders (every layer's latents
-  sliced alike, :mod:`sae.train.clt_parallel`).
+- :class:`LatentParallel` (Gao et al. 2024, sec. 5): the latents sharded over ranks; each rank
+  computes its local pre-activations and local top-k, the W*k candidates are gathered and the
+  exact global top-k selected; partial reconstructions are summed across ranks. Every rank reads
+  the same batches. The families that declare ``latent_parallel`` (TopK SAEs, cross-layer
+  transcoders) run their own forward against :mod:`sae.train.sharded_latents`.
 - :class:`SAEParallel` ("hook-point parallel"): each SAE lives on one rank (round-robin over the
   names of hook points or sweep variants); no communication during training.
 
@@ -19,21 +19,16 @@ All communication goes through :mod:`sae.train.dist`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
-from sae_kernels import gather_encode, sparse_decode
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from sae.models import ForwardOutput, SparseCoder, SparseCodes, VarianceFn, fired_counts, fvu, l0_per_token
-from sae.models.base import Shard
-from sae.models.clt import CrossLayerTranscoder
-from sae.models.topk import TopKSAE
+from sae.models import ForwardOutput, SparseCoder, VarianceFn, fired_counts, l0_per_token
 
 from . import dist
-from .clt_parallel import latents_of
+from .sharded_latents import latents_of
 
 STRATEGIES = ("none", "data", "latent", "sae")
 
@@ -180,19 +175,7 @@ class LatentParallel(SingleProcess):
 
     @torch.no_grad()
     def init_from_data(self, sae: SparseCoder, x: Tensor, y: Tensor | None) -> None:
-        # Every rank holds the same batch: b_dec is the same everywhere; the encoder scale is fitted
-        # to the global reconstruction, as the unsharded SAE does.
-        if isinstance(sae, CrossLayerTranscoder):
-            sae.init_from_data(x, y, latents=latents_of(sae))
-            return
-        if not isinstance(sae, TopKSAE) or not sae.cfg.fit_encoder_scale:
-            sae.init_from_data(x, y)
-            return
-        SparseCoder.init_from_data(sae, x, y)  # b_dec (TopK's own init adds only the encoder scale)
-        x_in = sae.encoder_input(x.float())
-        idx, vals = _global_topk(sae.pre_activations(x_in), sae.k, sae.shard)
-        decoded = dist.all_reduce_(sparse_decode(idx, vals.relu(), sae.W_dec))
-        sae.scale_encoder_(decoded, (x if y is None else y).float() - sae.b_dec)
+        sae.init_from_data_with(latents_of(sae), x, y)  # every rank holds the same batch
 
     def full_num_latents(self, sae: SparseCoder) -> int:
         return sae.shard.full_num_latents
@@ -203,34 +186,13 @@ class LatentParallel(SingleProcess):
     def writes_sae(self, name: str) -> bool:
         return True
 
-    def forward(self, sae: TopKSAE, x: Tensor, y: Tensor | None, *, dead_mask: Tensor | None = None,
+    def forward(self, sae: SparseCoder, x: Tensor, y: Tensor | None, *, dead_mask: Tensor | None = None,
                 sparsity_scale: float = 1.0, variance_fn: VarianceFn | None = None) -> ForwardOutput:
-        if isinstance(sae, CrossLayerTranscoder):
-            return sae.forward_with(latents_of(sae), x, y, dead_mask=dead_mask, sparsity_scale=sparsity_scale,
-                                    variance_fn=variance_fn)
-        y = sae.check_input(x, y)
-        x_in = dist.copy_to_parallel(sae.encoder_input(x))
-        pre = sae.selection_scores(x_in)
-        idx, pre_vals = _global_topk(pre, sae.k, sae.shard)
-        pre_vals = sae.exact_values(x_in, idx, pre_vals)
-        vals = gather_encode(x_in, sae.W_enc, sae.b_enc, idx, pre_vals).relu()
-        codes = SparseCodes(vals, idx)
-        x_hat = dist.reduce_from_parallel(sparse_decode(idx, vals, sae.W_dec)) + sae.b_dec
-        skip = sae.skip(x)
-        if skip is not None:
-            x_hat = x_hat + skip
-        losses = {"fvu": fvu(x_hat, y, variance_fn)}
-        loss = losses["fvu"]
-        if dead_mask is not None and sae.cfg.auxk_alpha > 0:
-            auxk = _auxk(sae, x_in, pre, dead_mask, (y - x_hat).detach(), variance_fn)
-            if auxk is not None:
-                losses["auxk"] = auxk
-                loss = loss + sae.cfg.auxk_alpha * auxk
-        losses["loss"] = loss
-        return ForwardOutput(x_hat, codes, losses)
+        return sae.forward_with(latents_of(sae), x, y, dead_mask=dead_mask, sparsity_scale=sparsity_scale,
+                                variance_fn=variance_fn)
 
     def step_dead_mask(self, tracker) -> Tensor | None:
-        return tracker.dead_mask  # ranks' local bounds differ; _auxk agrees on the count itself
+        return tracker.dead_mask  # ranks' local bounds differ; AuxK agrees on the count itself
 
     @staticmethod
     def sharded_params(sae: SparseCoder) -> list[Tensor]:
@@ -267,48 +229,6 @@ class LatentParallel(SingleProcess):
 
     def dead_fraction(self, dead_mask: Tensor) -> float:
         return dist.all_reduce_(dead_mask.float().mean().reshape(1), "avg").item()
-
-
-def _global_topk(pre_BL: Tensor, k: int, shard: Shard, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Exact global top-k over sharded pre-activations.
-
-    Each rank proposes its local top-k; the W*k candidates are gathered and the global top-k
-    kept. Returns local indices and values [B, k] where slots owned by other ranks hold
-    index 0 and value 0 (so they add nothing forward and receive no gradient, relu'(0) = 0).
-    """
-    k_local = min(k, pre_BL.shape[1])
-    lv, li = pre_BL.topk(k_local, dim=1, sorted=False)
-    lv = lv.float()  # bf16 selection scores travel as fp32
-    gv = dist.all_gather_stack(lv)  # [W, B, k]
-    gi = dist.all_gather_stack(li + shard.offset)
-    W, B = gv.shape[0], gv.shape[1]
-    gv = gv.permute(1, 0, 2).reshape(B, W * k_local)
-    gi = gi.permute(1, 0, 2).reshape(B, W * k_local)
-    top_v, pos = gv.topk(min(k, gv.shape[1]), dim=1, sorted=False)
-    top_i = gi.gather(1, pos)
-    Lr = pre_BL.shape[1]
-    own = (top_i >= shard.offset) & (top_i < shard.offset + Lr)
-    local_idx = torch.where(own, top_i - shard.offset, torch.zeros_like(top_i))
-    local_vals = torch.where(own, top_v, torch.zeros_like(top_v))
-    return local_idx, local_vals
-
-
-def _auxk(sae: TopKSAE, x_in: Tensor, pre_BL: Tensor, dead_mask_L: Tensor, residual: Tensor,
-          variance_fn: VarianceFn | None = None) -> Tensor | None:
-    """AuxK with the exact global top-k_aux among dead latents of every shard."""
-    n_dead_local = int(dead_mask_L.sum())
-    n_dead = int(dist.all_reduce_(torch.tensor([n_dead_local], device=pre_BL.device)).item())
-    if n_dead == 0:
-        return None
-    k_aux = min(sae.k_aux, n_dead)
-    with torch.no_grad():
-        masked = pre_BL.masked_fill(~dead_mask_L, -math.inf)
-    idx, vals = _global_topk(masked, k_aux, sae.shard)
-    vals = sae.exact_values(x_in, idx, torch.where(torch.isinf(vals), torch.zeros_like(vals), vals))
-    aux_vals = gather_encode(x_in, sae.W_enc, sae.b_enc, idx, vals).relu()
-    e_hat = dist.reduce_from_parallel(sparse_decode(idx, aux_vals, sae.W_dec))
-    scale = min(n_dead / sae.k_aux, 1.0)
-    return scale * fvu(e_hat, residual, variance_fn)
 
 
 class SAEParallel(SingleProcess):
