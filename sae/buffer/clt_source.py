@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from sae.models.registry import sae_class
+
 from .config import DataConfig, validate_data
 from .manifest import read_manifest
 from .reader import ShardReader
@@ -169,7 +171,7 @@ def clt_configs(cfgs: dict[str, Any], source: CLTSource) -> dict[str, Any]:
     """
     n, out = len(source.layers), {}
     for name, c in cfgs.items():
-        if c.architecture != "clt":
+        if not sae_class(c.architecture).cross_layer:
             raise ValueError(f"SAE {name!r} is {c.architecture!r}: a run with sae=clt trains only CLTs on the "
                              "concatenated layers; train other architectures in a run of their own")
         if c.clt_layers not in (0, n):

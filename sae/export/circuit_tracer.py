@@ -176,7 +176,7 @@ def check_clt(item: ExportItem) -> None:
 
 def check_exportable(items: list[ExportItem]) -> None:
     """Raise ``ValueError`` when ``items`` cannot form one circuit-tracer folder."""
-    clts = [i for i in items if i.sae.architecture == "clt"]
+    clts = [i for i in items if i.sae.cross_layer]
     if clts and len(items) > 1:
         raise ValueError(f"a circuit-tracer folder holds one cross-layer transcoder or one set of per-layer "
                          f"transcoders; got {len(items)} coders including the CLT {clts[0].name}: export the CLT "
@@ -242,7 +242,7 @@ def write_circuit_tracer(items: list[ExportItem], out: Path, dtype: torch.dtype 
     """
     check_exportable(items)
     out.mkdir(parents=True, exist_ok=True)
-    clt = items[0].sae.architecture == "clt"
+    clt = items[0].sae.cross_layer
     layers = _write_clt(items[0], out, dtype) if clt else _write_set(items, out, dtype)
     model = next((i.model_name for i in items if i.model_name), "")
     cfg: dict[str, Any] = {"model_kind": CLT if clt else SET, "feature_input_hook": INPUT_HOOK,
@@ -261,7 +261,7 @@ def _metric(item: ExportItem, key: str) -> str:
 
 def card(items: list[ExportItem], repo_id: str = "") -> str:
     """README.md of a circuit-tracer export: the Hub header, the transcoders, how to load them."""
-    clt = items[0].sae.architecture == "clt"
+    clt = items[0].sae.cross_layer
     ordered = items if clt else plan_set(items)
     model = next((i.model_name for i in items if i.model_name), "")
     tags = ["sparse-autoencoder", "interpretability", "transcoder", "circuit-tracer"] + (

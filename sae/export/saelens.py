@@ -89,7 +89,7 @@ def saelens_architecture(sae: SparseCoder) -> str:
         ValueError: no SAELens equivalent (TopK and Gated transcoders, cross-layer transcoders).
     """
     arch = sae.export_form
-    if arch == "clt":
+    if sae.cross_layer:
         raise ValueError("SAELens has no cross-layer transcoder; export this one with --format circuit-tracer "
                          "(a causal ReLU/JumpReLU/BatchTopK CLT over layers 0..N-1) or --format ours")
     if arch not in ("topk", "relu", "jumprelu", "batchtopk", "gated"):

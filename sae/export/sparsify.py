@@ -37,7 +37,7 @@ FORMAT_VERSION = "1.3.3"
 
 def _alternatives(sae: SparseCoder) -> str:
     """The other formats that represent ``sae``, as the fix of a refusal."""
-    if sae.architecture == "clt":
+    if sae.cross_layer:
         return "use --format circuit-tracer or --format ours"
     try:
         saelens_architecture(sae)
@@ -48,7 +48,7 @@ def _alternatives(sae: SparseCoder) -> str:
 
 def check_exportable(sae: SparseCoder) -> None:
     """Raise ``ValueError`` when sparsify cannot represent ``sae``."""
-    if sae.architecture not in ("topk", "matryoshka_topk"):  # Matryoshka: a training loss only
+    if sae.export_form != "topk":  # TopK, or a family that is TopK at inference (Matryoshka TopK)
         raise ValueError(f"sparsify loads TopK sparse coders only, not {sae.architecture!r}; {_alternatives(sae)}")
     if sae.d_out != sae.d_in:
         raise ValueError(f"sparsify transcoders map a width to itself; this one maps d_in={sae.d_in} to "

@@ -157,6 +157,10 @@ class SparseCoder(nn.Module):
     sparsity_penalty: bool = False
     #: Whether ``train.parallel=latent`` can split this family's latents over ranks.
     latent_parallel: bool = False
+    #: Whether the model spans several layers side by side (d = layers x d_model; a cross-layer
+    #: transcoder): it trains on every layer's rows at once, is scored layer by layer and exports as
+    #: one cross-layer coder, not as a per-layer SAE.
+    cross_layer: bool = False
     #: The plain family this one is at inference (codes and parameters), which the export formats
     #: map to theirs; set by :func:`sae.models.registry.register` (the architecture's own name
     #: unless the class body names another).
@@ -227,6 +231,12 @@ class SparseCoder(nn.Module):
     def latent_axes(self) -> dict[str, int | None]:
         """Parameter name -> the axis latent-parallel ranks split it along (None: replicated)."""
         return {n: 0 if n in ("W_enc", "b_enc", "W_dec") else None for n, _ in self.named_parameters()}
+
+    @property
+    def latent_groups(self) -> int:
+        """How many groups of latents ranks split alike (each rank holds a slice of every group):
+        1 by default; a cross-layer transcoder has one per layer."""
+        return 1
 
     def _split_latents(self, rank: int, world_size: int, width: int) -> tuple[slice, int]:
         if width % world_size:

@@ -86,6 +86,8 @@ ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
 
 @register("clt")
 class CrossLayerTranscoder(SparseCoder):
+    cross_layer = True
+
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: int | None = None, *, seed: int | None = None):
         nn.Module.__init__(self)
         n, d_out = cfg.clt_layers, d_in if d_out is None else d_out
@@ -496,6 +498,10 @@ class CrossLayerTranscoder(SparseCoder):
         """Every layer's group sliced alike: W_enc, b_enc, log_threshold along dim 1, W_dec.i along its rows."""
         along_1 = ("W_enc", "b_enc", "log_threshold")
         return {n: 1 if n in along_1 else 0 if n.startswith("W_dec.") else None for n, _ in self.named_parameters()}
+
+    @property
+    def latent_groups(self) -> int:
+        return self.n_layers
 
     def latent_shard(self, rank: int, world_size: int) -> CrossLayerTranscoder:
         """Latents [rank L/W, (rank + 1) L/W) of every group as a CLT of width L/W per layer."""

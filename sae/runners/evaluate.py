@@ -38,7 +38,7 @@ from sae.eval.report import check_report_dir, examples_json, package_versions, r
 from sae.eval.splice import resolve_site, splice_eval
 from sae.harvest.model import resolve_device
 from sae.harvest.text import load_text_dataset
-from sae.models import SparseCoder
+from sae.models import SparseCoder, sae_class
 from sae.paths import replacing_dir
 from sae.train.artifact import CFG, load_sae, read_sae_cfg, save_weights
 
@@ -216,7 +216,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     device = resolve_device(cfg.device)
     sae, meta = load_for_eval(sae_dir, device)
     sae.eval()
-    is_clt = meta["architecture"] == "clt"  # every layer's MLP at once: sae.eval.clt
+    is_clt = sae_class(meta["architecture"]).cross_layer  # every layer's MLP at once: sae.eval.clt
     if is_clt:
         from sae.eval import clt
 

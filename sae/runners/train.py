@@ -187,7 +187,7 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
     rank, world = strategy.data_split()
     hp_of: dict[str, str] | None = None  # data.hookpoints: SAE name -> its hook point
     clt_meta: dict[str, Any] = {}
-    if any(c.architecture == "clt" for c in cfgs.values()):  # every layer's MLP in/out, side by side
+    if any(sae_class(c.architecture).cross_layer for c in cfgs.values()):  # every layer's MLP in/out, side by side
         from sae.buffer.clt_source import build_clt_source, clt_configs
 
         source = build_clt_source(run.data, run.train.batch_size, rank=rank, world_size=world)

@@ -22,7 +22,7 @@ import torch
 
 from sae.buffer.atomic import write_json_atomic
 
-from .artifact import read_sae_cfg, save_sae
+from .artifact import load_sae, read_sae_cfg, save_sae
 from .checkpoint import LATEST, MANIFEST, load_trainer_state, read_manifest, shard_dir, state_file
 from .run_dir import IDENTITY, identity_diff
 from .shards import consolidate_sae, shard_folders, shard_part
@@ -41,9 +41,9 @@ def reshard_checkpoint(ckpt: str | Path, out_dir: str | Path, world_size: int) -
         raise ValueError(f"--world-size {world_size}: need at least 1 process")
     # Every SAE must split evenly: checked from the shards' metadata before anything is written.
     for name in manifest["saes"]:
-        meta = read_sae_cfg(shard_folders(ckpt / name)[0])
-        groups = meta["sae"].get("clt_layers", 1) if meta["architecture"] == "clt" else 1
-        per_group = meta["shard"]["full_num_latents"] // groups
+        first = shard_folders(ckpt / name)[0]
+        groups = load_sae(first).latent_groups  # one shard: a slice of the model
+        per_group = read_sae_cfg(first)["shard"]["full_num_latents"] // groups
         if per_group % world_size:
             what = "latents per layer of cross-layer transcoder" if groups > 1 else "latents of SAE"
             raise ValueError(f"the {per_group} {what} {name!r} do not split evenly over {world_size} ranks; "
@@ -77,8 +77,7 @@ def reshard_checkpoint(ckpt: str | Path, out_dir: str | Path, world_size: int) -
             full_opt[i] = {k: torch.cat([r[k] for r in per_rank], ax) if ax is not None and v.dim() > 0 else v
                            for k, v in per_rank[0].items()}
         # Dead-latent counters: [groups, latents per group] on each rank (a CLT's layers; one group for an SAE).
-        groups = getattr(full, "n_layers", 1)
-        dead = torch.cat([s["trackers"][name]["tokens_since_fired"].view(groups, -1) for s in states], 1)
+        dead = torch.cat([s["trackers"][name]["tokens_since_fired"].view(full.latent_groups, -1) for s in states], 1)
         for r in range(world_size):
             if world_size == 1:
                 part, folder, shard_meta = full, tmp / name, {}
