@@ -213,7 +213,11 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
         saes = {name: build_sae(c, source.d_in, source.d_out, seed=run.train.seed + i)
                 for i, (name, c) in enumerate(cfgs.items())}
     out_dir = Path(run.train.out_dir)
-    meta = {"data": dataclasses.asdict(run.data), **clt_meta}
+    data_meta = dataclasses.asdict(run.data)
+    if hp_of is None and not clt_meta:  # the hook points the source resolved ("": a buffer's only one)
+        for key in ("hookpoint", "target_hookpoint"):
+            data_meta[key] = getattr(source, key, None) or data_meta[key]
+    meta = {"data": data_meta, **clt_meta}
     meta_by_name: dict[str, dict[str, Any]] = {}
     if hp_of is not None:  # each SAE's cfg.json names its own hook point, as if trained alone
         one = dataclasses.asdict(dataclasses.replace(run.data, hookpoints=[]))

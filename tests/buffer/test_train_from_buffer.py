@@ -36,6 +36,8 @@ def test_harvest_then_train_on_buffer_with_normalisation(assets, tmp_path):
     assert m["tokens"] == manifest["shards"][-1]["tokens"] and 0 < m["fvu"] < 1.5 and m["l0"] == pytest.approx(8)
     cfg = json.loads((result.final_dirs["topk"] / "cfg.json").read_text())
     assert cfg["d_in"] == 32 and cfg["normalization"]["x"]["mode"] == "scale" and cfg["normalization"]["x"]["scale"] > 0
+    # data.hookpoint="" picked the buffer's only hook point; cfg.json names it (steering and attribution read it)
+    assert cfg["data"]["hookpoint"] == "layers.1" and cfg["data"]["target_hookpoint"] == ""
     state_source = json.loads((tmp_path / "sae" / "summary.json").read_text())
     assert state_source["steps"] == 12
 
