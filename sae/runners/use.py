@@ -130,6 +130,9 @@ def attribute_main(argv: list[str] | None = None) -> None:
     _common(p)
     p.add_argument("--target", required=True, help="the next token (one token) or its id (#ID)")
     p.add_argument("--position", type=int, default=-1, help="whose next-token logit (default: the last)")
+    p.add_argument("--from-position", type=int, default=None,
+                   help="attribute (and ablate) latents from this position on (default 1, unless the target follows "
+                        "the first token: the first token is an attention sink, see sae.use.attribute; 0 counts it)")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--check", type=int, default=0, help="also ablate the top N latents and compare ranks")
     p.add_argument("--out", default="", help="write the attributions as JSON here")
@@ -143,7 +146,7 @@ def attribute_main(argv: list[str] | None = None) -> None:
                              "compare ranks; a rank correlation needs two)")
         model, tok, sae, hook = load(a)
         target = int(a.target[1:]) if a.target.startswith("#") and a.target[1:].isdigit() else a.target
-        result = attribute(model, tok, sae, hook, a.prompt[0], target, a.position)
+        result = attribute(model, tok, sae, hook, a.prompt[0], target, a.position, a.from_position)
         _report_attribution(a, result, model, tok, sae, hook)
 
 
