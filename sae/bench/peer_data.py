@@ -43,7 +43,8 @@ def write_activation_file(path: str | Path, train: torch.Tensor, heldout: torch.
 
 
 def harvest_split(train_tokens: int, heldout_tokens: int, batch: int, *, hookpoint: str = "layers.3",
-                  heldout_every: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+                  model: str = "all-MiniLM-L6-v2", heldout_every: int = 8,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Harvest until both splits are full (or the corpus ends); returns (train, heldout, info).
 
     ``train`` has ``min(train_tokens, available)`` rows rounded down to a multiple of ``batch``.
@@ -51,7 +52,7 @@ def harvest_split(train_tokens: int, heldout_tokens: int, batch: int, *, hookpoi
     Raises:
         ValueError: the corpus gives less than one batch of training rows or no held-out rows.
     """
-    splits, info = harvest_splits(train_tokens, heldout_tokens, batch, hookpoints=[hookpoint],
+    splits, info = harvest_splits(train_tokens, heldout_tokens, batch, hookpoints=[hookpoint], model=model,
                                   heldout_every=heldout_every, seed=seed)
     train, heldout = splits[hookpoint]
     return train, heldout, {**info, "hookpoint": hookpoint}

@@ -68,6 +68,16 @@ def targets(results: dict[str, Any], expansion: int, system: str = "ours") -> li
                       if ours and best else None, 1.02, False,
                       f"best peer: {best['system']} (L0 ours {ours['l0']:.1f}, peer {best['l0']:.1f})"
                       if ours and best else ""))
+    spliced = [r for r in peers if "ce_loss_recovered" in r]
+    if ours and "ce_loss_recovered" in ours and spliced:  # a causal LM with --splice-contexts
+        top = max(spliced, key=lambda r: r["ce_loss_recovered"])
+        out.append(_check("CE loss recovered >= the best peer's (ours - peer)", ours["ce_loss_recovered"] -
+                          top["ce_loss_recovered"], 0.0, True, f"best peer: {top['system']} "
+                          f"({top['ce_loss_recovered']:.4f}; KL ours {ours['kl_div_sae']:.4g}, peer "
+                          f"{top['kl_div_sae']:.4g})"))
+    sparsify = _ok(rows, "sparsify")
+    out.append(_check("tokens/s >= 2x sparsify's", ours["tokens_per_s"] / sparsify["tokens_per_s"]
+                      if ours and sparsify else None, 2.0, True, "sparsify's TopK"))
     least = min(peers, key=lambda r: r["dead_fraction"], default=None)
     out.append(_check("held-out dead fraction <= the best peer's (ours - peer)", ours["dead_fraction"] -
                       least["dead_fraction"] if ours and least else None, 0.0, False,
@@ -80,14 +90,18 @@ def _ratio(a: float | None, b: float | None) -> float | str:
 
 
 def main_table(rows: list[dict[str, Any]]) -> str:
-    headers = ["system", "arch", "FVU", "L0", "dead frac", "step ms", "fastest step ms", "tokens/s", "peak RSS MiB",
-               "RSS growth MiB", "ours/peer step time", "ours/peer peak RSS"]
+    spliced = any("ce_loss_recovered" in r for r in rows)
+    headers = ["system", "arch", "FVU", "L0", "dead frac"] + (["CE recovered", "KL"] if spliced else []) + [
+        "step ms", "fastest step ms", "tokens/s", "peak RSS MiB", "RSS growth MiB", "ours/peer step time",
+        "ours/peer peak RSS"]
     body = []
     for r in rows:
         if r["status"] != "ok":
             continue
         ours = _ok(rows, "ours", r["arch"]) if r["system"] != "ours" else None
-        body.append([r["system"], r["arch"], r["fvu"], r["l0"], r["dead_fraction"], 1e3 * r["median_step_s"],
+        body.append([r["system"], r["arch"], r["fvu"], r["l0"], r["dead_fraction"]]
+                    + ([r.get("ce_loss_recovered", "-"), r.get("kl_div_sae", "-")] if spliced else [])
+                    + [1e3 * r["median_step_s"],
                      1e3 * min(r["step_seconds"], default=float("nan")), r["tokens_per_s"], r["peak_rss_mib"],
                      r["peak_rss_mib"] - r["rss_start_mib"],
                      _ratio(ours and ours["median_step_s"], r["median_step_s"]) if ours else "-",
@@ -145,6 +159,12 @@ def render(results: dict[str, Any]) -> str:
         "",
         main_table(results["main"]),
     ]
+    spliced = next((r for r in results["main"] if "splice_tokens" in r), None)
+    if spliced:
+        lines += ["", f"CE recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean) and KL (clean || spliced) of the "
+                      f"model with each SAE in place of its hook point, on {spliced['splice_tokens']} tokens of "
+                      f"held-out contexts (CE clean {spliced['ce_loss_clean']:.4f}, zero-ablated "
+                      f"{spliced['ce_loss_zero']:.4f})."]
     if results["scaling"]:
         systems = list(results["scaling"][0]["systems"])
         lines += ["", f"## Scaling: TopK step time against width (k={s['k']}, batch {s['batch']})", "",

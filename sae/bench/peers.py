@@ -1,15 +1,17 @@
 """Side-by-side benchmark against SAELens and sparsify: speed, memory and SAE quality on the same activations.
 
     python -m sae.bench.peers [--out runs/bench_peers] [--train-tokens 491520] [--threads 2]
+    python -m sae.bench.peers --model smollm2 --hookpoint layers.15 --splice-contexts 32 --archs topk
 
 Installs nothing. The peers run in their own virtual environment (``bash launch/peers_env.sh``
 creates ``.venv-peers`` with sae-lens and eai-sparsify next to the same torch); its python is
 ``$SAE_PEERS_PYTHON`` or ``.venv-peers/bin/python``. A missing venv or library skips that peer
 with a message.
 
-1. Activations (:mod:`.peer_data`): the packaged MiniLM's ``layers.3`` residual over the built-in
-   corpus, harvested once by our harvester into ``<out>/activations.safetensors`` (train split
-   shuffled once, held-out split of other contexts); reused when it matches the request.
+1. Activations (:mod:`.peer_data`): the packaged MiniLM's ``layers.3`` residual (``--model``,
+   ``--hookpoint``: e.g. SmolLM2's ``layers.15``) over the built-in corpus, harvested once by our
+   harvester into ``<out>/activations.safetensors`` (train split shuffled once, held-out split of
+   other contexts); reused when it matches the request.
 2. Training: every system trains in its own process (so peak RSS is its own) with its own
    training classes (runners :mod:`.peer_ours`, ``sae_peers.saelens``, ``sae_peers.sparsify``) on the
    same batches in the same order: same width, k, batch, token budget, Adam, lr and schedule
@@ -21,7 +23,9 @@ with a message.
 3. Evaluation: each system's saved weights are loaded into our classes by our importer
    (:func:`sae.export.load.load_pretrained_with_info`) and scored by one evaluator
    (:func:`sae.eval.quick.evaluate_batches`) on the held-out split: FVU, L0, dead fraction
-   (never fired on held-out).
+   (never fired on held-out); with ``--splice-contexts N`` on a causal LM, also CE loss recovered
+   and KL of the model with each SAE spliced in, on N held-out contexts by the evaluator's splice
+   code (:mod:`.peer_splice`).
 4. Scaling: TopK step time at 4x, 16x and 64x latents (fixed k) for each system, next to the
    time of the encoder product ``x @ W_enc^T`` alone; ``--scaling-steps`` steps per run, and the
    main runs themselves at the main width.
@@ -50,6 +54,7 @@ from sae_peers.runtime import ActivationFile
 from sae.bench import peer_report
 from sae.bench.common import median_time
 from sae.bench.peer_data import harvest_split, write_activation_file
+from sae.bench.peer_splice import SpliceSetup, splice_metrics, splice_setup
 from sae.buffer.source import Batch
 from sae.eval.quick import evaluate_batches
 from sae.export.load import load_pretrained_with_info
@@ -157,12 +162,16 @@ def heldout_batches(data: ActivationFile, batch: int, limit: int) -> list[Batch]
     return [Batch(data.rows("heldout", s, min(batch, n - s))) for s in range(0, n, batch)]
 
 
-def evaluate(row: dict[str, Any], batches: list[Batch]) -> dict[str, Any]:
-    """Load the row's weights with our importer and score them on the held-out split."""
+def evaluate(row: dict[str, Any], batches: list[Batch], splice: SpliceSetup | None = None) -> dict[str, Any]:
+    """Load the row's weights with our importer and score them on the held-out split (and spliced
+    into the model, given ``splice``)."""
     loaded = load_pretrained_with_info(row["weights"])
     m = evaluate_batches(loaded.sae, batches)
-    return {"format": loaded.format, "loaded_as": loaded.sae.architecture, "fvu": m["fvu"], "l0": m["l0"],
-            "dead_fraction": m["dead_fraction"], "cosine": m["cosine"], "eval_tokens": int(m["tokens"])}
+    out = {"format": loaded.format, "loaded_as": loaded.sae.architecture, "fvu": m["fvu"], "l0": m["l0"],
+           "dead_fraction": m["dead_fraction"], "cosine": m["cosine"], "eval_tokens": int(m["tokens"])}
+    if splice is not None:
+        out.update(splice_metrics(splice, loaded.sae), splice_tokens=splice.tokens)
+    return out
 
 
 def encoder_matmul_ms(x: torch.Tensor, num_latents: int, repeats: int = 5) -> float:
@@ -176,7 +185,8 @@ def prepare_data(args: argparse.Namespace, out: Path) -> Path:
     if args.activations:
         return Path(args.activations)
     path = out / "activations.safetensors"
-    want = {"hookpoint": args.hookpoint, "heldout_every": args.heldout_every, "seed": args.seed}
+    want = {"hookpoint": args.hookpoint, "heldout_every": args.heldout_every, "seed": args.seed,
+            "model": args.model}
     if path.is_file():
         info = ActivationFile(path).info
         rows = info.get("train_rows", 0)  # a larger file serves a smaller budget: runners read its first batches
@@ -188,7 +198,7 @@ def prepare_data(args: argparse.Namespace, out: Path) -> Path:
             return path
     t0 = time.perf_counter()
     train, heldout, info = harvest_split(args.train_tokens, args.heldout_tokens, args.batch, hookpoint=args.hookpoint,
-                                         heldout_every=args.heldout_every, seed=args.seed)
+                                         model=args.model, heldout_every=args.heldout_every, seed=args.seed)
     info["harvest_s"] = time.perf_counter() - t0
     return write_activation_file(path, train, heldout, info)
 
@@ -201,6 +211,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-tokens", type=int, default=65_536)
     p.add_argument("--heldout-every", type=int, default=8, help="every N-th context is held out")
     p.add_argument("--hookpoint", default="layers.3")
+    p.add_argument("--model", default="all-MiniLM-L6-v2", help="the packaged model (or smollm2, a causal LM)")
+    p.add_argument("--splice-contexts", type=int, default=0,
+                   help="causal LMs: CE loss recovered and KL on this many held-out contexts (0: off)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"any of {', '.join(SYSTEMS)}")
     p.add_argument("--archs", default="topk,batchtopk,jumprelu", help="ours and SAELens; sparsify has TopK only")
     p.add_argument("--expansion", type=int, default=16)
@@ -236,6 +249,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     archs = [a for a in args.archs.split(",") if a]
     steps = max(1, args.train_tokens // args.batch)
     held = heldout_batches(data, args.batch, args.heldout_tokens)
+    splice = (splice_setup(args.model, args.hookpoint, args.heldout_every, args.splice_contexts)
+              if args.splice_contexts > 0 else None)
     main_rows = []
     for arch in archs:
         for system in systems:
@@ -243,7 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             row = run_system(setup, system, arch, args.expansion * d, steps, out, peers)
             if row["status"] == "ok":
-                row.update(evaluate(row, held))
+                row.update(evaluate(row, held, splice))
             log.info("%s %s: %s", system, arch, row["status"])
             main_rows.append(row)
     scaling = []

@@ -86,7 +86,8 @@ def test_peer_bench_trains_evaluates_and_reports_every_system(tmp_path):
         s: rows[(s, "topk")]["median_step_s"] for s in ("ours", "saelens", "sparsify")}
 
     (checks,) = results["targets"].values()
-    assert len(checks) == 4 and all(t["value"] is not None and t["met"] in (True, False) for t in checks)
+    assert len(checks) == 5 and all(t["value"] is not None and t["met"] in (True, False) for t in checks)
+    assert checks[-2]["target"] == "tokens/s >= 2x sparsify's"
     on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
     assert on_disk["main"] == json.loads(json.dumps(results["main"]))
     md = (tmp_path / "out" / "results.md").read_text()
@@ -107,3 +108,36 @@ def test_peer_bench_skips_a_missing_peer_with_the_reason(tmp_path, monkeypatch):
     assert all(t["met"] is None for checks in results["targets"].values() for t in checks)
     md = (tmp_path / "out" / "results.md").read_text()
     assert "not measured" in md and "skipped" in md
+
+
+def test_peer_splice_scores_any_sae_in_the_causal_lm(tiny_gpt2):
+    """--splice-contexts: CE loss recovered and KL of an SAE spliced into a causal LM on held-out contexts
+    (the same splice code as sae-eval); an exact reconstruction recovers everything, noise does not."""
+    from sae.bench.peer_splice import splice_metrics, splice_setup
+    from sae.models import SAEConfig, build_sae
+
+    setup = splice_setup(str(tiny_gpt2), "layers.0", heldout_every=8, contexts=4)
+    assert len(setup.batches) == 1 and setup.batches[0].input_ids.shape[0] == 4 and setup.tokens > 0
+    sae = build_sae(SAEConfig(num_latents=128, k=8), 32, seed=0)
+    noisy = splice_metrics(setup, sae)
+    assert set(noisy) == {"ce_loss_clean", "ce_loss_sae", "ce_loss_zero", "ce_loss_recovered", "kl_div_sae"}
+    assert all(v == v for v in noisy.values()) and noisy["kl_div_sae"] > 0
+
+    class Exact(torch.nn.Module):  # reconstructs its input exactly: the spliced model is the clean one
+        d_out = 32
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, x):
+            return x
+
+        def reconstruct(self, x, codes):
+            return codes
+
+    exact = splice_metrics(setup, Exact())
+    assert exact["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert exact["kl_div_sae"] == pytest.approx(0, abs=1e-5)
+    with pytest.raises(ValueError, match="needs a causal LM"):
+        splice_setup("all-MiniLM-L6-v2", "layers.3", heldout_every=8, contexts=2)
