@@ -61,7 +61,7 @@ def train(backend: str, steps: int, batch_size: int, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "steps", [6, pytest.param(80, marks=pytest.mark.slow)], ids=["6_steps", "80_steps"]
+    "steps", [6, pytest.param(40, marks=pytest.mark.slow)], ids=["6_steps", "40_steps"]
 )
 def test_triton_training_matches_eager(triton_ops, monkeypatch, steps: int):
     batch_size = 16
@@ -73,7 +73,7 @@ def test_triton_training_matches_eager(triton_ops, monkeypatch, steps: int):
         assert fvu[-5:].mean() < 0.8 * fvu[:5].mean(), f"fvu did not fall: {fvu.tolist()}"
     assert auxk_steps >= steps // 2, f"AuxK ran in only {auxk_steps} of {steps} steps"
     # Observed: losses and parameters agree to ~2e-7 after 40 steps; 80 and 200 steps pass the same
-    # bounds (200 steps take about 130 s in the interpreter: the suite runs 80).
+    # bounds (200 steps take about 130 s in the interpreter, 80 about 40 s: the suite runs 40).
     torch.testing.assert_close(torch.tensor(triton_losses), torch.tensor(eager_losses), rtol=1e-5, atol=0)
     init = build_sae(SAEConfig(architecture="topk", num_latents=64, k=4), 16, seed=0)
     for name, p in eager_params.items():
