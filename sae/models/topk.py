@@ -149,15 +149,18 @@ class TopKSAE(SparseCoder):
             x_BD, idx, pre_vals, self.W_enc, self.b_enc, self.W_dec, self.b_dec, b_pre_D=self.pre_encoder_bias(),
             x_in_BD=x_in, offset_BE=self.skip(x_BD), y_BE=y_BE)
         codes = SparseCodes(vals, idx)
-        losses = {"fvu": fvu_from_error(err_sq, y_BE, variance_fn)}
-        loss = losses["fvu"]
+        auxk = None
         if dead_mask is not None and self.cfg.auxk_alpha > 0:
             auxk = self.auxk_loss(x_BD, x_in, pre, dead_mask, (y_BE - x_hat).detach(), variance_fn)
-            if auxk is not None:
-                losses["auxk"] = auxk
-                loss = loss + self.cfg.auxk_alpha * auxk
-        losses["loss"] = loss
-        return ForwardOutput(x_hat, codes, losses)
+        return ForwardOutput(x_hat, codes, self._losses(fvu_from_error(err_sq, y_BE, variance_fn), auxk))
+
+    def _losses(self, fvu_loss: Tensor, auxk: Tensor | None) -> dict[str, Tensor]:
+        """The named loss terms: FVU, AuxK (when some latent is dead) and their weighted sum."""
+        losses = {"fvu": fvu_loss}
+        if auxk is not None:
+            losses["auxk"] = auxk
+        losses["loss"] = fvu_loss if auxk is None else fvu_loss + self.cfg.auxk_alpha * auxk
+        return losses
 
     # --- latent parallelism: the exact global top-k over ranks (Gao et al. 2024, sec. 5) ------------
     def forward_with(self, latents: LocalLatents, x_BD: Tensor, y_BE: Tensor | None = None, *,
@@ -181,15 +184,10 @@ class TopKSAE(SparseCoder):
         skip = self.skip(x_BD)
         if skip is not None:
             x_hat = x_hat + skip
-        losses = {"fvu": fvu(x_hat, y_BE, variance_fn)}
-        loss = losses["fvu"]
+        auxk = None
         if dead_mask is not None and self.cfg.auxk_alpha > 0:
             auxk = self._auxk_with(latents, x_in, pre, dead_mask, (y_BE - x_hat).detach(), variance_fn)
-            if auxk is not None:
-                losses["auxk"] = auxk
-                loss = loss + self.cfg.auxk_alpha * auxk
-        losses["loss"] = loss
-        return ForwardOutput(x_hat, SparseCodes(vals, idx), losses)
+        return ForwardOutput(x_hat, SparseCodes(vals, idx), self._losses(fvu(x_hat, y_BE, variance_fn), auxk))
 
     def _auxk_with(self, latents: LocalLatents, x_in_BD: Tensor, pre_BL: Tensor, dead_mask_L: Tensor,
                    residual_BE: Tensor, variance_fn: VarianceFn | None) -> Tensor | None:

@@ -176,9 +176,11 @@ class Trainer:
     weights go; :class:`~sae.train.checkpointing.Checkpointing` of ``cfg.out_dir``), the ``logger``
     and an ``evaluator`` called as ``evaluator(trainer)`` after every step (e.g.
     :class:`sae.eval.quick.PeriodicEval`). ``fit()`` asks the checkpointing to claim its folder first
-    (:mod:`sae.train.run_dir`) unless the caller already did: one run at a time, and a folder that
-    holds a different or a finished run is refused, not overwritten. ``step_hooks`` are called after
-    the evaluator (progress marks, fault-injection tests).
+    (:mod:`sae.train.run_dir`) unless the caller already did: one run at a time, and a resume only of
+    the same run (a finished or different run there is an error; ``resume=False`` moves it aside).
+    ``step_hooks`` are called after the evaluator (progress marks, fault-injection tests). Note that
+    ``fit()`` runs the data-dependent initialisation (b_dec, encoder scale, thresholds) on the first
+    batch; calling ``train_step`` directly skips it unless ``init_from_data`` is called first.
     """
 
     def __init__(self, cfg: TrainConfig, saes: dict[str, SparseCoder], source: ActivationSource, *,

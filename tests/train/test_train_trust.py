@@ -54,7 +54,7 @@ def test_refused_resume_and_resume_false_touch_no_byte_of_the_other_run(tmp_path
 
 @pytest.mark.parametrize("override, says", [
     ("train.steps=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
-    ("train=smok", "Could not find 'train/smok'; Available options in 'train': default, demo, smoke"),
+    ("train=smok", "Could not find 'train/smok'; Available options in 'train': default, demo, demo_lm, smoke"),
     ("sae.nope=1", "Key 'nope' not in 'SAEConfig'"),
 ])
 def test_override_errors_are_one_line(tmp_path, override, says):
