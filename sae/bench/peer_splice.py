@@ -15,7 +15,7 @@ from itertools import islice
 from typing import Any
 
 from sae.buffer.normalize import Normalizer
-from sae.eval.lm import SAEReconstructor, keep_mask, load_eval_model
+from sae.eval.lm import SAEReconstructor, load_eval_model
 from sae.eval.splice import SpliceBatch, resolve_site, splice_eval
 from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
 from sae.harvest.harvester import Harvester
@@ -48,7 +48,7 @@ def splice_setup(model: str, hookpoint: str, heldout_every: int, contexts: int, 
     held = (c for c in iter_contexts(load_text_dataset(text), lm.tokenizer, text)
             if c.index % heldout_every == heldout_every - 1)
     picked = list(islice(held, contexts))
-    batches = [SpliceBatch(b.input_ids, b.attention_mask, keep_mask(harvester, b))
+    batches = [SpliceBatch(b.input_ids, b.attention_mask, harvester.keep_mask(b))
                for b in iter_batches(picked, batch_size, harvester.pad_id)]
     return SpliceSetup(lm.model, resolve_site(lm.model, hookpoint), batches, kind, lm.device,
                        int(sum(int(b.keep.sum()) for b in batches)))

@@ -47,6 +47,9 @@ class LiveConfig:
     harvest: HarvestConfig = field(default_factory=lambda: HarvestConfig(progress=False))
     mixing_tokens: int = 65536  # rows shuffled together (memory: about two such blocks)
     heldout_contexts: int = 64  # the first contexts are held out for evaluation and normalisation stats
+    # Contexts after the held-out ones that training skips, e.g. those the run a fine-tune starts
+    # from (train.init_from) already trained on, so that the fine-tune reads new text.
+    skip_contexts: int = 0
 
 
 @dataclass
@@ -82,6 +85,7 @@ def validate_data(cfg: DataConfig) -> None:
         (cfg.buffer.verify in VERIFY, "buffer.verify", cfg.buffer.verify, f"must be one of {', '.join(VERIFY)}"),
         (cfg.live.mixing_tokens > 0, "live.mixing_tokens", cfg.live.mixing_tokens, "must be > 0"),
         (cfg.live.heldout_contexts >= 0, "live.heldout_contexts", cfg.live.heldout_contexts, "must be >= 0"),
+        (cfg.live.skip_contexts >= 0, "live.skip_contexts", cfg.live.skip_contexts, "must be >= 0"),
         (cfg.source != "live" or bool(cfg.hookpoint) or bool(cfg.hookpoints), "hookpoint", cfg.hookpoint,
          "must name a hook point for data=live (e.g. data.hookpoint=layers.3)"),
         (not cfg.hookpoints or not cfg.target_hookpoint, "hookpoints", cfg.hookpoints,

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from sae.harvest.config import validate_harvest
 from sae.harvest.harvester import Chunk, Harvester
-from sae.harvest.model import load_model
+from sae.harvest.model import LoadedModel, load_model
 from sae.harvest.text import load_text_dataset
 from sae.prefetch import prefetched
 
@@ -37,13 +37,17 @@ class LiveSource:
 
     def identity(self) -> dict[str, Any]:
         """What a resume must match (see sae.train.run_dir): model, text and hook points."""
-        return {"source": "live", "model": dataclasses.asdict(self.cfg.model),
-                "text": dataclasses.asdict(self.cfg.text), "hookpoints": self.hookpoints,
-                "target_hookpoint": self.target_hookpoint, "normalize": self.x_norm.mode}
+        out = {"source": "live", "model": dataclasses.asdict(self.cfg.model),
+               "text": dataclasses.asdict(self.cfg.text), "hookpoints": self.hookpoints,
+               "target_hookpoint": self.target_hookpoint, "normalize": self.x_norm.mode}
+        if self.cfg.skip_contexts:
+            out["skip_contexts"] = self.cfg.skip_contexts
+        return out
 
     def __init__(self, cfg: LiveConfig, batch_size: int, *, hookpoint: str = "", target_hookpoint: str = "",
                  hookpoints: list[str] | None = None, seed: int = 0, normalize: str = "none", prefetch: int = 4,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, lm: LoadedModel | None = None):
+        """``lm``: the model, already loaded (default: ``load_model(cfg.model)``)."""
         validate_harvest(cfg.model, cfg.text, cfg.harvest)
         if batch_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"batch_size={batch_size}, rank={rank}, world_size={world_size}: need batch_size > 0 "
@@ -51,7 +55,7 @@ class LiveSource:
         if hookpoints and target_hookpoint:
             raise ValueError("data.hookpoints (one SAE per hook point) excludes data.target_hookpoint")
         wanted = list(hookpoints) if hookpoints else [hookpoint] + ([target_hookpoint] if target_hookpoint else [])
-        self.harvester = Harvester(load_model(cfg.model), wanted, cfg.text, cfg.harvest)
+        self.harvester = Harvester(lm or load_model(cfg.model), wanted, cfg.text, cfg.harvest)
         if not hookpoints and len(self.harvester.names) != len(wanted):
             raise ValueError(f"data.hookpoint={hookpoint!r} / data.target_hookpoint={target_hookpoint!r} must each "
                              f"name one hook point; they resolve to {self.harvester.names}")
@@ -116,14 +120,19 @@ class LiveSource:
                                                                                            "contexts")))
         return self._heldout
 
+    @property
+    def first_context(self) -> int:
+        """The first context trained on: after the held-out ones and ``skip_contexts``."""
+        return self.cfg.heldout_contexts + self.cfg.skip_contexts
+
     def _mine(self, context: int) -> bool:
-        held = self.cfg.heldout_contexts
-        return context >= held and (context - held) % self.world_size == self.rank
+        first = self.first_context
+        return context >= first and (context - first) % self.world_size == self.rank
 
     def _blocks(self, start: Position) -> Iterator[tuple[Block, int]]:
         block, rows_before, offset = start
         budget = self.cfg.harvest.max_tokens
-        first = self.cfg.heldout_contexts + block * self.block_contexts * self.world_size
+        first = self.first_context + block * self.block_contexts * self.world_size
         chunks = self.harvester.chunks(self.ds, start_context=first, select=self._mine)
         per_block = self.block_contexts // self.cfg.harvest.batch_size
         while not budget or rows_before < budget:

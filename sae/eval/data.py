@@ -31,7 +31,6 @@ from sae.harvest.config import HarvestConfig, TextConfig
 from sae.harvest.harvester import Harvester
 from sae.harvest.text import iter_batches, iter_contexts
 
-from .lm import keep_mask
 from .splice import SpliceBatch
 
 TOKEN_FIELDS = ("token_ids", "positions", "contexts")
@@ -213,5 +212,5 @@ def splice_batches(harvester: Harvester, text: TextConfig, ds: Any, wanted: dict
     if len(picked) != len(wanted):
         missing = sorted(set(wanted) - {c.index for c in picked})[:5]
         raise ValueError(f"text {text.name!r} ended before contexts {missing}; it is not the text of these activations")
-    return [SpliceBatch(b.input_ids, b.attention_mask, keep_mask(harvester, b))
+    return [SpliceBatch(b.input_ids, b.attention_mask, harvester.keep_mask(b))
             for b in iter_batches(picked, batch_size, harvester.pad_id)]

@@ -15,7 +15,6 @@ from torch import Tensor
 
 from sae.buffer.normalize import Normalizer
 from sae.harvest.config import ModelConfig
-from sae.harvest.harvester import Harvester
 from sae.harvest.hookpoints import FAMILIES
 from sae.harvest.model import (
     TORCH_DTYPES,
@@ -25,7 +24,6 @@ from sae.harvest.model import (
     resolve_device,
     resolve_model_path,
 )
-from sae.harvest.text import ContextBatch
 from sae.models import SparseCoder
 
 _ENCODER_TYPES = {t for t, fam in FAMILIES.items() if fam is FAMILIES["bert"]}
@@ -76,16 +74,6 @@ def load_eval_model(cfg: ModelConfig, kind: str = "auto") -> tuple[LoadedModel, 
     info = {"name": cfg.name, "path": path, "revision": cfg.revision, "class": type(model).__name__,
             "model_type": getattr(hf_config, "model_type", ""), "dtype": cfg.dtype}
     return LoadedModel(model, tokenizer, device, info), kind
-
-
-def keep_mask(harvester: Harvester, batch: ContextBatch) -> Tensor:
-    """[B, T] bool: the positions the harvester keeps (the same rules as ``Harvester.harvest``)."""
-    keep = batch.attention_mask.bool()
-    if harvester.cfg.drop_special and harvester.special_ids.numel():
-        keep &= ~torch.isin(batch.input_ids, harvester.special_ids)
-    if harvester.cfg.drop_first:
-        keep[:, 0] = False
-    return keep
 
 
 def normalizer_from_dict(d: dict[str, Any] | None) -> Normalizer:

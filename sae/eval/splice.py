@@ -88,6 +88,25 @@ def with_first(value: Any, t: Tensor) -> Any:
     return t
 
 
+def site_hook(module: nn.Module, kind: str, fn: Callable[[Tensor], Tensor | None]):
+    """Hook ``fn`` on a hook point of ``module`` (``kind`` input: its input, else its output):
+    ``fn`` gets the activation tensor and returns a replacement, or None to leave it. Returns the
+    handle to remove."""
+    if kind == "input":
+        def pre(mod, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            new = fn(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(mod, args, output):
+        new = fn(first_tensor(output))
+        return None if new is None else with_first(output, new)
+    return module.register_forward_hook(post)
+
+
 class Splicer:
     """Forward hooks that capture the read site and overwrite the write site at kept positions.
 
@@ -106,24 +125,8 @@ class Splicer:
         modules = dict(model.named_modules())
         self.handles = []
         if not self.same_site:
-            self.handles.append(self._register(modules[read.module], read.kind, self._on_read))
-        self.handles.append(self._register(modules[write.module], write.kind, self._on_write))
-
-    @staticmethod
-    def _register(module: nn.Module, kind: str, fn: Callable[[Tensor], Tensor | None]):
-        if kind == "input":
-            def pre(mod, args, kwargs):
-                if args:
-                    new = fn(args[0])
-                    return None if new is None else ((new, *args[1:]), kwargs)
-                new = fn(kwargs["hidden_states"])
-                return None if new is None else (args, {**kwargs, "hidden_states": new})
-            return module.register_forward_pre_hook(pre, with_kwargs=True)
-
-        def post(mod, args, output):
-            new = fn(first_tensor(output))
-            return None if new is None else with_first(output, new)
-        return module.register_forward_hook(post)
+            self.handles.append(site_hook(modules[read.module], read.kind, self._on_read))
+        self.handles.append(site_hook(modules[write.module], write.kind, self._on_write))
 
     def prepare(self, mode: str, keep: Tensor) -> None:
         self.mode, self.keep, self.x = mode, keep, None  # x from an earlier forward must never be reused
@@ -197,8 +200,8 @@ class CLTSplicer:
         modules = dict(model.named_modules())
         self.handles = []
         for i, (r, w) in enumerate(zip(reads, writes)):
-            self.handles.append(Splicer._register(modules[r.module], r.kind, lambda x, i=i: self._on_read(i, x)))
-            self.handles.append(Splicer._register(modules[w.module], w.kind, lambda v, j=i: self._on_write(j, v)))
+            self.handles.append(site_hook(modules[r.module], r.kind, lambda x, i=i: self._on_read(i, x)))
+            self.handles.append(site_hook(modules[w.module], w.kind, lambda v, j=i: self._on_write(j, v)))
 
     @property
     def count(self) -> int:

@@ -174,14 +174,20 @@ class Harvester:
             chunk = self._harvest(batch)
         return self.checked(chunk) if wait else chunk
 
+    def keep_mask(self, batch: ContextBatch) -> Tensor:
+        """[B, T] bool: the positions whose rows are kept (no padding; no special tokens and no
+        first position where ``harvest.drop_special`` / ``drop_first`` say so)."""
+        keep = batch.attention_mask.bool()
+        if self.cfg.drop_special and self.special_ids.numel():
+            keep &= ~torch.isin(batch.input_ids, self.special_ids)
+        if self.cfg.drop_first:
+            keep[:, 0] = False
+        return keep
+
     def _harvest(self, batch: ContextBatch) -> Chunk:
         acts = self.capture(batch.input_ids, batch.attention_mask)
         ids = batch.input_ids
-        keep = batch.attention_mask.bool()
-        if self.cfg.drop_special and self.special_ids.numel():
-            keep &= ~torch.isin(ids, self.special_ids)
-        if self.cfg.drop_first:
-            keep[:, 0] = False
+        keep = self.keep_mask(batch)
         B, T = ids.shape
         positions = torch.arange(T, dtype=torch.int32).expand(B, T)[keep]
         contexts = batch.index[:, None].expand(B, T)[keep]

@@ -47,8 +47,20 @@ class RunResult:
     """SAE name -> ``sae.runners.evaluate.EvalResult`` of the full evaluation (``train.final_report``)."""
 
 
-def build_source(data: DataConfig, batch_size: int, *, rank: int = 0, world_size: int = 1) -> ActivationSource:
+def build_source(data: DataConfig, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 loss: str = "mse") -> ActivationSource:
+    """The activation source of ``data``; for an end-to-end ``loss`` (train.loss kl, ce, kl+mse)
+    the live stream of whole contexts (:class:`sae.train.end_to_end.ContextSource`)."""
     validate_data(data)
+    if loss != "mse":
+        if data.source != "live":
+            raise ValueError(f"train.loss={loss} splices the SAE into the model's forward, so it reads text, not "
+                             f"stored activations: use data=live (data.live.model=..., data.hookpoint=...), not "
+                             f"data.source={data.source}")
+        from sae.train.end_to_end import ContextSource
+
+        return ContextSource(data.live, batch_size, hookpoint=data.hookpoint, target_hookpoint=data.target_hookpoint,
+                             seed=data.seed, normalize=data.normalize, rank=rank, world_size=world_size, loss=loss)
     if data.source == "synthetic":
         return SyntheticSource(data.synthetic, batch_size, rank=rank, world_size=world_size)
     if data.source == "buffer":
@@ -188,17 +200,23 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
     hp_of: dict[str, str] | None = None  # data.hookpoints: SAE name -> its hook point
     clt_meta: dict[str, Any] = {}
     if any(sae_class(c.architecture).cross_layer for c in cfgs.values()):  # every layer's MLP in/out, side by side
+        if run.train.loss != "mse":
+            raise ValueError(f"train.loss={run.train.loss} is not implemented for cross-layer transcoders (every "
+                             "MLP replaced at once); train them with train.loss=mse")
         from sae.buffer.clt_source import build_clt_source, clt_configs
 
         source = build_clt_source(run.data, run.train.batch_size, rank=rank, world_size=world)
         cfgs, clt_meta = clt_configs(cfgs, source), {"clt": source.meta()}
     elif run.data.hookpoints:
+        if run.train.loss != "mse":
+            raise ValueError(f"train.loss={run.train.loss} trains the SAEs of one hook point (data.hookpoint); "
+                             "data.hookpoints trains one per hook point with train.loss=mse only")
         if run.train.init_from:
             raise ValueError("train.init_from fine-tunes one published SAE; it does not combine with data.hookpoints")
         source, by_name = build_hookpoint_source(run, strategy, list(cfgs))
         hp_of = {n: hp for n, (_, hp) in by_name.items()}
     else:
-        source = build_source(run.data, run.train.batch_size, rank=rank, world_size=world)
+        source = build_source(run.data, run.train.batch_size, rank=rank, world_size=world, loss=run.train.loss)
     if run.train.resume:
         check_checkpoint_sizes(Path(run.train.out_dir), source, hp_of)
     # Build every SAE before writing anything, so bad sizes fail with nothing on disk.
@@ -277,8 +295,13 @@ def _train_claimed(run: TrainRunConfig, saes: dict[str, Any], source: Activation
             log.info("train.parallel=latent: no periodic held-out evaluation (the final one still runs)")
         else:
             evaluator = PeriodicEval(held(run.train.eval_batches, saes), run.train.eval_every)
+    objective = None
+    if run.train.loss != "mse":
+        from sae.train.end_to_end import EndToEnd
+
+        objective = EndToEnd(source, run.train.loss, run.train.mse_coefficient)
     trainer = Trainer(run.train, saes, source, strategy=strategy, device=device, hookpoints=hp_of, logger=logger,
-                      checkpointing=checkpointing, evaluator=evaluator)
+                      checkpointing=checkpointing, evaluator=evaluator, objective=objective)
     histogram_every = run.wandb.histogram_every or run.train.eval_every
     spread = strategy.name == "sae" and dist.world_size() > 1  # every rank holds SAEs of its own
     local_hist = wandb_logger is not None and strategy.name != "latent"

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+#: train.loss: mse (reconstruction only) or an end-to-end loss (sae.train.end_to_end).
+LOSSES = ("mse", "kl", "ce", "kl+mse")
+
 
 @dataclass
 class TrainConfig:
@@ -48,6 +51,14 @@ class TrainConfig:
     # whose ghost grads must start within a short run (sae.train.dead.resolve_dead_threshold).
     dead_tokens_threshold: Optional[int] = None  # noqa: UP045
     b_dec_init_samples: int = 4096
+    # What the SAE is trained to preserve (sae.train.end_to_end): mse (its reconstruction; any data
+    # source) | kl (the model's next-token distribution: KL(clean || spliced), the SAE's output
+    # spliced into the frozen model's forward) | ce (the spliced model's next-token cross-entropy) |
+    # kl+mse (KL plus mse_coefficient x the reconstruction FVU). kl, ce and kl+mse need data=live on a
+    # causal LM; a step then reads batch_size / context_length whole contexts. The family's other
+    # terms (AuxK, sparsity penalties) stay in every loss.
+    loss: str = "mse"
+    mse_coefficient: float = 1.0
     # Fine-tune a published SAE instead of a fresh one: a folder or Hub repo id in our, SAELens' or
     # sparsify's format (``sae.export.load_pretrained``); its architecture and sizes replace ``sae.*``,
     # and no data-dependent init runs. ``init_hookpoint`` picks one SAE of a multi-SAE repo.

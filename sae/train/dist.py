@@ -133,6 +133,16 @@ def all_gather_stack(t: Tensor) -> Tensor:
     return torch.stack(out)
 
 
+def all_gather_rows(t: Tensor) -> Tensor:
+    """Every rank's rows of ``t`` [N_r, ...] (the counts may differ), concatenated in rank order."""
+    if not is_distributed():
+        return t
+    counts = all_gather_stack(torch.tensor([t.shape[0]], device=t.device)).flatten().tolist()
+    padded = t.new_zeros((max(counts), *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    return torch.cat([part[:n] for part, n in zip(all_gather_stack(padded), counts)])
+
+
 def broadcast_(t: Tensor, src: int = 0) -> Tensor:
     if is_distributed():
         STATS.add(t)

@@ -127,9 +127,10 @@ class DataParallel(SingleProcess):
         return saes
 
     def init_from_data(self, sae: SparseCoder, x: Tensor, y: Tensor | None) -> None:
-        # The union of every rank's sample, so the init equals one process reading all of it.
-        xs = dist.all_gather_stack(x).flatten(0, 1)
-        ys = dist.all_gather_stack(y).flatten(0, 1) if y is not None else None
+        # The union of every rank's sample, so the init equals one process reading all of it (the
+        # ranks' row counts differ in end-to-end training: the kept positions of their contexts).
+        xs = dist.all_gather_rows(x)
+        ys = dist.all_gather_rows(y) if y is not None else None
         sae.init_from_data(xs, ys)
 
     def forward(self, sae: SparseCoder, x: Tensor, y: Tensor | None, **kw: Any) -> ForwardOutput:

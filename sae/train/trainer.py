@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from sae_kernels.dispatch import Backend, resolve_backend
@@ -29,7 +29,7 @@ from sae.models import SparseCoder, token_variance
 
 from . import dist
 from .checkpointing import Checkpointing
-from .config import TrainConfig
+from .config import LOSSES, TrainConfig
 from .dead import DeadLatentTracker, resolve_dead_threshold
 from .finite import NonFiniteWatch
 from .graphed import GraphedSteps
@@ -38,6 +38,9 @@ from .optim import ADAM_STATE_DTYPES
 from .schedule import build_optimizer, build_scheduler, default_lr
 from .sparsity import SparsityController
 from .strategy import SingleProcess
+
+if TYPE_CHECKING:
+    from .end_to_end import EndToEnd
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (cfg.eval_batches > 0, "eval_batches", "must be > 0"),
         (cfg.adam_state_dtype in ADAM_STATE_DTYPES, "adam_state_dtype", "must be float32 or bfloat16"),
         (cfg.prefetch_to_device >= 0, "prefetch_to_device", "must be >= 0 (0: off)"),
+        (cfg.loss in LOSSES, "loss", f"must be one of {', '.join(LOSSES)}"),
+        (cfg.mse_coefficient >= 0 and math.isfinite(cfg.mse_coefficient), "mse_coefficient", "must be >= 0"),
         (cfg.lr_warmup_steps is None or cfg.lr_warmup_steps >= 0, "lr_warmup_steps",
          "must be >= 0, or null (5% of the run, at most 1000 steps)"),
     ]
@@ -186,14 +191,27 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, saes: dict[str, SparseCoder], source: ActivationSource, *,
                  strategy: SingleProcess | None = None, device: torch.device | None = None,
                  hookpoints: dict[str, str] | None = None, logger: MetricLogger | None = None,
-                 checkpointing: Checkpointing | None = None, evaluator: Callable[[Trainer], None] | None = None):
+                 checkpointing: Checkpointing | None = None, evaluator: Callable[[Trainer], None] | None = None,
+                 objective: EndToEnd | None = None):
         """``hookpoints`` maps each SAE name to its hook point when ``source`` yields
         ``{hook point: Batch}`` (several hook points, one SAE each); without it every SAE trains on
         the same ``Batch``. SAEs fine-tuned from ``cfg.init_from`` keep their decoder bias and
-        thresholds; others get a data-dependent init from the first batch."""
+        thresholds; others get a data-dependent init from the first batch. ``objective``: the
+        end-to-end loss (``cfg.loss`` kl, ce or kl+mse; :mod:`sae.train.end_to_end`), whose
+        :class:`~sae.train.end_to_end.ContextSource` is then ``source``."""
         validate_train_config(cfg)
         if not saes:
             raise ValueError("no SAE to train")
+        if objective is None and cfg.loss != "mse":
+            raise ValueError(f"train.loss={cfg.loss} splices the SAE into the model: pass Trainer(objective="
+                             "sae.train.end_to_end.EndToEnd(...)) (sae-train builds it for data=live)")
+        if objective is not None and objective.loss != cfg.loss:
+            raise ValueError(f"the objective trains with loss {objective.loss!r} but train.loss={cfg.loss}")
+        if objective is not None and (hookpoints is not None or (strategy is not None and strategy.name not in
+                                                                  ("none", "data"))):
+            raise ValueError(f"train.loss={cfg.loss} trains one hook point's SAEs on one process or data-parallel; "
+                             "not with data.hookpoints or train.parallel=latent/sae")
+        self.objective = objective
         self.strategy = strategy or SingleProcess()
         source = as_source(source, cfg.batch_size, *self.strategy.data_split())
         self.cfg, self.source = cfg, source
@@ -258,8 +276,9 @@ class Trainer:
     def _fit(self) -> dict[str, float]:
         if self.cfg.resume:
             self.maybe_resume()
-        batches = iter(DeviceFeed(self.source, self.device, self.cfg.prefetch_to_device,
-                                  threaded=self.feed_threaded))
+        # End-to-end steps read token ids, which the model's device takes as they are.
+        depth = 0 if self.objective is not None else self.cfg.prefetch_to_device
+        batches = iter(DeviceFeed(self.source, self.device, depth, threaded=self.feed_threaded))
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and dist.is_main()),
                    unit="step", dynamic_ncols=True)
         try:
@@ -269,6 +288,9 @@ class Trainer:
                 except StopIteration:
                     log.warning("activation source exhausted after %d steps", self.step)
                     break
+                if self.objective is not None:  # the clean forward: rows and next-token targets
+                    batch = self.objective.prepare(batch, self.cfg.grad_accum_steps,
+                                                   data_parallel=self.strategy.name == "data")
                 if self.step == 0 and self.data_init:
                     self.init_from_data(batch)
                 metrics = self.train_step(batch)
@@ -328,20 +350,20 @@ class Trainer:
             if id(b) not in on_device:
                 on_device[id(b)] = self._device_batch(b, f" at {self.hookpoints[name]}" if self.hookpoints else "")
             x, y = on_device[id(b)]
-            graphed = self.graphed.step(self, name, sae, x, y)
+            graphed = self.graphed.step(self, name, sae, x, y) if self.objective is None else None
             if graphed is not None:
                 out = [graphed]
                 loss = graphed.losses["loss"].item() if log_now else math.nan
                 self.schedulers[name].step()
             else:
-                out, loss = self._eager_step(name, sae, x, y, log_now)
+                out, loss = self._eager_step(name, sae, x, y, log_now, b)
             if log_now:
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"SAE {name!r}: loss is {loss} at step {self.step}; "
                                              "lower train.lr or check the activations")
                 metrics.update(self._step_metrics(name, out, loss))
         self.step += 1
-        self.tokens += self.strategy.tokens_per_step(x.shape[0])
+        self.tokens += self._step_tokens(batch, x)
         if log_now:
             self.finite.raise_if_seen(self.step)
             for tracker in self.trackers.values():
@@ -352,9 +374,14 @@ class Trainer:
             self.last_metrics = metrics
         return metrics
 
-    def _eager_step(self, name: str, sae: SparseCoder, x: Tensor, y: Tensor | None, log_now: bool):
+    def _step_tokens(self, batch: Any, x: Tensor) -> int:
+        """The step's tokens over every data-parallel rank (an end-to-end step counts them exactly)."""
+        return batch.tokens if self.objective is not None else self.strategy.tokens_per_step(x.shape[0])
+
+    def _eager_step(self, name: str, sae: SparseCoder, x: Tensor, y: Tensor | None, log_now: bool, b=None):
+        parts, tokens = getattr(b, "parts", None), self._step_tokens(b, x)
         out, loss = self._forward_backward(sae, self.trackers[name], x, y, log_now,
-                                           self.sparsity[name].scale(self.step))
+                                           self.sparsity[name].scale(self.step), parts)
         self.strategy.after_backward(sae)
         # SAEAdam projects, clips and renormalises in its own passes (build_optimizer may decline it).
         fused = getattr(self.optimizers[name], "fuses_decoder_step", False)
@@ -370,25 +397,33 @@ class Trainer:
         self.strategy.after_step(sae)
         with torch.no_grad():
             fired = sum(self.strategy.fired_counts(sae, o) for o in out)
-            self.trackers[name].update(fired, self.strategy.tokens_per_step(x.shape[0]))
+            self.trackers[name].update(fired, tokens)
         if self.sparsity[name].wants_l0(self.step):  # the same steps on every rank: mean_l0 all-reduces
             self.sparsity[name].observe(sum(self.strategy.mean_l0(o) for o in out) / len(out), self.step)
         return out, loss
 
     def _forward_backward(self, sae: SparseCoder, tracker: DeadLatentTracker, x: Tensor, y: Tensor | None,
-                          need_loss: bool, sparsity_scale: float = 1.0):
-        """Forward and backward over ``grad_accum_steps`` chunks; returns (outputs, loss or nan)."""
-        n = self.cfg.grad_accum_steps
+                          need_loss: bool, sparsity_scale: float = 1.0, parts=None):
+        """Forward and backward over ``grad_accum_steps`` chunks (an end-to-end step: over its
+        ``parts``, chunks of its contexts); returns (outputs, loss or nan)."""
+        if parts is None:
+            n = self.cfg.grad_accum_steps
+            chunks = list(zip(x.chunk(n), y.chunk(n) if y is not None else [None] * n, [None] * n))
+        else:
+            n = len(parts)
+            chunks = [(x[p.rows], None if y is None else y[p.rows], p) for p in parts]
         kw: dict[str, Any] = {"dead_mask": self.strategy.step_dead_mask(tracker), "sparsity_scale": sparsity_scale}
         outs, total = [], 0.0 if need_loss else math.nan
         base_var = self.strategy.variance_fn or token_variance
         full_var = base_var(y if y is not None else x) if n > 1 else None
-        for xc, yc in zip(x.chunk(n), y.chunk(n) if y is not None else [None] * n):
+        for xc, yc, part in chunks:
             if n > 1:
                 target = yc if yc is not None else xc
                 kw["variance_fn"] = _ChunkVariance(target, full_var, base_var, y if y is not None else x)
             with self.autocast():
                 out = self.strategy.forward(sae, xc, yc, **kw)
+                if part is not None:
+                    out = self.objective.apply(out, part)
             (out.losses["loss"] / n).backward()
             if need_loss:  # .item() synchronises a GPU: only when logging
                 total += out.losses["loss"].item() / n

@@ -35,8 +35,8 @@ def spawn(fn, *args):
     mp.spawn(fn, args=(2, free_port(), *args), nprocs=2, join=True)
 
 
-def single(saes, source, out_dir, steps, batch, **kw):
-    t = Trainer(W.train_cfg(out_dir, steps, batch, **kw), saes, source)
+def single(saes, source, out_dir, steps, batch, objective=None, **kw):
+    t = Trainer(W.train_cfg(out_dir, steps, batch, **kw), saes, source, objective=objective)
     t.fit()
     return t
 
@@ -238,3 +238,27 @@ def test_latent_parallel_with_grad_accumulation_matches_single_process(tmp_path)
     full = consolidate_sae(tmp_path / "run" / "final" / "a")
     ref = single({"a": W.make_sae("topk", 0)}, SyntheticSource(W.SYN, batch), tmp_path / "ref", steps, batch, **extra)
     assert_close_state(full.state_dict(), ref.saes["a"].state_dict())
+
+
+def test_end_to_end_data_parallel_equals_single_process_on_the_union(tmp_path):
+    """train.loss=kl on 2 ranks: replicas stay identical and equal one process reading both ranks'
+    contexts each step (every context here has the same number of kept positions)."""
+    import json as _json
+
+    from sae.harvest.tiny import save_tiny_model
+    from sae.train.end_to_end import ContextSource, EndToEnd
+
+    model = save_tiny_model(tmp_path / "model", "llama", layers=2, hidden=W.D)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(_json.dumps({"text": f"Entry {i} says {i * 7 % 13} keys map to {i % 5} values."}) + "\n"
+                            for i in range(120)))
+    steps = 4
+    spawn(W.e2e_data_parallel, str(tmp_path), str(model), str(docs), steps)
+    r0 = load_file(str(tmp_path / "rank0.safetensors"))
+    assert_close_state(r0, load_file(str(tmp_path / "rank1.safetensors")), atol=0, rtol=0)
+    cfg = W.e2e_live_cfg(str(model), str(docs))
+    ranks = [ContextSource(cfg, 64, hookpoint="layers.0", rank=r, world_size=2) for r in range(2)]
+    ref = single({"a": W.make_sae("topk", 0, selection_dtype="float32")}, W.UnionContexts(ranks), tmp_path / "ref",
+                 steps, 128, loss="kl", eval_every=0, objective=EndToEnd(ranks[0], "kl"))
+    assert ref.tokens == int((tmp_path / "tokens0").read_text())
+    assert_close_state(r0, {f"a.{k}": v for k, v in ref.saes["a"].state_dict().items()})

@@ -209,3 +209,50 @@ def elastic_main() -> None:
 
 if __name__ == "__main__":
     elastic_main()
+
+
+def e2e_live_cfg(model: str, docs: str):
+    """The tiny causal LM's live stream for end-to-end (train.loss=kl) training: contexts of 16 tokens."""
+    from sae.buffer.config import LiveConfig
+    from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
+
+    return LiveConfig(model=ModelConfig(name=model, device="cpu"), text=TextConfig(name=docs, context_length=16),
+                      harvest=HarvestConfig(batch_size=4, progress=False), mixing_tokens=128, heldout_contexts=4)
+
+
+class UnionContexts:
+    """Every rank's contexts of a step in one batch: what one process reads in their place."""
+
+    def __init__(self, sources):
+        self.sources = sources
+        self.d_in, self.d_out = sources[0].d_in, sources[0].d_out
+
+    def __iter__(self):
+        from sae.train.end_to_end import TokenBatch
+
+        for parts in zip(*self.sources):
+            yield TokenBatch(*(torch.cat(ts) for ts in zip(*parts)))
+
+    def state_dict(self):
+        return [s.state_dict() for s in self.sources]
+
+    def load_state_dict(self, state):
+        for s, st in zip(self.sources, state):
+            s.load_state_dict(st)
+
+
+def e2e_data_parallel(rank: int, world: int, port: int, out: str, model: str, docs: str, steps: int) -> None:
+    """train.loss=kl, data-parallel: each rank splices its own contexts; saves its SAE tensors."""
+    from sae.train.end_to_end import ContextSource, EndToEnd
+
+    _init(rank, world, port)
+    try:
+        source = ContextSource(e2e_live_cfg(model, docs), 64, hookpoint="layers.0", rank=rank, world_size=world)
+        cfg = train_cfg(Path(out) / "run", steps, 64, loss="kl", eval_every=0)
+        trainer = Trainer(cfg, {"a": make_sae("topk", 0, selection_dtype="float32")}, source,
+                          strategy=build_strategy("data"), objective=EndToEnd(source, "kl"))
+        trainer.fit()
+        save_tensors(Path(out) / f"rank{rank}.safetensors", trainer.saes)
+        Path(out, f"tokens{rank}").write_text(str(trainer.tokens))
+    finally:
+        dist.destroy()
