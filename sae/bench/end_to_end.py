@@ -4,9 +4,10 @@ MSE training, both live from text (``python -m sae.bench.end_to_end``).
 Each loss trains the same TopK SAE for ``--warmup + --steps`` steps in a process of its own (so each
 peak RSS is its own); the table gives the median step time after the warm-up, tokens per second
 (the kept positions a step trains on), the peak RSS and the ratios to MSE. MSE training harvests
-in a background thread up to the hook point (the forward stops there); an end-to-end step runs
-the whole model twice (clean, then spliced) and back-propagates through the layers above the
-hook point.
+each step's tokens in a background thread, up to the hook point (the forward stops there); an
+end-to-end step runs the whole model once without gradients (clean) and the blocks above the hook
+point once more with them (spliced; the blocks below hand on the clean output), then
+back-propagates through those blocks and the LM head.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ LOSSES = ("mse", "kl", "kl+mse", "ce")
 
 
 def measure(loss: str, model: str, hookpoint: str, batch: int, context: int, steps: int, warmup: int,
-            expansion: int, k: int) -> dict[str, Any]:
+            expansion: int, k: int, text: str = "") -> dict[str, Any]:
     """Train ``steps + warmup`` steps with ``loss``; time and memory figures of this process."""
     import torch
 
@@ -39,8 +40,12 @@ def measure(loss: str, model: str, hookpoint: str, batch: int, context: int, ste
     from sae.train.trainer import Trainer
 
     torch.manual_seed(0)
-    live = LiveConfig(model=ModelConfig(name=model, device="cpu"), text=TextConfig(context_length=context),
-                      harvest=HarvestConfig(progress=False), heldout_contexts=8)
+    # Mixing blocks of one step's tokens: every MSE step harvests its own (a larger block would time
+    # the warm-up's harvest and then steps that only read memory).
+    text_cfg = TextConfig(context_length=context, **({"name": text} if text else {}))
+    live = LiveConfig(model=ModelConfig(name=model, device="cpu"), text=text_cfg,
+                      harvest=HarvestConfig(progress=False, batch_size=batch // context), heldout_contexts=8,
+                      mixing_tokens=batch)
     if loss == "mse":
         source, objective = LiveSource(live, batch, hookpoint=hookpoint), None
     else:
@@ -90,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="model.name: a packaged model or a local folder")
     p.add_argument("--hookpoint", default="layers.15")
+    p.add_argument("--text", default="", help="text.name (default: the built-in corpus)")
     p.add_argument("--losses", default=",".join(LOSSES[:3]), help=f"comma-separated, of {', '.join(LOSSES)}")
     p.add_argument("--batch", type=int, default=2048, help="tokens per step (a multiple of --context)")
     p.add_argument("--context", type=int, default=128)
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one loss, JSON on stdout
     a = p.parse_args(argv)
     kw = dict(model=a.model, hookpoint=a.hookpoint, batch=a.batch, context=a.context, steps=a.steps, warmup=a.warmup,
-              expansion=a.expansion, k=a.k)
+              expansion=a.expansion, k=a.k, text=a.text)
     if a.one:
         print(json.dumps(measure(a.one, **kw)))
         return

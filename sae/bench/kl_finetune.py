@@ -60,15 +60,18 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--hookpoint", default="layers.15")
-    p.add_argument("--tokens", type=int, default=400_000, help="the token budget of each recipe")
+    p.add_argument("--text", default="", help="data.live.text.name (default: the built-in corpus)")
+    p.add_argument("--tokens", type=int, default=200_000, help="the token budget of each recipe")
     p.add_argument("--finetune-fraction", type=float, default=0.2, help="the share of the budget fine-tuned (f)")
     p.add_argument("--loss", default="kl", choices=["kl", "kl+mse", "ce"])
     p.add_argument("--mse-coefficient", type=float, default=1.0, help="for --loss kl+mse")
     p.add_argument("--lr", type=float, default=1e-3, help="the MSE runs' LR")
-    p.add_argument("--finetune-lr", type=float, default=1e-4)
+    p.add_argument("--finetune-lr", type=float, default=3e-4)
+    p.add_argument("--finetune-warmup", type=int, default=2, help="the fine-tune's LR warm-up steps")
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--context", type=int, default=128)
-    p.add_argument("--heldout", type=int, default=128, help="held-out contexts (evaluated, spliced)")
+    p.add_argument("--heldout", type=int, default=64, help="held-out contexts (evaluated, spliced)")
+    p.add_argument("--mixing-tokens", type=int, default=65536, help="data.live.mixing_tokens of the MSE runs")
     p.add_argument("--expansion", type=int, default=16)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--out", default="runs/kl_finetune")
@@ -77,14 +80,18 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 < a.finetune_fraction < 1:
         p.error("--finetune-fraction must be in (0, 1)")
     out = Path(a.out)
-    mixing = 65536
-    block_contexts = math.ceil(math.ceil(mixing / a.context) / 64) * 64  # LiveSource's, at harvest.batch_size 64
+    from sae.harvest.config import HarvestConfig
+
+    mixing, per_forward = a.mixing_tokens, HarvestConfig().batch_size
+    block_contexts = math.ceil(math.ceil(mixing / a.context) / per_forward) * per_forward  # as LiveSource's
     common = ["data=live", f"data.live.model.name={a.model}", f"data.hookpoint={a.hookpoint}",
               f"data.live.text.context_length={a.context}", f"data.live.heldout_contexts={a.heldout}",
               f"data.live.mixing_tokens={mixing}", "sae=topk", f"sae.expansion_factor={a.expansion}", f"sae.k={a.k}",
               f"train.batch_size={a.batch}", "train.lr_warmup_steps=10", "train.lr_decay=linear",
               "train.lr_decay_start=0.7", "train.eval_every=0", "train.final_report=false", "train.checkpoint_every=50",
               "train.resume=false"]
+    if a.text:
+        common.append(f"data.live.text.name={a.text}")
     ft_tokens = int(a.tokens * a.finetune_fraction)
     mse_part_tokens = a.tokens - ft_tokens
     timings, finals = {}, {}
@@ -98,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     skip = contexts_read(out / "mse_part", block_contexts)
     start = time.perf_counter()
     ft = _train([*common, f"train.max_tokens={ft_tokens}", f"train.lr={a.finetune_lr}", f"train.loss={a.loss}",
+                 f"train.lr_warmup_steps={a.finetune_warmup}",
                  f"train.mse_coefficient={a.mse_coefficient}", f"train.init_from={finals['mse_part']}",
                  f"data.live.skip_contexts={skip}", f"train.out_dir={out / a.loss}"])
     timings[a.loss] = time.perf_counter() - start

@@ -23,8 +23,9 @@
    meaning. The gradient reaches the SAE through the layers above the hook point; the model's
    parameters never require one (checked), so it is frozen.
 
-The spliced forward runs the whole model (the layers below the hook point recompute the clean
-activations; nothing there requires a gradient, so they keep no autograd state). Its cost and
+The spliced forward runs only the transformer blocks from the write site on: the blocks wholly
+below it hand on the clean forward's output (:meth:`EndToEnd._blocks_below`; nothing below the
+write site requires a gradient, so nothing there keeps autograd state either way). The cost and
 memory per token against MSE training: ``python -m sae.bench.end_to_end``.
 """
 
@@ -45,6 +46,7 @@ from sae.buffer.live import LiveSource
 from sae.buffer.mixing import seeded_perm
 from sae.eval.lm import denormalize, load_eval_model
 from sae.eval.splice import site_hook
+from sae.harvest.hookpoints import find_blocks
 from sae.harvest.model import LoadedModel
 from sae.harvest.text import iter_batches, iter_contexts
 from sae.models import ForwardOutput
@@ -74,6 +76,8 @@ class SplicePart(NamedTuple):
     """Its contexts, on the model's device."""
     clean_logprobs: Tensor | None
     """[kept positions, vocabulary] clean next-token log-probabilities (for ``kl``)."""
+    below: Any
+    """The output of the last block the spliced forward need not run (:attr:`EndToEnd.skipped`), or None."""
     weights: tuple[float, float]
     """Per kept position (KL) and per scored position (CE): 1 / the step's count over every part and
     rank, times the parts and ranks whose losses the trainer averages, so the averaged gradient is
@@ -147,6 +151,7 @@ class ContextSource(LiveSource):
             block, done = block + 1, 0
 
     def iter_into(self, alloc: Any) -> Iterator[TokenBatch]:
+        """As ``iter`` (token ids: nothing to gather into pinned buffers), never LiveSource's rows."""
         return iter(self)
 
     def state_dict(self) -> dict[str, Any]:
@@ -186,6 +191,21 @@ class EndToEnd:
         self.transcoder = bool(source.target_hookpoint)
         self.forward_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(
             self.model.forward).parameters else {}
+        self.skipped = self._blocks_below(source.harvester.lm.model)
+
+    def _blocks_below(self, body: torch.nn.Module) -> list[torch.nn.Module]:
+        """The transformer blocks wholly before the write site (the block itself when the write site
+        is its output): the spliced forward reuses the clean forward's output of the last of them
+        instead of running them again (their outputs are those of the clean forward)."""
+        path = find_blocks(body)
+        if path is None or not self.write.module.startswith(path + "."):
+            return []
+        index = self.write.module[len(path) + 1:].split(".")[0]
+        if not index.isdigit():
+            return []
+        whole = self.write.module == f"{path}.{index}" and self.write.kind == "output"
+        blocks = dict(body.named_modules())[path]
+        return list(blocks[: int(index) + (1 if whole else 0)])
 
     def _forward(self, tokens: TokenBatch) -> Tensor:
         return self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
@@ -201,10 +221,12 @@ class EndToEnd:
             if not bool(keep.any()):
                 continue
             tokens = TokenBatch(ids.to(self.device), mask.to(self.device), keep.to(self.device))
-            seen: dict[str, Tensor] = {}
+            seen: dict[str, Any] = {}
             handles = [site_hook(self.read_module, self.read.kind, _capture(seen, "x", tokens.keep))]
             if self.transcoder:
                 handles.append(site_hook(self.write_module, self.write.kind, _capture(seen, "y", tokens.keep)))
+            if self.skipped:
+                handles.append(self.skipped[-1].register_forward_hook(_keep_output(seen)))
             try:
                 logits = self._forward(tokens)
             finally:
@@ -214,8 +236,10 @@ class EndToEnd:
             xs.append(self.x_norm(seen["x"].clone()))
             if self.transcoder:
                 ys.append(self.y_norm(seen["y"].clone()))
-            clean = logits[tokens.keep].float().log_softmax(-1) if self.loss != "ce" else None
-            parts.append(SplicePart(slice(start, start + n), tokens, clean, (0.0, 0.0)))
+            clean = None
+            if self.loss != "ce":  # finite where p = 0 (a masked vocabulary entry): p log p = 0 there
+                clean = logits[tokens.keep].float().log_softmax(-1).clamp_min(torch.finfo(torch.float32).min / 2)
+            parts.append(SplicePart(slice(start, start + n), tokens, clean, seen.get("below"), (0.0, 0.0)))
             counts.append([n, int(_scored(tokens).sum())])
             start += n
         totals = torch.tensor(counts, dtype=torch.float64).sum(0) if counts else torch.zeros(2, dtype=torch.float64)
@@ -233,9 +257,10 @@ class EndToEnd:
         parts = [p._replace(weights=weights) for p in parts]
         return StepBatch(torch.cat(xs), torch.cat(ys) if ys else None, parts, int(totals[0]))
 
-    def spliced_logits(self, x_hat: Tensor, tokens: TokenBatch) -> Tensor:
+    def spliced_logits(self, x_hat: Tensor, part: SplicePart) -> Tensor:
         """The model's logits with the write site's kept positions replaced by ``x_hat`` (normalised
         rows, in kept-position order), differentiable with respect to ``x_hat``."""
+        tokens = part.tokens
         recon = denormalize(self.y_norm, x_hat)
         fired = []
 
@@ -246,10 +271,19 @@ class EndToEnd:
             return new
 
         handle = site_hook(self.write_module, self.write.kind, replace)
+        # The blocks below the write site hand on the clean forward's output instead of recomputing it.
+        skipped = self.skipped if part.below is not None else []
+        own = [blk.__dict__.get("forward") for blk in skipped]
+        for blk in skipped:
+            blk.forward = _constant(part.below)
         try:
             logits = self._forward(tokens)
         finally:
             handle.remove()
+            for blk, fwd in zip(skipped, own):
+                del blk.forward
+                if fwd is not None:
+                    blk.forward = fwd
         if not fired:
             raise RuntimeError(f"hook point {self.write.name!r} did not run in the model's forward: nothing was "
                                "spliced; choose a hook point on the path to the logits")
@@ -257,7 +291,7 @@ class EndToEnd:
 
     def apply(self, out: ForwardOutput, part: SplicePart) -> ForwardOutput:
         """``out`` (the SAE's forward on ``part``'s rows) with the end-to-end loss in ``losses``."""
-        logits = self.spliced_logits(out.x_hat, part.tokens)
+        logits = self.spliced_logits(out.x_hat, part)
         losses = dict(out.losses)
         others = losses["loss"] - losses["fvu"]  # AuxK, sparsity penalties: they keep their meaning
         if self.loss == "ce":
@@ -288,9 +322,22 @@ def _scored(t: TokenBatch) -> Tensor:
     return t.keep[:, :-1] & t.attention_mask[:, 1:].bool()
 
 
+def _keep_output(store: dict[str, Any]):
+    """A module forward hook that stores the module's output as ``store["below"]``."""
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+        store["below"] = output
+    return hook
+
+
+def _constant(value: Any):
+    """A forward that ignores its inputs and returns ``value``."""
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return value
+    return forward
+
+
 def kl_divergence(clean_logprobs: Tensor, logits: Tensor, reduction: str = "mean") -> Tensor:
-    """KL(p_clean || softmax(logits)) of each row, its mean or sum; 0 log 0 = 0 (a masked vocabulary entry)."""
-    lp = logits.log_softmax(-1)
-    p = clean_logprobs.exp()
-    kl = torch.where(p > 0, p * (clean_logprobs - lp), 0.0).sum(-1)
-    return kl.sum() if reduction == "sum" else kl.mean()
+    """KL(p_clean || softmax(logits)) summed over the vocabulary; the mean or sum over rows.
+    ``clean_logprobs`` must be finite (clamped where p = 0, as :meth:`EndToEnd.prepare` does)."""
+    kl = F.kl_div(logits.log_softmax(-1), clean_logprobs, reduction="sum", log_target=True)
+    return kl if reduction == "sum" else kl / logits.shape[0]

@@ -81,6 +81,7 @@ def test_loss_and_gradient_equal_a_dense_reference(e2e_cfg, loss):
     objective = EndToEnd(source, loss)
     batch = next(iter(source))
     step = objective.prepare(batch, 1)
+    assert objective.skipped == [source.lm.model.model.layers[0]]  # the write site is block 0's output
     assert step.x.shape == (int(batch.keep.sum()), D) and step.y is None
     sae = topk()
     sae.init_from_data(step.x)  # a b_dec that is not zero
@@ -112,8 +113,16 @@ def test_kl_plus_mse_and_a_transcoder(e2e_cfg):
     assert part.weights[0] == pytest.approx(2 / step.x.shape[0])
     torch.testing.assert_close(out.losses["loss"], out.losses["kl"] * n * part.weights[0] + 0.5 * out.losses["fvu"])
     # A perfect transcoder leaves the model unchanged: KL 0.
-    perfect = objective.spliced_logits(step.y[part.rows], part.tokens)
+    perfect = objective.spliced_logits(step.y[part.rows], part)
     torch.testing.assert_close(perfect[part.tokens.keep].log_softmax(-1), part.clean_logprobs, atol=1e-5, rtol=0)
+    # Block 0 (wholly below the MLP of block 1) hands on the clean forward's output; running it gives the same.
+    assert objective.skipped == [source.lm.model.model.layers[0]]
+    x_hat = torch.randn_like(step.y[part.rows])
+    reused = objective.spliced_logits(x_hat, part)
+    ran = objective.spliced_logits(x_hat, part._replace(below=None))
+    assert "forward" not in vars(source.lm.model.model.layers[0])  # the block's own forward is back
+    torch.testing.assert_close(reused, ran, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(reused, perfect, atol=1e-3)
 
 
 def e2e_trainer(cfg, out_dir, steps=6, **kw):
@@ -208,9 +217,13 @@ def test_sae_train_runs_end_to_end_and_fine_tunes_a_trained_sae(e2e_cfg, tmp_pat
             f"data.live.text.context_length={T}", "data.hookpoint=layers.0", "data.live.heldout_contexts=4",
             "train=smoke", "train.batch_size=64", "train.progress=false", "train.eval_every=2",
             "train.log_every=1", "sae.k=4", "sae.expansion_factor=2"]
+    from sae.export.export import export_checkpoint
+
     mse = run_training(compose_train_config([*base, "train.steps=4", f"train.out_dir={tmp_path / 'mse'}"]))
+    # Fine-tuned from the SAE as another library publishes it (SAELens' format, read by load_pretrained).
+    export_checkpoint(mse.final_dirs["topk"], tmp_path / "published", "saelens")
     kl = run_training(compose_train_config([*base, "train.steps=3", "train.loss=kl+mse", "train.mse_coefficient=0.1",
-                                            f"train.init_from={mse.final_dirs['topk']}", "data.live.skip_contexts=16",
+                                            f"train.init_from={tmp_path / 'published'}", "data.live.skip_contexts=16",
                                             f"train.out_dir={tmp_path / 'kl'}"]))
     logged = [json.loads(line) for line in (tmp_path / "kl" / "metrics.jsonl").read_text().splitlines()]
     trained = [m for m in logged if "train/kl/finetune" in m]
