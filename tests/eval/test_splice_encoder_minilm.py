@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from sae.eval.lm import keep_mask, load_eval_model
+from sae.eval.lm import load_eval_model
 from sae.eval.splice import SpliceBatch, resolve_site, splice_eval
 from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
 from sae.harvest.harvester import Harvester
@@ -36,7 +36,7 @@ def minilm():
     harvester = Harvester(lm, ["layers.3"], TextConfig(), HarvestConfig(progress=False))
     enc = lm.tokenizer(SENTENCES, padding=True, return_tensors="pt")
     cb = ContextBatch(enc["input_ids"], enc["attention_mask"], torch.arange(len(SENTENCES)))
-    return lm, kind, SpliceBatch(cb.input_ids, cb.attention_mask, keep_mask(harvester, cb))
+    return lm, kind, SpliceBatch(cb.input_ids, cb.attention_mask, harvester.keep_mask(cb))
 
 
 def test_minilm_is_scored_as_an_encoder_and_special_tokens_are_not_kept(minilm):
