@@ -12,6 +12,7 @@ from sae.buffer.config import DataConfig
 from sae.eval.config import EvalConfig, SpliceConfig, validate_eval
 from sae.eval.data import EvalSet, RowBatch, first_contexts, splice_batches
 from sae.harvest.config import HarvestConfig, TextConfig
+from sae.harvest.harvester import Harvester
 from sae.harvest.text import iter_contexts
 from sae.models import SAEConfig, build_sae
 from sae.runners.evaluate import find_sae_dir, run_eval, summary_line
@@ -64,8 +65,10 @@ def text_and_tokenizer():
 
 def _harvester(tok, text):
     specials = torch.tensor(sorted({tok.cls_token_id, tok.sep_token_id, tok.pad_token_id}))
-    return SimpleNamespace(lm=SimpleNamespace(tokenizer=tok), pad_id=tok.pad_token_id, special_ids=specials,
-                           cfg=HarvestConfig(), text=text)
+    h = SimpleNamespace(lm=SimpleNamespace(tokenizer=tok), pad_id=tok.pad_token_id, special_ids=specials,
+                        cfg=HarvestConfig(), text=text)
+    h.keep_mask = lambda batch: Harvester.keep_mask(h, batch)  # the harvester's own row rules
+    return h
 
 
 def test_splice_contexts_are_rebuilt_from_text_and_checked(text_and_tokenizer):
