@@ -256,6 +256,11 @@ class CLTSplicer:
             h.remove()
 
 
+def scored_positions(keep: Tensor, attention_mask: Tensor) -> Tensor:
+    """[B, T - 1] where next-token CE is scored: kept positions followed by a real token."""
+    return keep[:, :-1] & attention_mask[:, 1:].bool()
+
+
 def _forward(model: nn.Module, b: SpliceBatch, device: torch.device) -> Any:
     return model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device))
 
@@ -285,7 +290,7 @@ class _CausalScores:
     def add_clean(self, logits: Tensor, b: SpliceBatch) -> tuple[Tensor, Tensor, Tensor]:
         dev = logits.device
         mask, keep, ids = b.attention_mask.to(dev).bool(), b.keep.to(dev), b.input_ids.to(dev)
-        counted = keep[:, :-1] & mask[:, 1:]
+        counted = scored_positions(keep, mask)
         self.ce["clean"] += self._ce(logits, ids, counted)
         self.n_ce += int(counted.sum())
         self.n_kl += int(keep.sum())

@@ -45,7 +45,7 @@ from sae.buffer.config import LiveConfig
 from sae.buffer.live import LiveSource
 from sae.buffer.mixing import seeded_perm
 from sae.eval.lm import denormalize, load_eval_model
-from sae.eval.splice import site_hook
+from sae.eval.splice import scored_positions, site_hook
 from sae.harvest.hookpoints import find_blocks
 from sae.harvest.model import LoadedModel
 from sae.harvest.text import iter_batches, iter_contexts
@@ -233,14 +233,14 @@ class EndToEnd:
                 for h in handles:
                     h.remove()
             n = int(tokens.keep.sum())
-            xs.append(self.x_norm(seen["x"].clone()))
+            xs.append(self.x_norm(seen["x"]))  # the captured rows are a copy already: normalised in place
             if self.transcoder:
-                ys.append(self.y_norm(seen["y"].clone()))
+                ys.append(self.y_norm(seen["y"]))
             clean = None
             if self.loss != "ce":  # finite where p = 0 (a masked vocabulary entry): p log p = 0 there
                 clean = logits[tokens.keep].float().log_softmax(-1).clamp_min(torch.finfo(torch.float32).min / 2)
             parts.append(SplicePart(slice(start, start + n), tokens, clean, seen.get("below"), (0.0, 0.0)))
-            counts.append([n, int(_scored(tokens).sum())])
+            counts.append([n, int(scored_positions(tokens.keep, tokens.attention_mask).sum())])
             start += n
         totals = torch.tensor(counts, dtype=torch.float64).sum(0) if counts else torch.zeros(2, dtype=torch.float64)
         world = dist.world_size() if data_parallel else 1
@@ -296,12 +296,12 @@ class EndToEnd:
         others = losses["loss"] - losses["fvu"]  # AuxK, sparsity penalties: they keep their meaning
         if self.loss == "ce":
             t = part.tokens
-            scored = _scored(t)
+            scored = scored_positions(t.keep, t.attention_mask)
             total = F.cross_entropy(logits[:, :-1][scored].float(), t.input_ids[:, 1:][scored], reduction="sum")
             losses["ce"] = total.detach() / max(int(scored.sum()), 1)  # this part's mean, for the logs
             main = total * part.weights[1]
         else:
-            total = kl_divergence(part.clean_logprobs, logits[part.tokens.keep].float(), reduction="sum")
+            total = kl_divergence(part.clean_logprobs, logits[part.tokens.keep].float())
             losses["kl"] = total.detach() / part.clean_logprobs.shape[0]
             main = total * part.weights[0]
         if self.loss == "kl+mse":
@@ -315,11 +315,6 @@ def _capture(store: dict[str, Tensor], name: str, keep: Tensor):
     def fn(t: Tensor) -> None:
         store[name] = t[keep].float()
     return fn
-
-
-def _scored(t: TokenBatch) -> Tensor:
-    """[B, T - 1] the kept positions followed by a real token (where CE is scored)."""
-    return t.keep[:, :-1] & t.attention_mask[:, 1:].bool()
 
 
 def _keep_output(store: dict[str, Any]):
@@ -336,8 +331,7 @@ def _constant(value: Any):
     return forward
 
 
-def kl_divergence(clean_logprobs: Tensor, logits: Tensor, reduction: str = "mean") -> Tensor:
-    """KL(p_clean || softmax(logits)) summed over the vocabulary; the mean or sum over rows.
-    ``clean_logprobs`` must be finite (clamped where p = 0, as :meth:`EndToEnd.prepare` does)."""
-    kl = F.kl_div(logits.log_softmax(-1), clean_logprobs, reduction="sum", log_target=True)
-    return kl if reduction == "sum" else kl / logits.shape[0]
+def kl_divergence(clean_logprobs: Tensor, logits: Tensor) -> Tensor:
+    """KL(p_clean || softmax(logits)) summed over the vocabulary and the rows. ``clean_logprobs``
+    must be finite (clamped where p = 0, as :meth:`EndToEnd.prepare` does)."""
+    return F.kl_div(logits.log_softmax(-1), clean_logprobs, reduction="sum", log_target=True)
