@@ -61,6 +61,10 @@ class DataConfig:
     # Several hook points, one SAE each (with train.parallel=sae, spread across ranks); when set it
     # replaces ``hookpoint``, and excludes ``target_hookpoint``. Globs allowed for data=live.
     hookpoints: list[str] = field(default_factory=list)
+    # With ``hookpoints``: one transcoder per pair, the i-th hook point (after glob expansion, in layer
+    # order) read, the i-th of these reconstructed; e.g. hookpoints=[layers.*.mlp_in]
+    # target_hookpoints=[layers.*.mlp] for a transcoder per MLP from one live pass.
+    target_hookpoints: list[str] = field(default_factory=list)
     # auto | none | scale (x * sqrt(d) / E||x||, SAELens) | center_scale ((x - mean) * sqrt(d / E||x - mean||^2)).
     # auto: scale for transcoders but ReLU and Gated ones (input and target each to E||.||^2 = d: a
     # target ~100x smaller than the input otherwise leaves Adam's steps far larger than the decoder's
@@ -89,9 +93,13 @@ def validate_data(cfg: DataConfig) -> None:
         (cfg.source != "live" or bool(cfg.hookpoint) or bool(cfg.hookpoints), "hookpoint", cfg.hookpoint,
          "must name a hook point for data=live (e.g. data.hookpoint=layers.3)"),
         (not cfg.hookpoints or not cfg.target_hookpoint, "hookpoints", cfg.hookpoints,
-         "excludes data.target_hookpoint (one SAE per listed hook point; transcoders take one pair)"),
+         "excludes data.target_hookpoint (one SAE per listed hook point; for a transcoder per hook point list "
+         "the targets in data.target_hookpoints)"),
         (not cfg.hookpoints or cfg.source != "synthetic", "hookpoints", cfg.hookpoints,
          "needs data=buffer or data=live"),
+        (not cfg.target_hookpoints or bool(cfg.hookpoints), "target_hookpoints", cfg.target_hookpoints,
+         "pairs with data.hookpoints (the inputs, one per target); for one transcoder use data.hookpoint and "
+         "data.target_hookpoint"),
     ]
     for ok, name, value, msg in checks:
         if not ok:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from sae.harvest.config import validate_harvest
 from sae.harvest.harvester import Chunk, Harvester
+from sae.harvest.hookpoints import resolve_hookpoints
 from sae.harvest.model import LoadedModel, load_model
 from sae.harvest.text import load_text_dataset
 from sae.prefetch import prefetched
@@ -40,35 +41,52 @@ class LiveSource:
         out = {"source": "live", "model": dataclasses.asdict(self.cfg.model),
                "text": dataclasses.asdict(self.cfg.text), "hookpoints": self.hookpoints,
                "target_hookpoint": self.target_hookpoint, "normalize": self.x_norm.mode}
+        if self.target_of:
+            out["target_hookpoints"] = list(self.target_of.values())
         if self.cfg.skip_contexts:
             out["skip_contexts"] = self.cfg.skip_contexts
         return out
 
     def __init__(self, cfg: LiveConfig, batch_size: int, *, hookpoint: str = "", target_hookpoint: str = "",
-                 hookpoints: list[str] | None = None, seed: int = 0, normalize: str = "none", prefetch: int = 4,
-                 rank: int = 0, world_size: int = 1, lm: LoadedModel | None = None):
-        """``lm``: the model, already loaded (default: ``load_model(cfg.model)``)."""
+                 hookpoints: list[str] | None = None, target_hookpoints: list[str] | None = None, seed: int = 0,
+                 normalize: str = "none", prefetch: int = 4, rank: int = 0, world_size: int = 1,
+                 lm: LoadedModel | None = None):
+        """``lm``: the model, already loaded (default: ``load_model(cfg.model)``).
+
+        ``hookpoints`` (several SAEs) with ``target_hookpoints``: one transcoder per pair, the i-th
+        input hook point (patterns expanded in layer order) with the i-th target; every row then
+        holds all inputs and targets side by side."""
         validate_harvest(cfg.model, cfg.text, cfg.harvest)
         if batch_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"batch_size={batch_size}, rank={rank}, world_size={world_size}: need batch_size > 0 "
                              "and 0 <= rank < world_size")
         if hookpoints and target_hookpoint:
             raise ValueError("data.hookpoints (one SAE per hook point) excludes data.target_hookpoint")
+        if target_hookpoints and not hookpoints:
+            raise ValueError("data.target_hookpoints pairs with data.hookpoints (one input per target)")
+        lm = lm or load_model(cfg.model)
         wanted = list(hookpoints) if hookpoints else [hookpoint] + ([target_hookpoint] if target_hookpoint else [])
-        self.harvester = Harvester(lm or load_model(cfg.model), wanted, cfg.text, cfg.harvest)
+        self.target_of: dict[str, str] = {}  # input hook point -> its transcoder's target (target_hookpoints)
+        if target_hookpoints:
+            self.target_of = pair_hookpoints(lm, list(hookpoints), list(target_hookpoints))
+            wanted = list(self.target_of) + list(self.target_of.values())
+        self.harvester = Harvester(lm, wanted, cfg.text, cfg.harvest)
         if not hookpoints and len(self.harvester.names) != len(wanted):
             raise ValueError(f"data.hookpoint={hookpoint!r} / data.target_hookpoint={target_hookpoint!r} must each "
                              f"name one hook point; they resolve to {self.harvester.names}")
-        # Several hook points: rows carry every hook point's activations side by side in ``x``
-        # (``columns``), so mixing and resume work as for one; :meth:`split` cuts them apart.
-        self.hookpoints = list(self.harvester.names) if hookpoints else [self.harvester.names[0]]
+        # Several hook points: rows carry every hook point's activations (inputs, then any targets)
+        # side by side in ``x`` (``columns``), so mixing and resume work as for one; :meth:`split`
+        # cuts them apart.
+        names = self.harvester.names
+        self.hookpoints = (list(self.target_of) or names) if hookpoints else [names[0]]
         self.hookpoint = self.hookpoints[0]
-        self.target_hookpoint = self.harvester.names[1] if target_hookpoint else ""
+        self.target_hookpoint = names[1] if target_hookpoint else ""
         self.dims = {hp: self.harvester.dims[hp] for hp in self.hookpoints}
+        self.out_dims = {hp: self.harvester.dims[self.target_of.get(hp, hp)] for hp in self.hookpoints}
         self.columns, start = {}, 0
-        for hp in self.hookpoints:
-            self.columns[hp] = slice(start, start + self.dims[hp])
-            start += self.dims[hp]
+        for hp in self.hookpoints + list(self.target_of.values()):
+            self.columns[hp] = slice(start, start + self.harvester.dims[hp])
+            start += self.harvester.dims[hp]
         self.d_in = start
         self.d_out = self.harvester.dims[self.target_hookpoint] if target_hookpoint else self.d_in
         self.ds = load_text_dataset(cfg.text)
@@ -78,11 +96,11 @@ class LiveSource:
         self.block_contexts = math.ceil(per_block / cfg.harvest.batch_size) * cfg.harvest.batch_size
         self._heldout: Chunk | None = None
         self.x_norm = self.y_norm = Normalizer("none")
-        self.norms = {hp: Normalizer("none") for hp in self.hookpoints}
+        self.norms = {hp: Normalizer("none") for hp in self.columns}
         if normalize not in ("none", "auto"):
             held = self._heldout_rows()
             self.norms = {hp: Normalizer.from_sums(normalize, activation_sums(held.acts[hp]),
-                                                   f"held-out contexts at {hp}") for hp in self.hookpoints}
+                                                   f"held-out contexts at {hp}") for hp in self.columns}
             self.x_norm = self.norms[self.hookpoint]
             if self.target_hookpoint:
                 self.y_norm = Normalizer.from_sums(normalize, activation_sums(held.acts[self.target_hookpoint]),
@@ -92,7 +110,8 @@ class LiveSource:
     @classmethod
     def from_config(cls, data: DataConfig, batch_size: int, *, rank: int = 0, world_size: int = 1) -> LiveSource:
         return cls(data.live, batch_size, hookpoint=data.hookpoint, target_hookpoint=data.target_hookpoint,
-                   hookpoints=list(data.hookpoints) or None, seed=data.seed, normalize=data.normalize,
+                   hookpoints=list(data.hookpoints) or None, target_hookpoints=list(data.target_hookpoints) or None,
+                   seed=data.seed, normalize=data.normalize,
                    prefetch=data.prefetch_batches, rank=rank, world_size=world_size)
 
     @property
@@ -139,8 +158,8 @@ class LiveSource:
             parts = [c for _, c in zip(range(per_block), chunks)]
             if not parts:
                 return
-            xs = [c.acts[self.hookpoint] if len(self.hookpoints) == 1 else
-                  torch.cat([c.acts[hp] for hp in self.hookpoints], dim=1) for c in parts]
+            xs = [c.acts[self.hookpoint] if len(self.columns) == 1 else
+                  torch.cat([c.acts[hp] for hp in self.columns], dim=1) for c in parts]
             ys = [c.acts[self.target_hookpoint] for c in parts] if self.target_hookpoint else None
             n = sum(x.shape[0] for x in xs)
             perm = seeded_perm(n, self.seed, self.rank, block)
@@ -150,7 +169,7 @@ class LiveSource:
             block, rows_before, offset = block + 1, rows_before + perm.numel(), 0
 
     def _normalize(self, batch: Batch) -> Batch:
-        if len(self.hookpoints) > 1:
+        if len(self.columns) > 1:
             for hp, part in self.split(batch.x).items():
                 self.norms[hp](part)  # in place on the column view
             return batch
@@ -183,8 +202,8 @@ class LiveSource:
     def heldout_batches(self, n_batches: int) -> list[Batch]:
         """Up to ``n_batches`` batches of the held-out contexts, in order."""
         held = self._heldout_rows()
-        x = held.acts[self.hookpoint] if len(self.hookpoints) == 1 else \
-            torch.cat([held.acts[hp] for hp in self.hookpoints], dim=1)
+        x = held.acts[self.hookpoint] if len(self.columns) == 1 else \
+            torch.cat([held.acts[hp] for hp in self.columns], dim=1)
         y = held.acts[self.target_hookpoint] if self.target_hookpoint else None
         out = []
         for a in range(0, min(x.shape[0], n_batches * self.batch_size), self.batch_size):
@@ -192,3 +211,24 @@ class LiveSource:
             yb = None if y is None else self.y_norm(y[a:a + self.batch_size].float().clone())
             out.append(Batch(xb, yb))
         return out
+
+
+def pair_hookpoints(lm: LoadedModel, inputs: list[str], targets: list[str]) -> dict[str, str]:
+    """``data.hookpoints`` and ``data.target_hookpoints`` expanded (globs, in layer order) and
+    paired in order: {input hook point: target}.
+
+    Raises:
+        ValueError: the two expand to different counts, or share a hook point.
+    """
+    ins = [hp.name for hp in resolve_hookpoints(lm.model, inputs)]
+    outs = [hp.name for hp in resolve_hookpoints(lm.model, targets)]
+    if len(ins) != len(outs):
+        raise ValueError(f"data.hookpoints={inputs} expand to {len(ins)} hook points ({', '.join(ins[:3])}"
+                         f"{', ...' if len(ins) > 3 else ''}) but data.target_hookpoints={targets} to {len(outs)} "
+                         f"({', '.join(outs[:3])}{', ...' if len(outs) > 3 else ''}); each input needs one target, "
+                         "paired in order (e.g. hookpoints=[layers.*.mlp_in] target_hookpoints=[layers.*.mlp])")
+    both = sorted(set(ins) & set(outs))
+    if both:
+        raise ValueError(f"hook point(s) {both} are both an input (data.hookpoints) and a target "
+                         "(data.target_hookpoints); a transcoder reads one hook point and reconstructs another")
+    return dict(zip(ins, outs))

@@ -119,16 +119,25 @@ def build_hookpoint_source(run: TrainRunConfig, strategy, cfg_names: list[str]):
 
     hps = list(dict.fromkeys(data.hookpoints))
     held = read_manifest(data.buffer.path)["hookpoints"]
-    missing = [hp for hp in hps if hp not in held]
+    missing = [hp for hp in hps + list(data.target_hookpoints) if hp not in held]
     if missing:
-        raise ValueError(f"data.hookpoints: {missing} not in buffer {data.buffer.path}; it holds {list(held)}")
+        raise ValueError(f"data.hookpoints / data.target_hookpoints: {missing} not in buffer {data.buffer.path}; "
+                         f"it holds {list(held)}")
+    target_of = {}
+    if data.target_hookpoints:
+        if len(data.target_hookpoints) != len(hps):
+            raise ValueError(f"data.hookpoints lists {len(hps)} hook points and data.target_hookpoints "
+                             f"{len(data.target_hookpoints)}; give one target per input, in the same order")
+        target_of = dict(zip(hps, data.target_hookpoints))
     saes = hookpoint_saes(cfg_names, hps)
     hp_of = {n: hp for n, (_, hp) in saes.items()}
     mine = hookpoints_needed(strategy, hp_of, hps)[dist.rank()] if strategy.name == "sae" else hps
-    one = dataclasses.replace(data, hookpoints=[])
-    readers = {hp: ShardReader.from_config(dataclasses.replace(one, hookpoint=hp), B, rank=rank, world_size=world)
-               for hp in mine}
-    return ZippedSource(readers, all_dims={hp: int(held[hp]["d"]) for hp in hps}), saes
+    one = dataclasses.replace(data, hookpoints=[], target_hookpoints=[])
+    readers = {hp: ShardReader.from_config(dataclasses.replace(one, hookpoint=hp,
+                                                               target_hookpoint=target_of.get(hp, "")),
+                                           B, rank=rank, world_size=world) for hp in mine}
+    return ZippedSource(readers, all_dims={hp: int(held[hp]["d"]) for hp in hps},
+                        all_out_dims={hp: int(held[target_of.get(hp, hp)]["d"]) for hp in hps}), saes
 
 
 def heldout_batches(source: ActivationSource, n_batches: int) -> list[Batch]:
@@ -153,7 +162,7 @@ def check_checkpoint_sizes(out_dir: Path, source: ActivationSource, hookpoint_of
         if hookpoint_of is not None and hp is None:
             raise ValueError(f"{cfg_path.parent} is not one of this run's SAEs {sorted(hookpoint_of)}; "
                              "use a fresh train.out_dir")
-        want = (source.all_dims[hp],) * 2 if hp else (source.d_in, source.d_out)
+        want = (source.all_dims[hp], source.all_out_dims[hp]) if hp else (source.d_in, source.d_out)
         if (meta.get("d_in"), meta.get("d_out")) != want:
             where = f"hook point {hp}" if hp else describe_source(source)
             raise ValueError(
@@ -213,6 +222,13 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
                              "data.hookpoints trains one per hook point with train.loss=mse only")
         if run.train.init_from:
             raise ValueError("train.init_from fine-tunes one published SAE; it does not combine with data.hookpoints")
+        plain = [n for n, c in cfgs.items() if bool(run.data.target_hookpoints) != c.transcode]
+        if plain:
+            raise ValueError(f"{plain}: sae.transcode={str(not run.data.target_hookpoints).lower()} with "
+                             f"data.target_hookpoints="
+                             f"{list(run.data.target_hookpoints)}; a transcoder per hook point needs both "
+                             "sae.transcode=true and data.target_hookpoints (its targets), an SAE per hook point "
+                             "neither")
         source, by_name = build_hookpoint_source(run, strategy, list(cfgs))
         hp_of = {n: hp for n, (_, hp) in by_name.items()}
     else:
@@ -224,8 +240,8 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
         saes = {"finetune": load_init_sae(run)}
     elif hp_of is not None:
         # Every rank builds every SAE (same seeds everywhere); the strategy keeps this rank's own.
-        dims = source.all_dims
-        saes = {name: build_sae(cfgs[c], dims[hp], dims[hp], seed=run.train.seed + i)
+        dims, out_dims = source.all_dims, source.all_out_dims
+        saes = {name: build_sae(cfgs[c], dims[hp], out_dims[hp], seed=run.train.seed + i)
                 for i, (name, (c, hp)) in enumerate(by_name.items())}
     else:
         saes = {name: build_sae(c, source.d_in, source.d_out, seed=run.train.seed + i)
@@ -238,8 +254,10 @@ def run_training(run: TrainRunConfig, *, heldout: int = 4) -> RunResult:
     meta = {"data": data_meta, **clt_meta}
     meta_by_name: dict[str, dict[str, Any]] = {}
     if hp_of is not None:  # each SAE's cfg.json names its own hook point, as if trained alone
-        one = dataclasses.asdict(dataclasses.replace(run.data, hookpoints=[]))
-        meta_by_name = {n: {"data": {**one, "hookpoint": hp}, "normalization": source.normalization_of(hp)}
+        one = dataclasses.asdict(dataclasses.replace(run.data, hookpoints=[], target_hookpoints=[]))
+        target_of = getattr(source, "target_of", None) or dict(zip(run.data.hookpoints, run.data.target_hookpoints))
+        meta_by_name = {n: {"data": {**one, "hookpoint": hp, "target_hookpoint": target_of.get(hp, "")},
+                            "normalization": source.normalization_of(hp)}
                         for n, hp in hp_of.items() if hp in source.dims}
     elif hasattr(source, "normalization"):
         meta["normalization"] = source.normalization

@@ -10,6 +10,10 @@
   columns: rank r receives every rank's rows of the hook points it owns, so its SAEs see batches
   of ``train.batch_size`` rows. Per step each rank sends and receives ``(W - 1)/W`` of its
   batch's rows of the other ranks' hook points.
+
+With ``data.target_hookpoints`` each SAE is a transcoder: its batch holds its input hook point's
+rows and its target's (``Batch(x, y)``), keyed by the input hook point; in SAE parallel a rank
+receives the targets of the inputs it owns as well.
 """
 
 from __future__ import annotations
@@ -28,13 +32,16 @@ from . import dist
 class ZippedSource:
     """One source per hook point, stepped together; stops when any of them ends."""
 
-    def __init__(self, sources: dict[str, Any], all_dims: dict[str, int] | None = None):
-        """``all_dims``: widths of every hook point of the run, also those other ranks read."""
+    def __init__(self, sources: dict[str, Any], all_dims: dict[str, int] | None = None,
+                 all_out_dims: dict[str, int] | None = None):
+        """``all_dims`` / ``all_out_dims``: input / output widths of every SAE's hook point of the
+        run, also those other ranks read (output: the target's, for transcoders)."""
         if not sources:
             raise ValueError("no hook point to read")
         self.sources = sources
         self.dims = {hp: s.d_in for hp, s in sources.items()}
         self.all_dims = dict(all_dims or self.dims)
+        self.all_out_dims = dict(all_out_dims or {hp: s.d_out for hp, s in sources.items()})
         self.hookpoints = list(sources)
 
     def identity(self) -> dict[str, Any]:
@@ -77,6 +84,8 @@ class LiveHookpoints:
         self.live = live
         self.dims = dict(live.dims)
         self.all_dims = self.dims
+        self.all_out_dims = dict(live.out_dims)
+        self.target_of = dict(live.target_of)
         self.hookpoints = list(live.hookpoints)
         self.needs = needs  # per rank: hook points it trains on; None: this process keeps all, no exchange
         if needs is not None:
@@ -94,7 +103,7 @@ class LiveHookpoints:
             if self.needs is None:
                 if batch is None:
                     return
-                yield {hp: Batch(x.contiguous()) for hp, x in self.live.split(batch.x).items()}
+                yield self._pairs(self.live.split(batch.x), self.hookpoints)
                 continue
             # Every rank must take part in every exchange: agree on whether all have a batch, and
             # on its rows (the last batch of a finite budget may be short on some rank).
@@ -104,23 +113,37 @@ class LiveHookpoints:
                 return
             yield self._exchange(self.live.split(batch.x[:n_min]))
 
+    def _columns(self, hps: list[str]) -> list[str]:
+        """The harvested columns the SAEs of ``hps`` read: their inputs, then their targets."""
+        return list(hps) + [self.target_of[hp] for hp in hps if hp in self.target_of]
+
+    def _pairs(self, parts: dict[str, torch.Tensor], hps: list[str]) -> dict[str, Batch]:
+        """{input hook point: Batch(x, target or None)} from the columns in ``parts``."""
+        out = {}
+        for hp in hps:
+            t = self.target_of.get(hp)
+            out[hp] = Batch(parts[hp].contiguous(), None if t is None else parts[t].contiguous())
+        return out
+
     def _exchange(self, parts: dict[str, torch.Tensor]) -> dict[str, Batch]:
         me = dist.rank()
-        widths = [sum(self.dims[hp] for hp in hps) for hps in self.needs]
+        cols = [self._columns(hps) for hps in self.needs]
+        widths = [sum(parts[c].shape[1] for c in cs) for cs in cols]
         n, wmax = next(iter(parts.values())).shape[0], max(widths)
         send = []
-        for hps in self.needs:
+        for cs, w in zip(cols, widths):
             buf = torch.zeros(n, wmax)  # gloo's all-to-all wants equal shapes: pad to the widest
-            if hps:
-                torch.cat([parts[hp] for hp in hps], dim=1, out=buf[:, : sum(self.dims[hp] for hp in hps)])
+            if cs:
+                torch.cat([parts[c] for c in cs], dim=1, out=buf[:, :w])
             send.append(buf)
         got = dist.all_to_all(send)
         rows = torch.cat([g[:, : widths[me]] for g in got])  # by sending rank
-        out, start = {}, 0
-        for hp in self.own:
-            out[hp] = Batch(rows[:, start:start + self.dims[hp]].contiguous())
-            start += self.dims[hp]
-        return out
+        mine, start = {}, 0
+        for c in cols[me]:
+            d = parts[c].shape[1]
+            mine[c] = rows[:, start:start + d]
+            start += d
+        return self._pairs(mine, self.own)
 
     def state_dict(self) -> dict[str, Any]:
         return self.live.state_dict()
@@ -130,8 +153,9 @@ class LiveHookpoints:
 
     def heldout_batches(self, n_batches: int) -> dict[str, list[Batch]]:
         """The held-out contexts (harvested alike on every rank) of this rank's hook points."""
-        split = [self.live.split(b.x) for b in self.live.heldout_batches(n_batches)]
-        return {hp: [Batch(s[hp].contiguous()) for s in split] for hp in self.own}
+        split = [self._pairs(self.live.split(b.x), self.own) for b in self.live.heldout_batches(n_batches)]
+        return {hp: [s[hp] for s in split] for hp in self.own}
 
     def normalization_of(self, hp: str) -> dict[str, Any]:
-        return {"x": self.live.norms[hp].as_dict()}
+        t = self.target_of.get(hp)
+        return {"x": self.live.norms[hp].as_dict(), **({"y": self.live.norms[t].as_dict()} if t else {})}

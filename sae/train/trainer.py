@@ -136,8 +136,10 @@ def check_sizes(saes: dict[str, SparseCoder], source: ActivationSource, hookpoin
         if missing:
             raise ValueError(f"no hook point given for SAE(s) {missing}")
         dims = getattr(source, "all_dims", source.dims)  # every rank checks every SAE, owned or not
+        out_dims = getattr(source, "all_out_dims", dims)  # a transcoder's target width
     for name, sae in saes.items():
-        d_in, d_out = (dims[hookpoints[name]],) * 2 if hookpoints else (source.d_in, source.d_out)
+        d_in, d_out = (dims[hookpoints[name]], out_dims[hookpoints[name]]) if hookpoints else (source.d_in,
+                                                                                              source.d_out)
         if sae.d_in != d_in or sae.d_out != d_out:
             where = f" at {hookpoints[name]}" if hookpoints else ""
             raise ValueError(

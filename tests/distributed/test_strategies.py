@@ -194,13 +194,16 @@ def test_bf16_autocast_under_strategies_tracks_single_process(tmp_path, strategy
         assert diff < 0.5 * moved
 
 
-def test_hookpoint_parallel_live_harvest_scatters_each_ranks_hookpoints(tmp_path, tiny_gpt2):
+@pytest.mark.parametrize("pairs", [False, True], ids=["saes", "transcoders"])
+def test_hookpoint_parallel_live_harvest_scatters_each_ranks_hookpoints(tmp_path, tiny_gpt2, pairs):
     model = tiny_gpt2
     docs = tmp_path / "docs.txt"
     docs.write_text("".join(f"Line {i}: a tuple holds {i % 7} items.\n" for i in range(200)))
-    spawn(W.live_exchange_check, str(tmp_path), str(model), str(docs))
-    # 3 steps x 32 rows x 32 floats sent to the other rank (the own part stays put), each way.
-    assert [int((tmp_path / f"ok{r}").read_text()) >= 3 * 32 * 32 * 4 for r in range(2)] == [True, True]
+    spawn(W.live_exchange_check, str(tmp_path), str(model), str(docs), pairs)
+    # 3 steps x 32 rows x 32 floats (and as many of the target) sent to the other rank (the own
+    # part stays put), each way.
+    sent = 3 * 32 * 32 * 4 * (2 if pairs else 1)
+    assert [int((tmp_path / f"ok{r}").read_text()) >= sent for r in range(2)] == [True, True]
 
 
 def test_hookpoint_parallel_from_a_buffer_equals_one_process(tmp_path, tiny_gpt2):

@@ -133,9 +133,11 @@ def latent_forward_check(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy()
 
 
-def live_exchange_check(rank: int, world: int, port: int, out: str, model: str, docs: str) -> None:
+def live_exchange_check(rank: int, world: int, port: int, out: str, model: str, docs: str,
+                        pairs: bool = False) -> None:
     """Hook-point parallel, live: each rank harvests its half of the contexts for both hook points;
-    after the all-to-all, rank r holds both ranks' rows of hook point ``layers.r``, in rank order."""
+    after the all-to-all, rank r holds both ranks' rows of hook point ``layers.r``, in rank order.
+    ``pairs``: transcoders ``layers.r.mlp_in -> layers.r.mlp``; rank r also gets its targets' rows."""
     from sae.buffer.config import LiveConfig
     from sae.buffer.live import LiveSource
     from sae.train.multi_source import LiveHookpoints
@@ -144,12 +146,14 @@ def live_exchange_check(rank: int, world: int, port: int, out: str, model: str, 
     try:
         cfg = LiveConfig()
         cfg.model.name, cfg.text.name, cfg.text.context_length, cfg.heldout_contexts = model, docs, 32, 8
-        hps = ["layers.0", "layers.1"]
+        hps = ["layers.0.mlp_in", "layers.1.mlp_in"] if pairs else ["layers.0", "layers.1"]
+        targets = ["layers.0.mlp", "layers.1.mlp"] if pairs else None
 
         def live(r):
-            return LiveSource(cfg, 32, hookpoints=hps, rank=r, world_size=world, normalize="scale")
+            return LiveSource(cfg, 32, hookpoints=hps, target_hookpoints=targets, rank=r, world_size=world,
+                              normalize="scale")
 
-        got = [b for _, b in zip(range(3), LiveHookpoints(live(rank), needs=[["layers.0"], ["layers.1"]]))]
+        got = [b for _, b in zip(range(3), LiveHookpoints(live(rank), needs=[[hps[0]], [hps[1]]]))]
         sources = [live(r) for r in range(world)]  # what each rank harvested, rebuilt here alone
         per_rank = [[b for _, b in zip(range(3), src)] for src in sources]
         mine = hps[rank]
@@ -157,6 +161,11 @@ def live_exchange_check(rank: int, world: int, port: int, out: str, model: str, 
             assert list(batch) == [mine]
             want = torch.cat([sources[0].split(per_rank[r][step].x)[mine] for r in range(world)])
             torch.testing.assert_close(batch[mine].x, want, rtol=0, atol=0)
+            if pairs:
+                want = torch.cat([sources[0].split(per_rank[r][step].x)[targets[rank]] for r in range(world)])
+                torch.testing.assert_close(batch[mine].y, want, rtol=0, atol=0)
+            else:
+                assert batch[mine].y is None
         Path(out, f"ok{rank}").write_text(str(dist.STATS.bytes))
     finally:
         dist.destroy()
