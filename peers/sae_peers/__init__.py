@@ -4,7 +4,7 @@ runner shares (:mod:`.runtime`, which sae-forge's own runner imports too).
 
 Started by ``python -m sae.bench.peers`` and ``python -m sae.bench.transcoders`` as
 ``<peers python> -P -m sae_peers.<saelens|sparsify> JOB.json`` with this folder's parent,
-``peers/``, as the only addition to ``sys.path`` (:func:`sae.bench.peers.peer_command`): ``-P``
+``peers/``, as the only addition to ``sys.path`` (:func:`sae_peers.venv.peer_command`): ``-P``
 keeps the working directory, the repo root, off it (its ``kernels/`` folder would pass for Hugging
 Face's ``kernels`` package).
 """

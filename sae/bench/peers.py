@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 from sae_peers.runtime import ActivationFile
+from sae_peers.venv import find_peers_python, peer_command, peer_env
 
 from sae.bench import peer_report
 from sae.bench.common import median_time
@@ -63,21 +64,6 @@ from sae.models import token_variance
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-#: Where the package ``sae_peers`` (the peers' runners, outside this package) lies.
-PEERS_PATH = ROOT / "peers"
-
-
-def peer_command(python: str, runner: str, job: Path) -> list[str]:
-    """The peers venv's command for ``runner`` (``saelens`` or ``sparsify``) on ``job``; run it with
-    :func:`peer_env` (``-P``: the working directory, the repo root, stays off ``sys.path``)."""
-    return [python, "-P", "-m", f"sae_peers.{runner}", str(job)]
-
-
-def peer_env(env: dict[str, str]) -> dict[str, str]:
-    """``env`` with ``peers/`` (the folder of ``sae_peers``) as the only addition to ``PYTHONPATH``."""
-    return {**env, "PYTHONPATH": str(PEERS_PATH)}
-
-
 # system -> (runner, extra job settings, architectures it trains)
 SYSTEMS = {
     "ours": ("ours", {}, ("topk", "batchtopk", "jumprelu")),
@@ -109,19 +95,6 @@ class Setup:
     """Total variance per token of the training data (SAELens' JumpReLU coefficient is in its units)."""
     act_scale: float = 1.0
     """sqrt(variance / d): our JumpReLU bandwidth unit."""
-
-
-def find_peers_python() -> tuple[str | None, str]:
-    """(python of the peers venv, or None; why not): ``$SAE_PEERS_PYTHON``, else this checkout's
-    ``.venv-peers/bin/python``."""
-    env = os.environ.get("SAE_PEERS_PYTHON")
-    if env:
-        return (env, "") if Path(env).is_file() else (None, f"SAE_PEERS_PYTHON={env} does not exist")
-    p = ROOT / ".venv-peers" / "bin" / "python"
-    if p.is_file():
-        return str(p), ""
-    return None, (f"no peers venv at {p}: create it with `bash launch/peers_env.sh`, or set SAE_PEERS_PYTHON to a "
-                  "python that has sae-lens and eai-sparsify")
 
 
 def run_system(setup: Setup, system: str, arch: str, num_latents: int, steps: int, out: Path,

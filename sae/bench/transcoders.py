@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sae_peers.venv import find_peers_python, peer_command, peer_env
 from safetensors.torch import load_file, save_file
 
 from sae.bench.peer_data import harvest_splits
-from sae.bench.peers import find_peers_python, peer_command, peer_env
 from sae.buffer.normalize import Normalizer, activation_sums
 from sae.buffer.source import Batch
 from sae.buffer.tensor_source import TensorSource
