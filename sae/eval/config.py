@@ -22,6 +22,25 @@ class SpliceConfig:
     contexts: int = 32  # token contexts scored (each forward runs 4 times: clean, SAE, zero, mean)
     batch_size: int = 8  # contexts per forward pass
     kind: str = "auto"  # auto (from the model config) | causal_lm (CE, KL) | encoder (hidden states, pooled)
+    # A model's transcoders (a circuit-tracer folder): the first context of the text scored; the
+    # contexts trained on are those after data.live.heldout_contexts, so 0 is held out for a live run.
+    first_context: int = 0
+
+
+#: A fixed set of short prompts for graph scores, so that runs compare on the same prompts.
+GRAPH_PROMPTS = ("The capital of France is", "The opposite of hot is", "1, 2, 3, 4, 5,",
+                 "To open a file in Python, call")
+
+
+@dataclass
+class GraphConfig:
+    """Attribution graphs by circuit-tracer (a model's transcoders in a circuit-tracer folder only):
+    the mean replacement and completeness scores over ``prompts`` (sae.use.graph)."""
+
+    enabled: bool = True
+    prompts: list[str] = field(default_factory=lambda: list(GRAPH_PROMPTS))
+    max_feature_nodes: int = 1024
+    batch_size: int = 256  # source nodes per backward pass
 
 
 @dataclass
@@ -53,6 +72,7 @@ class EvalConfig:
     dense_threshold: float = 0.1  # a latent is dense when it fires on more than this fraction of tokens
     dead_window_tokens: int = 0  # > 0: also report latents silent for this many tokens; 0: whole eval set only
     splice: SpliceConfig = field(default_factory=SpliceConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
     examples: ExamplesConfig = field(default_factory=ExamplesConfig)
     # Feature statistics (mean max cosine between encoder rows / decoder rows): over this many
     # sampled latents, each compared with all of them (0: every latent; cost samples x L x d).
@@ -78,6 +98,10 @@ def validate_eval(cfg: EvalConfig) -> None:
          "must be >= 0 (0: every latent)"),
         (cfg.splice.contexts > 0, "splice.contexts", cfg.splice.contexts, "must be > 0 (or splice.enabled=false)"),
         (cfg.splice.batch_size > 0, "splice.batch_size", cfg.splice.batch_size, "must be > 0"),
+        (cfg.splice.first_context >= 0, "splice.first_context", cfg.splice.first_context, "must be >= 0"),
+        (not cfg.graph.enabled or bool(cfg.graph.prompts), "graph.prompts", cfg.graph.prompts,
+         "must hold a prompt (or graph.enabled=false)"),
+        (cfg.graph.max_feature_nodes > 0, "graph.max_feature_nodes", cfg.graph.max_feature_nodes, "must be > 0"),
         (cfg.splice.kind in SPLICE_KINDS, "splice.kind", cfg.splice.kind, f"must be one of {', '.join(SPLICE_KINDS)}"),
         (cfg.examples.num_latents >= 0, "examples.num_latents", cfg.examples.num_latents, "must be >= 0"),
         (cfg.examples.per_latent > 0, "examples.per_latent", cfg.examples.per_latent, "must be > 0"),

@@ -24,7 +24,7 @@ from .dashboards import Dashboard, Histogram
 from .examples import LatentExamples
 
 REPORT_FILES = frozenset({"report.json", "report.html", "latents.safetensors", "density.png", "l0.png",
-                          "freq_vs_norm.png", "training.png"})
+                          "freq_vs_norm.png", "training.png", "report.md", "graphs"})
 """Every file ``sae-eval`` writes; a report folder holds nothing else."""
 PACKAGES = ("sae-forge", "torch", "transformers", "safetensors", "numpy", "matplotlib", "hydra-core")
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import hydra
 from omegaconf import DictConfig
 
-from sae.eval.config import EvalConfig
+from sae.eval.config import EvalConfig, validate_eval
 from sae.runners.config import HarvestRunConfig, TrainRunConfig, per_job_out_dir, register_configs, to_object
 
 register_configs()
@@ -126,9 +126,16 @@ def harvest_main() -> None:
 @reports_errors("sae-eval")
 def _eval(cfg: DictConfig) -> None:
     from sae.runners.evaluate import run_eval, summary_line
+    from sae.runners.replacement import is_replacement_folder, run_replacement_eval, summary
 
     logging.getLogger("sae").setLevel(logging.INFO)
-    result = run_eval(to_object(cfg, EvalConfig))
+    eval_cfg = to_object(cfg, EvalConfig)
+    if is_replacement_folder(eval_cfg.sae_path):  # a model's transcoders, as circuit-tracer reads them
+        validate_eval(eval_cfg)
+        out, report = run_replacement_eval(eval_cfg)
+        print(f"{summary(report)}  report: {out / 'report.md'}")
+        return
+    result = run_eval(eval_cfg)
     print(summary_line(result))
 
 

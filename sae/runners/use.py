@@ -56,6 +56,12 @@ def at_least(flag: str, value: int, low: int, meaning: str) -> None:
         raise ValueError(f"{flag} {value} must be >= {low} ({meaning})")
 
 
+def prompt_list(a: argparse.Namespace) -> list[str]:
+    """``--prompt`` (repeatable) then the non-empty lines of the ``--prompts`` file."""
+    return list(a.prompt) + ([ln for ln in Path(a.prompts).read_text().splitlines() if ln.strip()]
+                             if a.prompts else [])
+
+
 def recorded_model(info) -> str:
     """The model an SAE was trained on, from what its folder records ("" when nothing does)."""
     if info.model_name:
@@ -108,8 +114,7 @@ def steer_main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/steer")
     a = p.parse_args(argv)
     with reports_errors("sae-steer"):
-        prompts = list(a.prompt) + ([ln for ln in Path(a.prompts).read_text().splitlines() if ln.strip()]
-                                    if a.prompts else [])
+        prompts = prompt_list(a)
         if not prompts or not a.intervene:
             raise ValueError("give at least one --prompt (or --prompts FILE) and one --intervene")
         at_least("--max-new-tokens", a.max_new_tokens, 1, "tokens generated per prompt")
@@ -168,3 +173,55 @@ def _report_attribution(a: argparse.Namespace, result, model, tok, sae, hook: st
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(out, indent=1))
         print(f"wrote {a.out}")
+
+
+GRAPH_HELP = """Attribution graphs by circuit-tracer over a model's transcoders; prints each prompt's replacement and
+completeness scores (circuit-tracer's compute_graph_scores) and writes them to OUT/graph_scores.json and .md.
+
+  sae-graph runs/tc/final/jumprelu@* --out runs/tc/graph --prompt "The capital of France is"
+  sae-graph runs/tc/circuit-tracer --out runs/tc/graph --prompts prompts.txt --max-feature-nodes 2048
+
+TRANSCODERS: one folder written by sae-export --format circuit-tracer, or the trained transcoders (one per
+layer, or a CLT: run or SAE folders), exported into OUT/transcoders first. circuit-tracer runs in the
+peers venv (bash launch/peers_env.sh)."""
+
+
+def graph_main(argv: list[str] | None = None) -> None:
+    from sae.use.graph import GraphSettings, format_scores, trace
+
+    p = argparse.ArgumentParser(prog="sae-graph", description=GRAPH_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("transcoders", nargs="+", help="circuit-tracer folder, or run / SAE folders to export into it")
+    p.add_argument("--out", required=True, help="folder for the scores (and transcoders/, graphs/)")
+    p.add_argument("--model", default="", help="the model (default: the one the transcoders record)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", default="", help="a text file, one prompt per line")
+    p.add_argument("--max-feature-nodes", type=int, default=GraphSettings.max_feature_nodes)
+    p.add_argument("--batch-size", type=int, default=GraphSettings.batch_size,
+                   help="source nodes per backward pass (memory)")
+    p.add_argument("--save-graphs", action="store_true", help="save each graph (circuit-tracer's .pt) in OUT/graphs")
+    a = p.parse_args(argv)
+    with reports_errors("sae-graph"):
+        prompts = prompt_list(a)
+        if not prompts:
+            raise ValueError("give a prompt to trace: --prompt TEXT or --prompts FILE")
+        at_least("--max-feature-nodes", a.max_feature_nodes, 1, "features kept in each graph")
+        at_least("--batch-size", a.batch_size, 1, "source nodes per backward pass")
+        out = Path(a.out)
+        folder = Path(a.transcoders[0])
+        if len(a.transcoders) > 1 or not (folder / "config.yaml").is_file():
+            from sae.export import export_checkpoint
+
+            folder = out / "transcoders"
+            sources = a.transcoders[0] if len(a.transcoders) == 1 else a.transcoders
+            export_checkpoint(sources, folder, "circuit-tracer", overwrite=folder.exists())
+            print(f"exported the transcoders to {folder} (circuit-tracer)")
+        settings = GraphSettings(prompts=prompts, max_feature_nodes=a.max_feature_nodes, batch_size=a.batch_size)
+        result = trace(folder, settings, model=a.model, graphs_dir=out / "graphs" if a.save_graphs else None)
+        out.mkdir(parents=True, exist_ok=True)
+        table = format_scores(result)
+        (out / "graph_scores.json").write_text(json.dumps(result, indent=1))
+        (out / "graph_scores.md").write_text(table + "\n")
+        print(table)
+        print(f"circuit-tracer {result['versions']['circuit_tracer']} ({result['backend']} backend; its logits within "
+              f"{result['logit_max_abs_diff_vs_hf']:.1g} of the HF model's); wrote {out / 'graph_scores.json'}")
