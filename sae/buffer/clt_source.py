@@ -7,7 +7,8 @@ all with the same seed and rank split, so they step through the same rows in the
 shuffle depends only on the seed, epoch, rank, window and row count, equal for every hook point)
 and concatenates their batches: ``x`` = [mlp_in of layer 0 | ... | layer N-1], ``y`` = [mlp of
 layer 0 | ... | layer N-1]. The trainer then sees an ordinary transcoder (x, y) source, so data
-parallelism and resume work unchanged.
+parallelism and resume work unchanged. With ``data=live`` (:class:`LiveCLTSource`) the same rows are
+harvested while training, with nothing on disk.
 
 Which layers: ``data.hookpoints`` (``layers.N`` or either of its two hook points, any order), else
 every layer the buffer holds; a layer missing one of the two hook points is an error.
@@ -33,6 +34,7 @@ import torch
 from sae.models.registry import sae_class
 
 from .config import DataConfig, validate_data
+from .live import LiveSource
 from .manifest import read_manifest
 from .reader import ShardReader
 from .source import Batch, source_identity
@@ -75,7 +77,26 @@ def clt_hookpoints(held: list[str], wanted: list[str]) -> list[int]:
     return sorted(layers)
 
 
-class CLTSource:
+class _Layers:
+    """What every CLT source tells the run about its layers."""
+
+    layers: list[int]
+    d_model: int
+
+    @property
+    def inputs(self) -> list[str]:
+        return [f"layers.{i}.mlp_in" for i in self.layers]
+
+    @property
+    def targets(self) -> list[str]:
+        return [f"layers.{i}.mlp" for i in self.layers]
+
+    def meta(self) -> dict[str, Any]:
+        """What the CLT's cfg.json records about its layers (evaluation reads it back)."""
+        return {"layers": self.layers, "d_model": self.d_model, "inputs": self.inputs, "targets": self.targets}
+
+
+class CLTSource(_Layers):
     """Concatenated per-layer batches ``Batch(x=[mlp_in...], y=[mlp...])`` from per-layer readers."""
 
     def __init__(self, readers: dict[int, Any]):
@@ -91,14 +112,6 @@ class CLTSource:
         self.d_in = self.d_out = len(self.layers) * self.d_model
         first = next(iter(self.readers.values()))
         self.folder = getattr(first, "folder", None)
-
-    @property
-    def inputs(self) -> list[str]:
-        return [f"layers.{i}.mlp_in" for i in self.layers]
-
-    @property
-    def targets(self) -> list[str]:
-        return [f"layers.{i}.mlp" for i in self.layers]
 
     def identity(self) -> dict[str, Any]:
         return {"source": "clt", "layers": self.layers,
@@ -135,24 +148,69 @@ class CLTSource:
         """What the CLT's cfg.json records: each layer's input and target normaliser, in layer order."""
         return {"per_layer": [r.normalization for r in self.readers.values()]}
 
-    def meta(self) -> dict[str, Any]:
-        """What the CLT's cfg.json records about its layers (evaluation reads it back)."""
-        return {"layers": self.layers, "d_model": self.d_model, "inputs": self.inputs, "targets": self.targets}
+
+class LiveCLTSource(_Layers):
+    """Every layer's MLP input and output harvested live (no buffer): one :class:`LiveSource` of
+    ``layers.N.mlp_in`` paired with ``layers.N.mlp``, whose rows hold the inputs then the targets side
+    by side, split into ``Batch(x=[mlp_in...], y=[mlp...])``. Each hook point is normalised with
+    its own statistics (per layer, as :class:`CLTSource`); mixing, rank split and resume are the
+    live source's."""
+
+    def __init__(self, live: LiveSource):
+        self.live = live
+        self.layers = [int(hp.split(".")[1]) for hp in live.hookpoints]
+        widths = {live.dims[hp] for hp in live.hookpoints} | set(live.out_dims.values())
+        if len(widths) != 1:
+            raise ValueError(f"the layers' MLP inputs and outputs must all have one width d_model; got "
+                             f"{sorted(widths)}")
+        self.d_model = widths.pop()
+        self.d_in = self.d_out = len(self.layers) * self.d_model
+        self.folder = None
+
+    def identity(self) -> dict[str, Any]:
+        return {"source": "clt", "layers": self.layers, "live": source_identity(self.live)}
+
+    def _split(self, b: Batch) -> Batch:
+        return Batch(b.x[:, : self.d_in].contiguous(), b.x[:, self.d_in:].contiguous())
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (self._split(b) for b in self.live)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.live.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.live.load_state_dict(state)
+
+    def heldout_batches(self, n_batches: int) -> list[Batch]:
+        return [self._split(b) for b in self.live.heldout_batches(n_batches)]
+
+    @property
+    def normalization(self) -> dict[str, Any]:
+        """Each layer's input and target normaliser, in layer order (as :class:`CLTSource`)."""
+        norms = self.live.norms
+        return {"per_layer": [{"x": norms[i].as_dict(), "y": norms[t].as_dict()}
+                              for i, t in zip(self.inputs, self.targets)]}
 
 
-def build_clt_source(data: DataConfig, batch_size: int, *, rank: int = 0, world_size: int = 1) -> CLTSource:
-    """:class:`CLTSource` over ``data.buffer.path`` for ``data.hookpoints`` (or every layer).
+def build_clt_source(data: DataConfig, batch_size: int, *, rank: int = 0,
+                     world_size: int = 1) -> CLTSource | LiveCLTSource:
+    """:class:`CLTSource` over ``data.buffer.path`` for ``data.hookpoints`` (or every layer), or
+    :class:`LiveCLTSource` for ``data=live``.
 
     Raises:
         ValueError: not a buffer, or layers lacking a hook point.
     """
     validate_data(data)
-    if data.source != "buffer":
-        raise ValueError(f"data.source={data.source!r}: sae=clt trains from one harvested buffer of every layer's "
-                         "MLP input and output (data=buffer)")
-    if data.target_hookpoint or data.hookpoint:
-        raise ValueError("sae=clt picks its hook points per layer; leave data.hookpoint and data.target_hookpoint "
-                         "empty (choose layers with data.hookpoints=[layers.0,layers.1,...])")
+    if data.source not in ("buffer", "live"):
+        raise ValueError(f"data.source={data.source!r}: sae=clt trains on every layer's MLP input and output, "
+                         "harvested into a buffer (data=buffer) or live (data=live)")
+    # data=live's preset names a data.hookpoint; a CLT reads every layer (or data.hookpoints) instead.
+    if data.target_hookpoint or data.target_hookpoints or (data.hookpoint and data.source == "buffer"):
+        raise ValueError("sae=clt picks its hook points per layer; leave data.hookpoint, data.target_hookpoint and "
+                         "data.target_hookpoints empty (choose layers with data.hookpoints=[layers.0,layers.1,...])")
+    if data.source == "live":
+        return _live_clt_source(data, batch_size, rank, world_size)
     layers = clt_hookpoints(read_manifest(data.buffer.path)["hookpoint_order"], list(data.hookpoints))
     one = dataclasses.replace(data, hookpoints=[])
     readers = {i: ShardReader.from_config(dataclasses.replace(one, hookpoint=f"layers.{i}.mlp_in",
@@ -160,6 +218,21 @@ def build_clt_source(data: DataConfig, batch_size: int, *, rank: int = 0, world_
                                           batch_size, rank=rank, world_size=world_size)
                for i in layers}
     return CLTSource(readers)
+
+
+def _live_clt_source(data: DataConfig, batch_size: int, rank: int, world_size: int) -> LiveCLTSource:
+    """Every layer (or those of ``data.hookpoints``: ``layers.N`` or either MLP hook point) live."""
+    if data.hookpoints:
+        layers = sorted({int(m.group(1)) for hp in data.hookpoints if (m := _HOOK.match(hp))})
+        bad = [hp for hp in data.hookpoints if not _HOOK.match(hp)]
+        if bad:
+            raise ValueError(f"data.hookpoints entry {bad[0]!r} is not a layer for sae=clt; list layers as layers.N")
+        ins, outs = [f"layers.{i}.mlp_in" for i in layers], [f"layers.{i}.mlp" for i in layers]
+    else:
+        ins, outs = ["layers.*.mlp_in"], ["layers.*.mlp"]
+    live = LiveSource(data.live, batch_size, hookpoints=ins, target_hookpoints=outs, seed=data.seed,
+                      normalize=data.normalize, prefetch=data.prefetch_batches, rank=rank, world_size=world_size)
+    return LiveCLTSource(live)
 
 
 def clt_configs(cfgs: dict[str, Any], source: CLTSource) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -154,3 +155,37 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(buffer, tmp_path)
     assert resumed.step == 12
     for (name, a), (_, b) in zip(straight.saes["clt"].state_dict().items(), resumed.saes["clt"].state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs after resume")
+
+
+def test_sae_train_clt_live_without_a_buffer(tiny_gpt2, tmp_path):
+    """data=live: every layer's MLP input and output harvested while training; each batch is the
+    paired live source's rows, inputs then targets, normalised per hook point."""
+    from sae.buffer.live import LiveSource
+    from sae.train.multi_source import LiveHookpoints
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text("".join(f"Line {i}: a set keeps {i % 11} unique items in no order.\n" for i in range(400)))
+    common = ["data=live", f"data.live.model.name={tiny_gpt2}", f"data.live.text.name={docs}",
+              "data.live.text.context_length=32", "data.live.heldout_contexts=16"]
+    run = compose_train_config(["sae=clt", *common, "train=smoke", "train.steps=40", "train.batch_size=256",
+                                "train.progress=false", "train.log_every=5", f"train.out_dir={tmp_path / 'run'}",
+                                "sae.k=4", "sae.expansion_factor=2"])
+    data = dataclasses.replace(run.data, normalize="scale")  # what the runner makes of auto for a CLT
+    clt_src = build_clt_source(data, 64)
+    pairs = LiveHookpoints(LiveSource(data.live, 64, hookpoints=["layers.*.mlp_in"], target_hookpoints=["layers.*.mlp"],
+                                      normalize="scale"))
+    got, want = next(iter(clt_src)), next(iter(pairs))
+    torch.testing.assert_close(got.x, torch.cat([want["layers.0.mlp_in"].x, want["layers.1.mlp_in"].x], 1))
+    torch.testing.assert_close(got.y, torch.cat([want["layers.0.mlp_in"].y, want["layers.1.mlp_in"].y], 1))
+    result = run_training(run)
+    cfg = json.loads((result.final_dirs["clt"] / "cfg.json").read_text())
+    assert cfg["clt"]["inputs"] == ["layers.0.mlp_in", "layers.1.mlp_in"] and cfg["sae"]["clt_layers"] == 2
+    assert [set(p) for p in cfg["normalization"]["per_layer"]] == [{"x", "y"}] * 2
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    fvu = [r["train/fvu/clt"] for r in rows if "train/fvu/clt" in r]
+    assert fvu[-1] < 0.8 * fvu[0], fvu
+    assert result.eval_metrics["clt"]["fvu"] < 0.8
+    bad = compose_train_config(["sae=clt", *common, "data.hookpoints=[layers.0.attn]", "train=smoke",
+                                f"train.out_dir={tmp_path / 'bad'}"])
+    with pytest.raises(ValueError, match="'layers.0.attn' is not a layer"):
+        run_training(bad)
