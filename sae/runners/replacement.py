@@ -52,7 +52,7 @@ def run_replacement_eval(cfg: EvalConfig, model: str = "") -> tuple[Path, dict[s
     if not name:
         raise ValueError(f"{folder.path}/config.yaml names no model: export the transcoders with --model-name")
     check_model(name, folder)  # depth and width, before anything loads
-    out = Path(cfg.out_dir) if cfg.out_dir else folder.path / "eval"
+    out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.sae_path) / "eval"
     check_report_dir(out)
     device = torch.device("cpu") if cfg.device == "auto" else torch.device(cfg.device)
     coders = read_all(folder.path)

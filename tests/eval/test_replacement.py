@@ -128,3 +128,23 @@ def test_bad_transcoder_folders_and_models_are_named_before_any_work(setup, tmp_
     minilm = check_transcoders(_fake_folder(tmp_path / "minilm", 6, d_model=384))
     with pytest.raises(ValueError, match="not a causal language model"):
         check_model("all-MiniLM-L6-v2", minilm)
+
+
+def test_sae_graph_refuses_bad_input_before_circuit_tracer_runs(setup, tmp_path, monkeypatch, capsys):
+    from sae.runners.use import graph_main
+    from sae.use.graph import GraphSettings, trace
+
+    model_dir = setup[0]
+    folder = _fake_folder(tmp_path / "ct", N_LAYERS)
+    with pytest.raises(SystemExit, match="give a prompt to trace"):
+        graph_main([str(folder), "--out", str(tmp_path / "g")])
+    gap = _fake_folder(tmp_path / "gap", N_LAYERS)
+    (gap / "layer_0.safetensors").unlink()
+    with pytest.raises(SystemExit, match=r"sae-graph: error: .*no transcoder for layer\(s\) \[0\]"):
+        graph_main([str(gap), "--out", str(tmp_path / "g"), "--prompt", "Hi"])
+    with pytest.raises(SystemExit, match="3 layers of width 32, but model 'all-MiniLM-L6-v2'|not a causal language"):
+        graph_main([str(folder), "--out", str(tmp_path / "g"), "--prompt", "Hi", "--model", "all-MiniLM-L6-v2"])
+    monkeypatch.setenv("SAE_PEERS_PYTHON", str(tmp_path / "missing" / "python"))
+    with pytest.raises(RuntimeError, match="circuit-tracer runs in the peers venv.*does not exist"):
+        trace(folder, GraphSettings(prompts=["Hi"]), model=str(model_dir))
+    assert not (tmp_path / "g").exists()  # nothing written by a refused run
