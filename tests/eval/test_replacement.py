@@ -148,3 +148,51 @@ def test_sae_graph_refuses_bad_input_before_circuit_tracer_runs(setup, tmp_path,
     with pytest.raises(RuntimeError, match="circuit-tracer runs in the peers venv.*does not exist"):
         trace(folder, GraphSettings(prompts=["Hi"]), model=str(model_dir))
     assert not (tmp_path / "g").exists()  # nothing written by a refused run
+
+
+def test_a_cross_layer_transcoder_replacement_equals_a_hand_written_one(setup):
+    """The CLT path: layer j's MLP output from the codes of layers 0..j, each read from the spliced
+    forward's own MLP input (circuit-tracer's replacement model)."""
+    _, lm, harvester, batches, reads, writes, _ = setup
+    clt = build_sae(SAEConfig(architecture="clt", clt_layers=N_LAYERS, clt_activation="jumprelu", num_latents=16,
+                              k=4, transcode=True), N_LAYERS * D, N_LAYERS * D, seed=0).eval()
+    with torch.no_grad():
+        for w in clt.W_dec:
+            w.normal_(0, 0.1, generator=torch.Generator().manual_seed(w.shape[1]))
+    result = evaluate_replacement(clt, lm.model, harvester, batches, reads, writes, torch.device("cpu"))
+    layers = lm.model.model.layers
+    total, count = 0.0, 0
+    for b in batches:
+        codes = [None] * N_LAYERS
+
+        def hook(i, keep=b.keep, codes=codes):
+            def replace(module, args, output):
+                codes[i] = clt.encode_layer(i, args[0][keep])
+                new = output.clone()
+                new[keep] = clt.decode_layer(i, codes[: i + 1] + [None] * (N_LAYERS - i - 1))
+                return new
+            return replace
+
+        handles = [layers[i].mlp.register_forward_hook(hook(i)) for i in range(N_LAYERS)]
+        try:
+            with torch.no_grad():
+                logits = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        finally:
+            for h in handles:
+                h.remove()
+        counted = scored_positions(b.keep, b.attention_mask)
+        lp = logits[:, :-1].double().log_softmax(-1).gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
+        total += float(-lp[counted].sum())
+        count += int(counted.sum())
+    assert result["splice"]["ce_loss_sae"] == pytest.approx(total / count, rel=1e-6)
+    assert result["splice"]["kl_div_sae"] > 1e-4
+    rows = [harvester.capture(b.input_ids, b.attention_mask) for b in batches]
+    x = torch.cat([torch.cat([r[hp][b.keep] for hp in reads], 1) for r, b in zip(rows, batches)])
+    y = torch.cat([torch.cat([r[hp][b.keep] for hp in writes], 1) for r, b in zip(rows, batches)])
+    with torch.no_grad():
+        y_hat = clt.reconstruct(x, clt.encode(x))
+    for j in range(N_LAYERS):  # each layer's FVU from the CLT's full forward on the clean rows
+        part = slice(j * D, (j + 1) * D)
+        err = (y_hat[:, part] - y[:, part]).double().pow(2).sum()
+        var = (y[:, part].double() - y[:, part].double().mean(0)).pow(2).sum()
+        assert result["layers"][j]["fvu"] == pytest.approx(float(err / var), rel=1e-5)
