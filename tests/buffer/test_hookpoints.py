@@ -175,3 +175,23 @@ def test_bad_transcoder_pairs_are_named(assets, tmp_path):
     with pytest.raises(ValueError, match="data.target_hookpoints=.*pairs with data.hookpoints"):
         run_training(run)
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_a_transcoder_per_pair_from_a_buffer(assets, tmp_path):
+    model, docs = assets
+    h = compose_harvest_config([f"model.name={model}", f"text.name={docs}", "text.context_length=32",
+                                "harvest.progress=false", f"writer.out_dir={tmp_path / 'buf'}",
+                                "writer.shard_tokens=1024", "hookpoints=[layers.*.mlp_in,layers.*.mlp]"])
+    harvest_to_buffer(h.model, h.text, h.harvest, h.writer, h.hookpoints)
+    common = ["data=buffer", f"data.buffer.path={tmp_path / 'buf'}",
+              "data.hookpoints=[layers.0.mlp_in,layers.1.mlp_in]", "sae=jumprelu", "sae.transcode=true",
+              "sae.expansion_factor=2", "train=smoke", "train.steps=5", "train.batch_size=128", "train.progress=false"]
+    result = run_training(compose_train_config([*common, "data.target_hookpoints=[layers.0.mlp,layers.1.mlp]",
+                                                f"train.out_dir={tmp_path / 'sae'}"]))
+    for i in (0, 1):
+        cfg = json.loads((result.final_dirs[f"jumprelu@layers.{i}.mlp_in"] / "cfg.json").read_text())
+        assert (cfg["data"]["hookpoint"], cfg["data"]["target_hookpoint"]) == (f"layers.{i}.mlp_in", f"layers.{i}.mlp")
+        assert set(cfg["normalization"]) == {"x", "y"}
+    with pytest.raises(ValueError, match="lists 2 hook points and data.target_hookpoints 1"):
+        run_training(compose_train_config([*common, "data.target_hookpoints=[layers.0.mlp]",
+                                           f"train.out_dir={tmp_path / 'bad'}"]))
