@@ -22,8 +22,6 @@ import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sae.buffer.atomic import write_json_atomic
 from sae.eval.config import EvalConfig
 from sae.eval.lm import load_eval_model
@@ -32,7 +30,7 @@ from sae.eval.report import check_report_dir, package_versions
 from sae.export.circuit_tracer import read_all, read_config
 from sae.harvest.config import HarvestConfig, ModelConfig, TextConfig
 from sae.harvest.harvester import Harvester
-from sae.harvest.model import LoadedModel
+from sae.harvest.model import LoadedModel, resolve_device
 from sae.harvest.text import load_text_dataset
 from sae.paths import replacing_dir
 from sae.use.graph import GraphSettings, check_model, check_transcoders, format_scores, trace
@@ -54,7 +52,7 @@ def run_replacement_eval(cfg: EvalConfig, model: str = "") -> tuple[Path, dict[s
     check_model(name, folder)  # depth and width, before anything loads
     out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.sae_path) / "eval"
     check_report_dir(out)
-    device = torch.device("cpu") if cfg.device == "auto" else torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     coders = read_all(folder.path)
     replacement = coders[0].sae if folder.kind == "cross_layer_transcoder" else TranscoderSet([c.sae for c in coders])
     replacement.to(device).eval()
