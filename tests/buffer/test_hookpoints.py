@@ -71,12 +71,16 @@ def test_one_sae_per_hookpoint_from_a_live_harvest(assets, tmp_path):
     assert len(scales) == 2  # each hook point normalised by its own statistics
 
 
+def _harvest(model, docs, out, hookpoints: str) -> None:
+    h = compose_harvest_config([f"model.name={model}", f"text.name={docs}", "text.context_length=32",
+                                "harvest.progress=false", f"writer.out_dir={out}", "writer.shard_tokens=1024",
+                                f"hookpoints={hookpoints}"])
+    harvest_to_buffer(h.model, h.text, h.harvest, h.writer, h.hookpoints)
+
+
 def test_one_sae_per_hookpoint_from_a_buffer(assets, tmp_path):
     model, docs = assets
-    h = compose_harvest_config([f"model.name={model}", f"text.name={docs}", "text.context_length=32",
-                                "harvest.progress=false", f"writer.out_dir={tmp_path / 'buf'}",
-                                "writer.shard_tokens=1024", "hookpoints=[layers.0,layers.1]"])
-    harvest_to_buffer(h.model, h.text, h.harvest, h.writer, h.hookpoints)
+    _harvest(model, docs, tmp_path / "buf", "[layers.0,layers.1]")
     run = compose_train_config(["data=buffer", f"data.buffer.path={tmp_path / 'buf'}",
                                 "data.hookpoints=[layers.0,layers.1]", "train=smoke", "train.steps=5",
                                 "train.batch_size=128", "train.progress=false", f"train.out_dir={tmp_path / 'sae'}",
@@ -179,10 +183,7 @@ def test_bad_transcoder_pairs_are_named(assets, tmp_path):
 
 def test_a_transcoder_per_pair_from_a_buffer(assets, tmp_path):
     model, docs = assets
-    h = compose_harvest_config([f"model.name={model}", f"text.name={docs}", "text.context_length=32",
-                                "harvest.progress=false", f"writer.out_dir={tmp_path / 'buf'}",
-                                "writer.shard_tokens=1024", "hookpoints=[layers.*.mlp_in,layers.*.mlp]"])
-    harvest_to_buffer(h.model, h.text, h.harvest, h.writer, h.hookpoints)
+    _harvest(model, docs, tmp_path / "buf", "[layers.*.mlp_in,layers.*.mlp]")
     common = ["data=buffer", f"data.buffer.path={tmp_path / 'buf'}",
               "data.hookpoints=[layers.0.mlp_in,layers.1.mlp_in]", "sae=jumprelu", "sae.transcode=true",
               "sae.expansion_factor=2", "train=smoke", "train.steps=5", "train.batch_size=128", "train.progress=false"]

@@ -49,34 +49,40 @@ def setup(tmp_path_factory):
     return model_dir, lm, harvester, batches, reads, writes, transcoders
 
 
-def _hand_replaced_ce(lm, batches, transcoders) -> float:
-    """Mean next-token CE with every MLP's output (at the kept positions) replaced by its transcoder
-    of that MLP's input in the same forward: hooks written here, not the splicer's."""
+def _ce_with_hooks(lm, batches, hooks_for) -> float:
+    """Mean next-token CE over the scored positions of ``batches``, with ``hooks_for(batch)`` (one
+    forward hook per layer) on every MLP: hooks written here, not the splicer's."""
     layers = lm.model.model.layers
     total, count = 0.0, 0
     for b in batches:
-        keep = b.keep
-
-        def hook(i, keep=keep):
-            def replace(module, args, output):
-                x = args[0][keep]
-                new = output.clone()
-                new[keep] = transcoders[i].reconstruct(x, transcoders[i].encode(x))
-                return new
-            return replace
-
-        handles = [layers[i].mlp.register_forward_hook(hook(i)) for i in range(len(layers))]
+        handles = [layers[i].mlp.register_forward_hook(h) for i, h in enumerate(hooks_for(b))]
         try:
             with torch.no_grad():
                 logits = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
         finally:
             for h in handles:
                 h.remove()
-        counted = scored_positions(keep, b.attention_mask)
+        counted = scored_positions(b.keep, b.attention_mask)
         lp = logits[:, :-1].double().log_softmax(-1).gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
         total += float(-lp[counted].sum())
         count += int(counted.sum())
     return total / count
+
+
+def _hand_replaced_ce(lm, batches, transcoders) -> float:
+    """Every MLP's output (at the kept positions) replaced by its transcoder of that MLP's input in
+    the same forward."""
+    def hooks_for(b):
+        def hook(i):
+            def replace(module, args, output):
+                x = args[0][b.keep]
+                new = output.clone()
+                new[b.keep] = transcoders[i].reconstruct(x, transcoders[i].encode(x))
+                return new
+            return replace
+        return [hook(i) for i in range(len(transcoders))]
+
+    return _ce_with_hooks(lm, batches, hooks_for)
 
 
 def test_replacement_ce_and_layer_scores_equal_a_hand_written_replacement(setup):
@@ -160,31 +166,19 @@ def test_a_cross_layer_transcoder_replacement_equals_a_hand_written_one(setup):
         for w in clt.W_dec:
             w.normal_(0, 0.1, generator=torch.Generator().manual_seed(w.shape[1]))
     result = evaluate_replacement(clt, lm.model, harvester, batches, reads, writes, torch.device("cpu"))
-    layers = lm.model.model.layers
-    total, count = 0.0, 0
-    for b in batches:
+    def hooks_for(b):
         codes = [None] * N_LAYERS
 
-        def hook(i, keep=b.keep, codes=codes):
+        def hook(i):
             def replace(module, args, output):
-                codes[i] = clt.encode_layer(i, args[0][keep])
+                codes[i] = clt.encode_layer(i, args[0][b.keep])
                 new = output.clone()
-                new[keep] = clt.decode_layer(i, codes[: i + 1] + [None] * (N_LAYERS - i - 1))
+                new[b.keep] = clt.decode_layer(i, codes[: i + 1] + [None] * (N_LAYERS - i - 1))
                 return new
             return replace
+        return [hook(i) for i in range(N_LAYERS)]
 
-        handles = [layers[i].mlp.register_forward_hook(hook(i)) for i in range(N_LAYERS)]
-        try:
-            with torch.no_grad():
-                logits = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-        finally:
-            for h in handles:
-                h.remove()
-        counted = scored_positions(b.keep, b.attention_mask)
-        lp = logits[:, :-1].double().log_softmax(-1).gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
-        total += float(-lp[counted].sum())
-        count += int(counted.sum())
-    assert result["splice"]["ce_loss_sae"] == pytest.approx(total / count, rel=1e-6)
+    assert result["splice"]["ce_loss_sae"] == pytest.approx(_ce_with_hooks(lm, batches, hooks_for), rel=1e-6)
     assert result["splice"]["kl_div_sae"] > 1e-4
     rows = [harvester.capture(b.input_ids, b.attention_mask) for b in batches]
     x = torch.cat([torch.cat([r[hp][b.keep] for hp in reads], 1) for r, b in zip(rows, batches)])
